@@ -1,0 +1,76 @@
+"""`mmtp`: one console script, a subcommand per stage.
+
+    mmtp collect  --config configs/default.yaml key=value ...
+    mmtp pipeline --config configs/default.yaml key=value ...
+    mmtp ui       --config configs/default.yaml
+
+Config problems exit with code 2 and one line naming the key; data problems exit with 1 and one
+line naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+
+from distill.env import apply_env_defaults
+
+DATA_ERRORS = ("ShardError", "BadRowsError", "VocabMismatchError", "TeacherLoadError", "FileNotFoundError")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmtp", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in [("collect", "run the teachers over the data and write soft-target shards"),
+                       ("pipeline", "run every stage (collect, then train and evaluate once those land)"),
+                       ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store")]:
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="omegaconf overrides")
+        if name == "ui":
+            s.add_argument("--port", type=int, default=5000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    apply_env_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from distill.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"mmtp: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](cfg, args)
+    except ConfigError as e:
+        print(f"mmtp: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one readable line for known data problems; a traceback for bugs
+        if type(e).__name__ in DATA_ERRORS:
+            print(f"mmtp: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _collect(cfg, args) -> int:
+    from flows.collect import run_collect
+    run_collect(cfg)
+    return 0
+
+
+def _ui(cfg, args) -> int:
+    from distill.tracking import tracking_uri
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg),
+           "--host", "127.0.0.1", "--port", str(args.port)]
+    print("MLflow UI on http://127.0.0.1:%d  (Ctrl-C stops it)" % args.port)
+    return subprocess.call(cmd)
+
+
+COMMANDS = {"collect": _collect, "pipeline": _collect, "ui": _ui}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Typed run configuration: YAML files in configs/ merged onto these dataclasses, then
+omegaconf `key=value` overrides. Unknown keys, wrong types and missing files raise `ConfigError`
+with one line naming the key; the CLI turns that into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one readable line."""
+
+
+class Runner(str, Enum):
+    local = "local"
+    dask = "dask"
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow URI. null: $MLFLOW_TRACKING_URI if set, else a sqlite store in the project folder.
+    uri: Optional[str] = None
+    experiment: str = "mmtp-distill"
+
+
+@dataclass
+class SourceConfig:
+    """One raw data source. Unset (null) keys take the adapter's default; see data/sources.py."""
+    kind: str = "digits"  # digits | scenes | hf_disk | parquet | imagefolder | fashion_mnist
+    n: Optional[int] = None  # scenes: how many to draw
+    limit: Optional[int] = None  # keep the first `limit` samples
+    seed: Optional[int] = None
+    image_size: Optional[int] = None  # default: data.image_size
+    resample: Optional[str] = None  # digits: bilinear | nearest
+    max_noise: Optional[int] = None  # scenes: background noise amplitude
+    path: Optional[str] = None  # hf_disk: a save_to_disk folder
+    data_files: Optional[str] = None  # parquet: file or glob
+    data_dir: Optional[str] = None  # imagefolder root
+    root: Optional[str] = None  # fashion_mnist data folder
+    split: Optional[str] = None
+    name: Optional[str] = None  # id prefix for HF sources
+    image_column: Optional[str] = None
+    text_column: Optional[str] = None
+    label_column: Optional[str] = None
+    caption_template: Optional[str] = None  # e.g. "a photo of a {label_name}."
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    image_size: int = 56  # stored PNG side in pixels
+    shard_rows: int = 256  # rows per shard; a shard is the unit of collection work
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    max_caption_chars: int = 512  # longer captions are cut at a word boundary and counted
+    max_bad_fraction: float = 0.01  # abort when more rows than this are skipped as bad
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "???"
+    kind: str = "???"  # hf_causal_lm | hf_vision | efficientnet_lite0
+    source: str = ""  # local folder | hub id | pkg:<package> | tiny-random:<arch>
+    gguf_file: Optional[str] = None
+    top_k: int = 64
+    image_size: int = 224
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
+    # Digest of the teacher's weights this run expects; training refuses shards from another.
+    weights_digest: Optional[str] = None
+
+
+@dataclass
+class TeachersConfig:
+    language: Optional[TeacherConfig] = None
+    vision: list[TeacherConfig] = field(default_factory=list)
+
+
+@dataclass
+class CollectConfig:
+    runner: Runner = Runner.local
+    dask_address: Optional[str] = None  # an existing cluster; null starts a LocalCluster
+    dask_workers: int = 2
+    batch_size: int = 32
+    retries: int = 1
+    compression: str = "zstd"  # Arrow IPC buffer compression of target shards: zstd | lz4 | none
+    progress: bool = True
+
+
+@dataclass
+class StudentConfig:
+    preset: str = "tiny"  # configs/student/<preset>.yaml
+    vocab_size: Optional[int] = None  # null: the language teacher's; otherwise must equal it
+    mtp_depth: int = 1
+    overrides: dict[str, Any] = field(default_factory=dict)  # extra CogViTMTPConfig keywords
+
+
+@dataclass
+class TrainConfig:
+    zero_stage: int = 2
+    nproc: int = 1
+    resume: bool = False
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"  # root of every output of a run
+    seed: int = 0
+    # Converted teacher weights and tiny random teachers; shared by runs, outside the repo.
+    cache_dir: str = "~/.cache/mmtp-distill"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _one_line(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0].strip()
+    key = getattr(e, "full_key", None)
+    return f"config key '{key}': {msg}" if key and key not in msg else msg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
+    """Merge a YAML file and `key=value` overrides onto the schema, and validate them."""
+    try:
+        cfg = OmegaConf.structured(Config)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: DictConfig) -> None:
+    teachers = teacher_configs(cfg)
+    names = [t.name for t in teachers]
+    for i, t in enumerate(teachers):
+        if t.name == "???" or t.kind == "???":
+            raise ConfigError(f"config key 'teachers': teacher #{i} needs both 'name' and 'kind'")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'teachers': teacher names must be unique, got {names}")
+    if cfg.train.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'train.zero_stage': must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
+    if not 0 <= cfg.data.val_fraction + cfg.data.test_fraction < 1:
+        raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' must be in [0, 1)")
+    for t in teachers:
+        if _looks_local(t.source) and not Path(t.source).expanduser().exists():
+            raise ConfigError(f"config key 'teachers' ({t.name}.source): path does not exist: {t.source}")
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~"))
+
+
+def from_dict(d: dict) -> DictConfig:
+    """Rebuild a validated config from `to_container` output (how flows pass configs to tasks)."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), d)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+
+
+def teacher_configs(cfg: DictConfig) -> list:
+    return ([cfg.teachers.language] if cfg.teachers.language else []) + list(cfg.teachers.vision)
+
+
+def teacher_config(cfg: DictConfig, name: str):
+    for t in teacher_configs(cfg):
+        if t.name == name:
+            return t
+    raise ConfigError(f"config key 'teachers': no teacher named {name!r}")
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def output_path(cfg: DictConfig, *parts: str) -> Path:
+    return Path(cfg.output_dir).expanduser().joinpath(*parts)
+
+
+def cache_path(cfg: DictConfig, *parts: str) -> Path:
+    return Path(os.path.expanduser(cfg.cache_dir)).joinpath(*parts)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; list items are keyed by index, or by `name` when they have one."""
+    out: dict[str, Any] = {}
+    items = d.items() if isinstance(d, dict) else (
+        (x.get("name", i) if isinstance(x, dict) else i, x) for i, x in enumerate(d))
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, dict | list) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,24 @@
+"""Environment defaults applied before Prefect, MLflow or DeepSpeed are imported.
+
+A value the user already set wins, so a user's PREFECT_API_URL or MLFLOW_TRACKING_URI is respected.
+"""
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULTS = {
+    "PREFECT_HOME": str(PROJECT_ROOT / ".cache" / "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "mmtp-distill" / "torch_extensions"),
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
+
+
+def apply_env_defaults() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,106 @@
+"""MLflow tracking shared by every stage: URI resolution, runs with stable tags, config params
+(secrets redacted), shard manifests as dataset inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve as resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config import PROJECT_ROOT, flatten, to_container
+
+log = logging.getLogger(__name__)
+SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key|private_?key|credential)s?$", re.I)
+REDACTED = "***"
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the project folder."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def setup(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    # Local stores keep artifacts beside the database rather than under the current directory.
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def redact(params: dict) -> dict:
+    return {k: (REDACTED if SECRET_KEY.search(k.split(".")[-1]) and v not in (None, "") else v)
+            for k, v in params.items()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _prefect_flow_run_id() -> str | None:
+    try:  # only present when called inside a Prefect flow run
+        from prefect.runtime import flow_run
+        return flow_run.id
+    except Exception:  # noqa: BLE001 - no Prefect context is fine
+        return None
+
+
+@contextlib.contextmanager
+def stage_run(cfg: DictConfig, stage: str, parent_run_id: str | None = None, tags: dict | None = None):
+    """An MLflow run for one stage, a child of `parent_run_id` when given, with params and config."""
+    setup(cfg)
+    all_tags = {"mmtp.stage": stage, "mmtp.git_commit": git_commit(), **(tags or {})}
+    if flow_run_id := _prefect_flow_run_id():
+        all_tags["prefect.flow_run_id"] = str(flow_run_id)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=stage, tags=all_tags, nested=mlflow.active_run() is not None) as run:
+        log_config(cfg)
+        yield run
+
+
+def log_config(cfg: DictConfig) -> None:
+    container = to_container(cfg)
+    params = redact({k: ("" if v is None else str(v)[:500]) for k, v in flatten(container).items()})
+    mlflow.log_params(params)
+    redacted = redact_tree(container)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(OmegaConf.to_yaml(OmegaConf.create(redacted)))
+        mlflow.log_artifact(str(path))
+
+
+def redact_tree(obj):
+    if isinstance(obj, dict):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact_tree(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_tree(v) for v in obj]
+    return obj
+
+
+def log_manifest_input(manifest_dir: str | Path, manifest: dict, name: str, context: str) -> None:
+    """Record a shard set as an MLflow dataset input, identified by its manifest's shard digests."""
+    from data.shards import digest
+    dataset = MetaDataset(source=resolve_dataset_source(str(Path(manifest_dir).resolve())), name=name,
+                          digest=digest([s["sha256"] for s in manifest["shards"]])[:16])
+    mlflow.log_input(dataset, context=context, tags={"rows": str(manifest["rows"]),
+                                                     "kind": manifest["kind"]})

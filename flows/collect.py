@@ -1,0 +1,131 @@
+"""Prefect flow `collect-soft-targets`: samples shards, then teacher × shard tasks, then manifests.
+
+Thin by design: the work lives in data/ and teachers/. Tasks receive the config as a plain dict
+and pass paths, never tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from data.samples import build_samples
+from data.shards import clean_temp_files, digest, run_lock
+from distill import tracking
+from distill.config import (
+    Runner,
+    cache_path,
+    from_dict,
+    output_path,
+    teacher_config,
+    teacher_configs,
+    to_container,
+)
+from teachers.collect import check_vocab, collect_shard, finalize_targets
+from teachers.registry import load_teacher
+
+
+def _collect_options(cfg, tcfg) -> dict:
+    """Everything besides the teacher itself that changes the bytes of its shards."""
+    return {"batch_size": cfg.collect.batch_size, "compression": cfg.collect.compression,
+            "top_k": tcfg.top_k, "max_tokens": tcfg.max_tokens, "image_size": tcfg.image_size,
+            "dtype": tcfg.dtype}
+
+
+def _teacher(cfg, name: str):
+    tcfg = teacher_config(cfg, name)
+    teacher = load_teacher(tcfg, cache_path(cfg, "teachers"))
+    return tcfg, teacher, digest([teacher.identity(), _collect_options(cfg, tcfg)])
+
+
+@task(name="build-samples")
+def build_samples_task(config: dict) -> dict:
+    cfg = from_dict(config)
+    return build_samples(to_container(cfg)["data"], output_path(cfg, "samples"), cfg.seed, cfg.collect.progress)
+
+
+@task(name="teacher-shard")
+def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict:
+    cfg = from_dict(config)
+    tcfg, teacher, producer = _teacher(cfg, teacher_name)
+    return collect_shard(teacher, output_path(cfg, "samples", shard_file), output_path(cfg, "targets", teacher_name),
+                         producer_digest=producer, batch_size=cfg.collect.batch_size,
+                         compression=cfg.collect.compression, progress=cfg.collect.progress)
+
+
+@task(name="finalize-targets")
+def finalize_task(config: dict, teacher_name: str, samples: dict, entries: list[dict]) -> dict:
+    cfg = from_dict(config)
+    tcfg, teacher, producer = _teacher(cfg, teacher_name)
+    return finalize_targets(teacher.identity(), output_path(cfg, "targets", teacher_name), samples, entries,
+                            config_digest=producer, collect_options=_collect_options(cfg, tcfg))
+
+
+@flow(name="collect-soft-targets", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict:
+    """Write samples shards and every teacher's target shards under `output_dir`; log to MLflow."""
+    cfg = from_dict(config)
+    with run_lock(output_path(cfg)):
+        # Under the lock no other writer exists: temp files here are orphans of a killed run.
+        for folder in [output_path(cfg, "samples")] + [output_path(cfg, "targets", t.name) for t in teacher_configs(cfg)]:
+            clean_temp_files(folder)
+        if cfg.teachers.language is not None:
+            check_vocab(cfg.teachers.language, cfg.student.vocab_size, cache_path(cfg, "teachers"))
+        samples = build_samples_task(config)
+        names = [t.name for t in teacher_configs(cfg)]
+        futures = {(n, s["file"]): teacher_shard_task.with_options(retries=cfg.collect.retries).submit(
+            config, n, s["file"]) for n in names for s in samples["shards"]}
+        entries = {n: [futures[n, s["file"]].result() for s in samples["shards"]] for n in names}
+        manifests = {n: finalize_task(config, n, samples, entries[n]) for n in names}
+        run_id = log_collection(cfg, samples, manifests, entries, parent_run_id)
+    summary = {"samples_dir": str(output_path(cfg, "samples")), "mlflow_run_id": run_id,
+               "targets": {n: str(output_path(cfg, "targets", n)) for n in names},
+               "forwards": {n: sum(e["forwards"] for e in entries[n]) for n in names},
+               "shards_reused": {n: sum(e["skipped"] for e in entries[n]) for n in names}}
+    print(f"collected {samples['rows']} samples × {len(names)} teachers into {output_path(cfg)} "
+          f"(MLflow run {run_id}; shards reused: {summary['shards_reused']})")
+    return summary
+
+
+def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_run_id: str | None) -> str:
+    tags = {f"teacher.{n}.{k}": str(m["producer"].get(k)) for n, m in manifests.items()
+            for k in ("kind", "source", "weights_digest")}
+    with tracking.stage_run(cfg, "collect", parent_run_id, tags) as run:
+        tracking.log_manifest_input(output_path(cfg, "samples"), samples, "samples", "collect")
+        metrics = {"collect/rows": samples["rows"], "collect/rows_seen": samples["rows_seen"],
+                   "collect/rows_skipped": sum(samples["rows_skipped"].values())}
+        metrics.update({f"collect/rows_skipped/{k}": v for k, v in samples["rows_skipped"].items()})
+        metrics.update({f"collect/rows_fixed/{k}": v for k, v in samples["rows_fixed"].items()})
+        for name, manifest in manifests.items():
+            tracking.log_manifest_input(output_path(cfg, "targets", name), manifest, f"targets/{name}", "collect")
+            done = [e for e in entries[name] if not e["skipped"]]
+            seconds = sum(e["seconds"] for e in done)
+            metrics[f"collect/{name}/shards_reused"] = len(entries[name]) - len(done)
+            metrics[f"collect/{name}/teacher_forwards"] = sum(e["forwards"] for e in done)
+            if seconds > 0:
+                metrics[f"collect/{name}/samples_per_s"] = sum(e["rows"] for e in done) / seconds
+                if "tokens" in manifest:
+                    metrics[f"collect/{name}/tokens_per_s"] = sum(e["tokens"] for e in done) / seconds
+            if "bytes_per_token" in manifest:
+                metrics[f"collect/{name}/bytes_per_token"] = manifest["bytes_per_token"]
+                metrics[f"collect/{name}/truncated_captions"] = manifest["truncated_captions"]
+        mlflow.log_metrics(metrics)
+        for d in [output_path(cfg, "samples")] + [output_path(cfg, "targets", n) for n in manifests]:
+            mlflow.log_artifact(str(Path(d) / "manifest.json"), artifact_path=f"manifests/{Path(d).name}")
+        return run.info.run_id
+
+
+def run_collect(cfg, parent_run_id: str | None = None) -> dict:
+    """Run the flow with the task runner the config asks for (local threads or a Dask cluster)."""
+    flow_ = collect_soft_targets
+    if cfg.collect.runner == Runner.dask:
+        from prefect_dask import DaskTaskRunner
+        runner = (DaskTaskRunner(address=cfg.collect.dask_address) if cfg.collect.dask_address else
+                  DaskTaskRunner(cluster_kwargs={"n_workers": cfg.collect.dask_workers, "threads_per_worker": 1,
+                                                 "processes": True}))
+        flow_ = flow_.with_options(task_runner=runner)
+    return flow_(to_container(cfg), parent_run_id)
+

@@ -1,0 +1,203 @@
+"""Run one frozen teacher over one samples shard and write its soft targets as one target shard.
+
+Each target shard mirrors a samples shard (same name, same rows, same order). A small sidecar
+`shard-NNNNN.json` is written after the shard; it records the shard's sha256, the sha256 of the
+samples shard it came from and the producer digest. A re-run skips a shard whose sidecar and file
+still agree, so a killed collection resumes without recomputing finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from data.images import decode_image
+from data.shards import (
+    ShardError,
+    atomic_path,
+    load_manifest,
+    read_shard,
+    sha256_file,
+    write_manifest,
+    write_shard,
+)
+from data.targets import decode_vision, language_bytes_per_token, language_table, vision_table
+
+STATS_FILE = "feature_stats.safetensors"
+
+
+class VocabMismatchError(ValueError):
+    """The student's vocab differs from the language teacher's."""
+
+
+def check_vocab(teacher_cfg, student_vocab: int | None, cache_dir) -> int:
+    """Fail before any compute when the configured student vocab differs from the teacher's."""
+    from teachers.language import peek_vocab_size
+    teacher_vocab = peek_vocab_size(teacher_cfg, cache_dir)
+    if student_vocab is not None and student_vocab != teacher_vocab:
+        raise VocabMismatchError(
+            f"student.vocab_size={student_vocab} but language teacher '{teacher_cfg.name}' has vocab "
+            f"{teacher_vocab}; the student uses the teacher's tokenizer, so they must be equal "
+            f"(set student.vocab_size={teacher_vocab}, or null to take the teacher's)")
+    return teacher_vocab
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def finished_entry(out_path: Path, samples_sha256: str, producer_digest: str) -> dict | None:
+    """The sidecar of a complete, matching target shard, or None when it must be (re)computed."""
+    sidecar = _sidecar(out_path)
+    if not (out_path.exists() and sidecar.exists()):
+        return None
+    try:
+        entry = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:
+        return None
+    if (entry.get("producer_digest") == producer_digest and entry.get("samples_sha256") == samples_sha256
+            and sha256_file(out_path) == entry.get("sha256")):
+        return entry
+    return None
+
+
+def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, producer_digest: str,
+                  batch_size: int = 32, compression: str | None = "zstd", progress: bool = True) -> dict:
+    """Write the target shard for `samples_path`; returns its manifest entry plus run figures.
+
+    `forwards` in the result counts teacher forward passes (0 when the shard was already done).
+    """
+    samples_path, out_dir = Path(samples_path), Path(out_dir)
+    out_path = out_dir / samples_path.name
+    samples_sha = sha256_file(samples_path)
+    done = finished_entry(out_path, samples_sha, producer_digest)
+    if done is not None:
+        return {**done, "skipped": True, "forwards": 0, "seconds": 0.0}
+
+    samples = read_shard(samples_path)
+    ids = samples.column("id").to_pylist()
+    is_language = hasattr(teacher, "encode")
+    column = samples.column("caption" if is_language else "image")
+    start, forwards, tokens, truncated, parts = time.perf_counter(), 0, 0, 0, []
+    bar = tqdm(total=len(ids), desc=f"{teacher.identity()['name']} {samples_path.name}", disable=not progress,
+               unit="row", leave=False)
+    for lo in range(0, len(ids), batch_size):
+        batch = column.slice(lo, batch_size).to_pylist()
+        if is_language:
+            token_ids, n_cut = teacher.encode(batch)
+            rows = teacher.soft_targets(token_ids)
+            for t, r in zip(token_ids, rows):
+                r["token_ids"] = np.asarray(t, dtype=np.int32)
+            parts.extend(rows)
+            tokens += sum(len(t) for t in token_ids)
+            truncated += n_cut
+        else:
+            pixels = teacher.preprocess([decode_image(b) for b in batch])
+            parts.append(teacher.soft_targets(pixels))
+        forwards += 1
+        bar.update(len(batch))
+    bar.close()
+
+    ident = teacher.identity()
+    if is_language:
+        table = language_table(ids, parts, ident["vocab_size"], ident["top_k"])
+    else:
+        table = vision_table(ids, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    entry = write_shard(out_path, table, compression)
+    entry.update(samples_sha256=samples_sha, producer_digest=producer_digest, tokens=tokens,
+                 truncated_captions=truncated)
+    with atomic_path(_sidecar(out_path)) as tmp:
+        tmp.write_text(json.dumps(entry, indent=1))
+    return {**entry, "skipped": False, "forwards": forwards, "seconds": time.perf_counter() - start}
+
+
+def _moments(x: np.ndarray, chunk: int = 8192):
+    """count, sum and sum of outer products of the rows of x, accumulated in float64."""
+    n, d = x.shape
+    s, ss = np.zeros(d), np.zeros((d, d))
+    for lo in range(0, n, chunk):
+        block = x[lo:lo + chunk].astype(np.float64)
+        s += block.sum(0)
+        ss += block.T @ block
+    return n, s, ss
+
+
+def feature_stats(out_dir: Path, entries: list[dict]) -> dict[str, np.ndarray]:
+    """Mean, per-dim std and covariance of the summary and of the patch features, over all shards.
+
+    These standardise the teacher's features for the vision KD loss (z-score or PHI-S).
+    """
+    acc = {}
+    for e in entries:
+        summary, features = decode_vision(read_shard(out_dir / e["file"]))
+        for name, x in (("summary", summary), ("features", features.reshape(-1, features.shape[-1]))):
+            n, s, ss = _moments(x)
+            if name in acc:
+                n0, s0, ss0 = acc[name]
+                n, s, ss = n + n0, s + s0, ss + ss0
+            acc[name] = (n, s, ss)
+    stats = {}
+    for name, (n, s, ss) in acc.items():
+        mean = s / n
+        cov = ss / n - np.outer(mean, mean)
+        stats[f"{name}_mean"] = mean.astype(np.float32)
+        stats[f"{name}_std"] = np.sqrt(np.clip(np.diag(cov), 1e-12, None)).astype(np.float32)
+        stats[f"{name}_cov"] = cov.astype(np.float32)
+    return stats
+
+
+def finalize_targets(teacher_identity: dict, out_dir: str | Path, samples_manifest: dict, entries: list[dict],
+                     *, config_digest: str, collect_options: dict) -> dict:
+    """Check every samples shard has its target shard, then write the teacher's manifest."""
+    out_dir = Path(out_dir)
+    by_file = {e["file"]: e for e in entries}
+    missing = [s["file"] for s in samples_manifest["shards"] if s["file"] not in by_file]
+    if missing:
+        raise ShardError(f"{out_dir}: target shards missing for {missing}; re-run `mmtp collect`")
+    keep = ("file", "rows", "bytes", "sha256", "id_first", "id_last", "samples_sha256", "tokens",
+            "truncated_captions")
+    shards = [{k: by_file[s["file"]][k] for k in keep} for s in samples_manifest["shards"]]
+    for s, t in zip(samples_manifest["shards"], shards):
+        if s["rows"] != t["rows"] or s["id_first"] != t["id_first"]:
+            raise ShardError(f"{out_dir / t['file']}: rows do not line up with samples shard {s['file']}; "
+                             "delete the target folder and re-run `mmtp collect`")
+    extra = {"collect": collect_options}
+    if "vocab_size" in teacher_identity:
+        tokens = sum(s["tokens"] for s in shards)
+        extra.update(
+            tokens=tokens, truncated_captions=sum(s["truncated_captions"] for s in shards),
+            bytes_per_token=sum(s["bytes"] for s in shards) / max(tokens, 1),
+            bytes_per_token_uncompressed=language_bytes_per_token(teacher_identity["vocab_size"],
+                                                                  teacher_identity["top_k"]))
+    else:
+        stats = feature_stats(out_dir, shards)
+        with atomic_path(out_dir / STATS_FILE) as tmp:
+            save_file(stats, str(tmp))
+        cov = stats["features_cov"].astype(np.float64)
+        extra.update(
+            shape=[teacher_identity["num_patches"], teacher_identity["feature_dim"]],
+            grid=teacher_identity["grid"],
+            feature_stats={
+                "file": STATS_FILE, "sha256": sha256_file(out_dir / STATS_FILE),
+                "features_mean": stats["features_mean"].tolist(), "features_std": stats["features_std"].tolist(),
+                "summary_mean": stats["summary_mean"].tolist(), "summary_std": stats["summary_std"].tolist(),
+                # PHI-S divides the Hadamard-rotated, whitened-by-PCA features by this one scale.
+                "features_phis_scale": float(np.sqrt(max(np.trace(cov) / cov.shape[0], 1e-12))),
+            })
+    return write_manifest(out_dir, kind="targets", shards=shards, producer=teacher_identity,
+                          config_digest=config_digest, samples_config_digest=samples_manifest["config_digest"],
+                          **extra)
+
+
+def targets_complete(out_dir: str | Path, producer_digest: str) -> dict | None:
+    """The teacher's manifest when it exists, verifies, and was made by the same producer."""
+    try:
+        manifest = load_manifest(out_dir)
+    except ShardError:
+        return None
+    return manifest if manifest.get("config_digest") == producer_digest else None

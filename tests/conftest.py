@@ -1,0 +1,46 @@
+"""Session-wide test set-up: offline env, one Prefect test harness, the tiny config."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect, mlflow or transformers.
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="mmtp-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+import pytest  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TINY = PROJECT_ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (starting one costs 10-20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Tiny random teachers are materialised here once per session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, cache_dir):
+    """A factory: the tiny config rooted in this test's tmp_path, plus overrides."""
+    from distill.config import load_config
+
+    def make(*overrides, root: Path = tmp_path):
+        return load_config(TINY, [f"output_dir={root / 'out'}", f"cache_dir={cache_dir}",
+                                  f"tracking.uri=sqlite:///{root / 'mlflow.db'}", *overrides])
+    return make
