@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow.data.dataset_source_registry import resolve as resolve_dataset_source
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from omegaconf import DictConfig, OmegaConf
 
