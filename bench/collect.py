@@ -1,0 +1,100 @@
+"""Collection benchmark: bytes per text token, and collection throughput against a bare teacher forward.
+
+    python bench/collect.py [--config configs/default.yaml] [--rows 256] [key=value ...]
+
+Prints one JSON object. Both timings run in this process over the same batches of one samples
+shard: `bare` is the teacher's forward alone on already tokenised / preprocessed batches;
+`collect` is the whole `collect_shard` (tokenise or decode, forward, top-k and tail, Arrow
+encoding, compression, atomic write, sha256). The ratio is bare time ÷ collect time (goal ≥ 0.90).
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distill.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()
+
+import torch  # noqa: E402
+
+from data.images import decode_image  # noqa: E402
+from data.samples import build_samples  # noqa: E402
+from data.shards import read_shard, write_shard  # noqa: E402
+from distill.config import cache_path, load_config, output_path, teacher_configs, to_container  # noqa: E402
+from teachers.collect import collect_shard  # noqa: E402
+from teachers.registry import load_teacher  # noqa: E402
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/default.yaml")
+    p.add_argument("--rows", type=int, default=256, help="rows of the first samples shard to time")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    samples_dir = output_path(cfg, "samples")
+    build_samples(to_container(cfg)["data"], samples_dir, cfg.seed, progress=False)
+    shard = read_shard(samples_dir / "shard-00000.arrow").slice(0, args.rows)
+    bs = cfg.collect.batch_size
+    result = {"config": args.config, "rows": shard.num_rows, "batch_size": bs, "threads": torch.get_num_threads(),
+              "teachers": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "shard-00000.arrow"
+        write_shard(src, shard)
+        for tcfg in teacher_configs(cfg):
+            teacher = load_teacher(tcfg, cache_path(cfg, "teachers"))
+            language = tcfg.kind == "hf_causal_lm"
+            if language:
+                token_ids, _ = teacher.encode(shard.column("caption").to_pylist())
+                batches = [token_ids[i:i + bs] for i in range(0, len(token_ids), bs)]
+                bare = lambda: [teacher.forward_logits(b) for b in batches]  # noqa: E731
+            else:
+                images = [decode_image(b) for b in shard.column("image").to_pylist()]
+                batches = [teacher.preprocess(images[i:i + bs]) for i in range(0, len(images), bs)]
+                bare = lambda: [teacher.forward(b) for b in batches]  # noqa: E731
+            out = Path(tmp) / tcfg.name
+
+            def collect():
+                for f in out.glob("*"):
+                    f.unlink()
+                return collect_shard(teacher, src, out, producer_digest="bench", batch_size=bs,
+                                     compression=cfg.collect.compression, progress=False)
+
+            with torch.inference_mode():
+                bare()  # warm-up
+                t_bare, t_collect = best_of(bare, args.repeats), best_of(collect, args.repeats)
+            entry = collect()
+            fig = {"bare_s": round(t_bare, 3), "collect_s": round(t_collect, 3),
+                   "throughput_ratio": round(t_bare / t_collect, 3), "samples_per_s": round(shard.num_rows / t_collect, 1)}
+            if language:
+                vocab, k, tokens = teacher.vocab_size, tcfg.top_k, entry["tokens"]
+                raw = read_shard(out / "shard-00000.arrow")
+                plain = Path(tmp) / "plain.arrow"
+                write_shard(plain, raw, compression=None)
+                fig.update(vocab_size=vocab, top_k=k, tokens=tokens, tokens_per_s=round(tokens / t_collect, 1),
+                           bytes_per_token=round(entry["bytes"] / tokens, 1),
+                           bytes_per_token_uncompressed=round(plain.stat().st_size / tokens, 1),
+                           dense_fp16_bytes_per_token=2 * vocab,
+                           ratio_vs_dense_fp16=round(entry["bytes"] / tokens / (2 * vocab), 5),
+                           compression=cfg.collect.compression)
+            result["teachers"][tcfg.name] = fig
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""Source adapters: each yields raw samples as plain dicts, in a deterministic order.
+
+    {"id": str, "image": bytes (RGB PNG), "caption": str, "label": int | None, "grounded": list[str]}
+
+`grounded` lists the caption words that can only be known by looking at the image (the digit's
+word, the class noun, a shape's colour/count/shape/size/region word); each appears as a word of
+the caption. Bad rows are not filtered here: an HF image that cannot be decoded is passed on as
+its raw bytes for the samples writer to count and skip.
+
+`iter_source(cfg)` dispatches on `cfg["kind"]`; the other keys are the adapter's keyword
+arguments below (an unknown key is an error naming it):
+
+- `digits`: scikit-learn's 1,797 8×8 handwritten digits, dark ink on white, upscaled.
+  `image_size`=56, `resample`="bilinear" | "nearest", `seed`=0 (picks caption templates), `limit`.
+- `scenes`: procedural coloured shapes (see `data/scenes.py`; label = dominant colour+shape, 24 classes).
+  `n`=1000, `seed`=0, `image_size`=112, `max_noise`=6 (background noise amplitude, 0 = plain).
+- `fashion_mnist`: Fashion-MNIST IDX files (gzipped or not) from Debian's `dataset-fashion-mnist`.
+  `root`="/usr/share/datasets/fashion-mnist", `split`="train" | "test", `image_size`=None (28),
+  `seed`=0, `limit`.
+- `hf_disk`: `datasets.load_from_disk(path)`; `split` needed when it holds several splits.
+- `parquet`: `datasets.load_dataset("parquet", data_files=...)`, `split`="train", `cache_dir`.
+- `imagefolder`: `datasets.load_dataset("imagefolder", data_dir=...)`, `split`="train", `cache_dir`.
+  The three HF kinds share: `image_column`="image"; `text_column` (default "caption" or "text"
+  when present); `label_column` (default "label" when present); `caption_template`, used when
+  there is no text column, formatted with `label_name` (ClassLabel name) and `label`, e.g.
+  "a photo of a {label_name}."; `image_size` (plain resize, default keep); `limit`; `name`
+  (id prefix, default the kind). Ids are `<name>-<row index>`. Images may be PIL images,
+  {"bytes", "path"} dicts, paths or bytes. A string label column gives `label` None.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import inspect
+import io
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data import scenes
+from data.images import encode_png, resize, to_pil
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_TEMPLATES = [
+    "a handwritten digit {word}.",
+    "the number {numeral} written by hand, {word}.",
+    "a scan of the handwritten number {word}.",
+    "the digit {word} in dark ink on white paper.",
+    "a low resolution image of a handwritten {word}.",
+    "someone wrote a {word} here, the digit {numeral}.",
+    "a blurry handwritten {word}.",
+    "{word}, a digit written by hand.",
+    "a small grey picture of the number {word}.",
+    "the handwritten numeral {numeral}, read as {word}.",
+]
+
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # the dataset's own names
+FASHION_NOUNS = ["a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat",
+                 "a sandal", "a shirt", "a sneaker", "a bag", "an ankle boot"]
+FASHION_GROUNDED = [["t-shirt"], ["trousers"], ["pullover"], ["dress"], ["coat"],
+                    ["sandal"], ["shirt"], ["sneaker"], ["bag"], ["ankle", "boot"]]
+FASHION_TEMPLATES = [
+    "a photo of {noun}.",
+    "a grey picture of {noun} on a black background.",
+    "{noun}, shown in a small product photo.",
+    "a low resolution image of {noun}.",
+    "this is {noun}.",
+    "a fashion catalogue picture of {noun}.",
+    "a black and white photo of {noun}.",
+    "a product shot of {noun} from a web shop.",
+]
+FASHION_APT = "apt-get install dataset-fashion-mnist"
+
+
+def caption_words(caption: str) -> list[str]:
+    """Lower-case words of a caption, split the way `grounded` words are matched."""
+    return re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*", caption.lower())
+
+
+def _pick(seed: int, index: int, n: int) -> int:
+    return int(np.random.default_rng([seed, index]).integers(n))
+
+
+def _check_limit(limit):
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+
+
+# ---------------------------------------------------------------- digits
+
+
+def digit_caption(label: int, seed: int, index: int) -> tuple[str, list[str]]:
+    template = DIGIT_TEMPLATES[_pick(seed, index, len(DIGIT_TEMPLATES))]
+    word = DIGIT_WORDS[label]
+    grounded = [word] + ([str(label)] if "{numeral}" in template else [])
+    return template.format(word=word, numeral=label), grounded
+
+
+def iter_digits(image_size: int = 56, resample: str = "bilinear", seed: int = 0,
+                limit: int | None = None) -> Iterator[dict]:
+    from sklearn.datasets import load_digits
+
+    _check_limit(limit)
+    digits = load_digits()
+    n = len(digits.target) if limit is None else min(limit, len(digits.target))
+    for i in range(n):
+        label = int(digits.target[i])
+        ink = np.round(255.0 - digits.images[i] * (255.0 / 16.0)).astype(np.uint8)  # values are 0..16
+        img = resize(Image.fromarray(ink).convert("RGB"), image_size, resample)
+        caption, grounded = digit_caption(label, seed, i)
+        yield {"id": f"digits-{i:05d}", "image": encode_png(img), "caption": caption,
+               "label": label, "grounded": grounded}
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def iter_scenes(n: int = 1000, seed: int = 0, image_size: int = 112, max_noise: int = 6) -> Iterator[dict]:
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"scenes: n must be a non-negative int, got {n!r}")
+    for i in range(n):
+        scene, img, caption, grounded = scenes.make_scene(seed, i, image_size, max_noise)
+        yield {"id": f"scenes-{i:05d}", "image": encode_png(img), "caption": caption,
+               "label": scene.label, "grounded": grounded}
+
+
+# ---------------------------------------------------------------- fashion-mnist
+
+
+def read_idx(path: str | Path, ndim: int) -> np.ndarray:
+    """A uint8 IDX array (gzipped if the name ends in .gz); ValueError naming the file if malformed."""
+    path = Path(path)
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(data) < 4 + 4 * ndim or data[0:2] != b"\0\0" or data[2] != 0x08 or data[3] != ndim:
+        raise ValueError(f"{path}: not a uint8 IDX file with {ndim} dims (header {data[:4]!r})")
+    shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} ({int(np.prod(shape))} bytes), body has {len(body)}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _find_idx(root: Path, name: str) -> Path:
+    for p in (root / f"{name}.gz", root / name):
+        if p.is_file():
+            return p
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {root / name}[.gz] not found. Install Debian's dataset-fashion-mnist "
+        f"package ({FASHION_APT}) or set root to a folder holding the IDX files.")
+
+
+def fashion_caption(label: int, seed: int, index: int) -> tuple[str, list[str]]:
+    template = FASHION_TEMPLATES[_pick(seed, index, len(FASHION_TEMPLATES))]
+    return template.format(noun=FASHION_NOUNS[label]), list(FASHION_GROUNDED[label])
+
+
+def iter_fashion_mnist(root: str = FASHION_ROOT, split: str = "train", image_size: int | None = None,
+                       seed: int = 0, limit: int | None = None) -> Iterator[dict]:
+    if split not in ("train", "test"):
+        raise ValueError(f"fashion_mnist: split must be 'train' or 'test', got {split!r}")
+    _check_limit(limit)
+    prefix = "train" if split == "train" else "t10k"
+    root = Path(root)
+    images_path, labels_path = _find_idx(root, f"{prefix}-images-idx3-ubyte"), _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+    if len(images) != len(labels):
+        raise ValueError(f"fashion_mnist: {images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    if len(labels) and labels.max() >= len(FASHION_CLASSES):
+        raise ValueError(f"{labels_path}: label {int(labels.max())} out of range 0..{len(FASHION_CLASSES) - 1}")
+    n = len(labels) if limit is None else min(limit, len(labels))
+
+    def rows():  # files are checked above, at call time, not at the first row
+        for i in range(n):
+            label = int(labels[i])
+            caption, grounded = fashion_caption(label, seed, i)
+            img = resize(Image.fromarray(images[i]).convert("RGB"), image_size)
+            yield {"id": f"fashion_mnist-{split}-{i:05d}", "image": encode_png(img), "caption": caption,
+                   "label": label, "grounded": grounded}
+
+    return rows()
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def _image_bytes(value, image_size: int | None) -> bytes:
+    """RGB PNG bytes from a PIL image, array, {"bytes", "path"} dict, path or bytes; raw bytes if undecodable."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, Path)):
+        try:
+            value = Path(value).read_bytes()
+        except OSError:
+            return b""  # a missing file: an empty image the samples writer will count
+    if value is None:
+        return b""
+    raw = bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else b""
+    try:
+        img = Image.open(io.BytesIO(raw)) if raw else value
+        return encode_png(resize(to_pil(img), image_size))
+    except Exception:  # noqa: BLE001 - any decoder failure: pass the raw bytes on
+        return raw
+
+
+def _iter_hf(ds, kind: str, image_column: str = "image", text_column: str | None = None,
+             label_column: str | None = None, caption_template: str | None = None,
+             image_size: int | None = None, limit: int | None = None, name: str | None = None) -> Iterator[dict]:
+    """Checks the columns now (not at the first row), then returns the row generator."""
+    from datasets import ClassLabel
+    from datasets import Image as ImageFeature
+
+    _check_limit(limit)
+    columns = list(ds.column_names)
+    for key, col in (("image_column", image_column), ("text_column", text_column), ("label_column", label_column)):
+        if col is not None and col not in columns:
+            raise ValueError(f"{kind}: {key}={col!r} is not a column; columns are {columns}")
+    if text_column is None:
+        text_column = next((c for c in ("caption", "text") if c in columns), None)
+    if label_column is None:
+        label_column = "label" if "label" in columns else None
+    if text_column is None and caption_template is None:
+        raise ValueError(f"{kind}: no text column among {columns}; set text_column or caption_template")
+    if text_column is None and label_column is None:
+        raise ValueError(f"{kind}: caption_template needs a label column; columns are {columns}")
+    if caption_template is not None:
+        try:
+            caption_template.format(label_name="x", label=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{kind}: caption_template {caption_template!r} may use only "
+                             f"{{label_name}} and {{label}} ({e!r})") from e
+    label_feature = ds.features[label_column] if label_column else None
+    names = label_feature.names if isinstance(label_feature, ClassLabel) else None
+    if isinstance(ds.features[image_column], ImageFeature):
+        ds = ds.cast_column(image_column, ImageFeature(decode=False))  # we decode, so broken images don't raise
+    ds = ds.select_columns([c for c in (image_column, text_column, label_column) if c])
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    prefix = name or kind
+
+    def rows():
+        for i, row in enumerate(ds):
+            raw = row[label_column] if label_column else None
+            label = int(raw) if isinstance(raw, (int, np.integer)) and not isinstance(raw, bool) else None
+            if names is not None and label is not None and 0 <= label < len(names):
+                label_name = names[label]
+            else:
+                label_name = None if raw is None else str(raw)
+            if text_column:  # bytes pass through: the samples writer decodes them or counts them as bad text
+                caption = row[text_column]
+                caption = "" if caption is None else caption if isinstance(caption, bytes) else str(caption)
+            else:
+                caption = caption_template.format(label_name=label_name, label=raw)
+            words = set(caption_words(caption)) if isinstance(caption, str) else set()
+            grounded = [w for w in caption_words(label_name or "") if w in words]
+            yield {"id": f"{prefix}-{i:05d}", "image": _image_bytes(row[image_column], image_size),
+                   "caption": caption, "label": label, "grounded": list(dict.fromkeys(grounded))}
+
+    return rows()
+
+
+def load_hf_disk(path: str, split: str | None = None):
+    from datasets import DatasetDict, load_from_disk
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"hf_disk: path {path} does not exist")
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        if split not in ds:
+            raise ValueError(f"hf_disk: {path} holds splits {list(ds)}; set split to one of them (got {split!r})")
+        ds = ds[split]
+    elif split is not None:
+        raise ValueError(f"hf_disk: {path} holds a single Dataset with no splits; drop split={split!r}")
+    return ds
+
+
+def load_parquet(data_files, split: str = "train", cache_dir: str | None = None):
+    from datasets import load_dataset
+
+    files = [str(data_files)] if isinstance(data_files, (str, Path)) else [str(f) for f in data_files]
+    missing = [f for f in files if not glob.glob(f)]
+    if missing:
+        raise FileNotFoundError(f"parquet: data_files not found: {missing}")
+    return load_dataset("parquet", data_files=files, split=split, cache_dir=cache_dir)
+
+
+def load_imagefolder(data_dir: str, split: str = "train", cache_dir: str | None = None):
+    from datasets import load_dataset
+
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f"imagefolder: data_dir {data_dir} is not a folder")
+    return load_dataset("imagefolder", data_dir=str(data_dir), split=split, cache_dir=cache_dir)
+
+
+def iter_hf_disk(path: str, split: str | None = None, **kw) -> Iterator[dict]:
+    return _iter_hf(load_hf_disk(path, split), "hf_disk", **kw)
+
+
+def iter_parquet(data_files, split: str = "train", cache_dir: str | None = None, **kw) -> Iterator[dict]:
+    return _iter_hf(load_parquet(data_files, split, cache_dir), "parquet", **kw)
+
+
+def iter_imagefolder(data_dir: str, split: str = "train", cache_dir: str | None = None, **kw) -> Iterator[dict]:
+    return _iter_hf(load_imagefolder(data_dir, split, cache_dir), "imagefolder", **kw)
+
+
+# ---------------------------------------------------------------- registry
+
+
+SOURCES = {
+    "digits": iter_digits,
+    "scenes": iter_scenes,
+    "fashion_mnist": iter_fashion_mnist,
+    "hf_disk": iter_hf_disk,
+    "parquet": iter_parquet,
+    "imagefolder": iter_imagefolder,
+}
+_HF_KEYS = set(inspect.signature(_iter_hf).parameters) - {"ds", "kind"}
+
+
+def _allowed_keys(kind: str) -> set[str]:
+    params = set(inspect.signature(SOURCES[kind]).parameters) - {"kw"}
+    return params | _HF_KEYS if kind in ("hf_disk", "parquet", "imagefolder") else params
+
+
+def iter_source(cfg: Mapping) -> Iterator[dict]:
+    """Samples of the source described by `cfg` (`kind` plus that adapter's keyword arguments)."""
+    cfg = dict(cfg)
+    kind = cfg.pop("kind", None)
+    if kind not in SOURCES:
+        raise ValueError(f"source kind {kind!r} is unknown; known kinds: {sorted(SOURCES)}")
+    unknown = sorted(set(cfg) - _allowed_keys(kind))
+    if unknown:
+        raise ValueError(f"source {kind!r}: unknown key(s) {unknown}; allowed: {sorted(_allowed_keys(kind))}")
+    return SOURCES[kind](**cfg)
+
+
+_HF_LOADERS = {"hf_disk": load_hf_disk, "parquet": load_parquet, "imagefolder": load_imagefolder}
+
+
+def label_names(cfg: Mapping) -> list[str] | None:
+    """Class names indexed by `label`, or None where the source has none (HF without a ClassLabel)."""
+    cfg = dict(cfg)
+    kind = cfg.pop("kind", None)
+    if kind in ("digits", "scenes", "fashion_mnist"):
+        return list({"digits": DIGIT_WORDS, "scenes": scenes.LABEL_NAMES, "fashion_mnist": FASHION_CLASSES}[kind])
+    if kind not in _HF_LOADERS:
+        raise ValueError(f"source kind {kind!r} is unknown; known kinds: {sorted(SOURCES)}")
+    from datasets import ClassLabel
+
+    loader = _HF_LOADERS[kind]
+    ds = loader(**{k: v for k, v in cfg.items() if k in inspect.signature(loader).parameters})
+    feature = ds.features.get(cfg.get("label_column") or "label")
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def caption_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Deterministic captions in the digits, scenes and fashion caption language (no images drawn).
+
+    Round-robin over the three: the digits and fashion turns first enumerate every template ×
+    class (100 and 80 captions), then draw at random from `seed`; the scene turns sample scenes.
+    """
+    digits = [t.format(word=DIGIT_WORDS[d], numeral=d) for t in DIGIT_TEMPLATES for d in range(10)]
+    fashion = [t.format(noun=noun) for t in FASHION_TEMPLATES for noun in FASHION_NOUNS]
+    out = []
+    for i in range(n):
+        k = i // 3
+        if i % 3 == 0:
+            out.append(digits[k] if k < len(digits) else digit_caption(_pick(seed, k, 10), seed + 1, k)[0])
+        elif i % 3 == 1:
+            out.append(scenes.caption_scene(scenes.sample_scene(seed, k), seed, k)[0])
+        else:
+            out.append(fashion[k] if k < len(fashion) else fashion_caption(_pick(seed, k, 10), seed + 1, k)[0])
+    return out
