@@ -1,0 +1,116 @@
+"""Llama-style decoder, DeepSeek-V3-style MTP modules, a simple KV cache and the MTP label helpers."""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import Block, RMSNorm
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class KVCache:
+    """Per-layer `(key, value)` tensors of shape [B, H_kv, S_cached, head_dim], in sequence order.
+
+    `layers[i]` is None until layer i has seen a token. `num_image_tokens` records how many cached
+    positions are image tokens (they decide the image-attention rule). One KVCache serves one stack (the
+    decoder, or one MTP module, whose cache has a single layer). `crop(n)` drops everything after the first
+    n positions, e.g. to roll back rejected draft tokens in speculative decoding.
+    """
+
+    num_layers: int
+    num_image_tokens: int = 0
+    layers: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.layers:
+            self.layers = [None] * self.num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+
+    def crop(self, n: int) -> None:
+        self.layers = [None if kv is None else (kv[0][:, :, :n], kv[1][:, :, :n]) for kv in self.layers]
+
+
+class Decoder(nn.Module):
+    """Token embedding + Llama blocks + final RMSNorm. Names match transformers' `LlamaModel`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            Block(config.hidden_size, config.num_attention_heads, config.intermediate_size,
+                  num_kv_heads=config.num_key_value_heads, eps=config.rms_norm_eps)
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None = None):
+        """x: input embeddings [B, S, d]. Returns the last block's output (before `norm`)."""
+        for i, layer in enumerate(self.layers):
+            past = cache.layers[i] if cache is not None else None
+            x, present = layer(x, cos=cos, sin=sin, attn_mask=attn_mask, past_key_values=past)
+            if cache is not None:
+                cache.layers[i] = present
+        return x
+
+
+class MTPModule(nn.Module):
+    """One MTP depth k: h^k = Block(Linear([RMSNorm(h^{k-1}_i) ; RMSNorm(Emb(token_{i+k}))])).
+
+    `norm` is this depth's output norm; the output head (and the embedding) are the decoder's, shared.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.hidden_size
+        self.hidden_norm = RMSNorm(d, config.rms_norm_eps)
+        self.token_norm = RMSNorm(d, config.rms_norm_eps)
+        self.proj = nn.Linear(2 * d, d, bias=False)
+        self.block = Block(d, config.num_attention_heads, config.intermediate_size,
+                           num_kv_heads=config.num_key_value_heads, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, hidden, token_embeds, cos, sin, attn_mask, cache: KVCache | None = None):
+        x = self.proj(torch.cat([self.hidden_norm(hidden), self.token_norm(token_embeds)], dim=-1))
+        x, present = self.block(x, cos=cos, sin=sin, attn_mask=attn_mask,
+                                past_key_values=cache.layers[0] if cache is not None else None)
+        if cache is not None:
+            cache.layers[0] = present
+        return x
+
+
+def shift_left(x, k: int, fill=0):
+    """Position i of the result holds x[:, i + k]; the last k positions hold `fill`."""
+    if k == 0:
+        return x
+    pad = torch.full_like(x[:, :k], fill)
+    return torch.cat([x[:, k:], pad], dim=1) if k < x.shape[1] else torch.full_like(x, fill)
+
+
+def full_sequence_labels(labels, num_image_tokens: int, attention_mask=None):
+    """Caption-aligned labels [B, T] -> labels over the whole sequence [B, N_img + T]: image positions and
+    padded positions (attention_mask == 0) become IGNORE_INDEX."""
+    labels = labels.long()
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    image = labels.new_full((labels.shape[0], num_image_tokens), IGNORE_INDEX)
+    return torch.cat([image, labels], dim=1)
+
+
+def shift_labels(labels, num_image_tokens: int, offset: int, attention_mask=None):
+    """Targets [B, N_img + T] for a head that predicts `offset` tokens ahead: entry i is the token at
+    sequence position i + offset, or IGNORE_INDEX when that position is an image token, padding, or past
+    the end. `labels` are caption-aligned ([B, T], usually `input_ids`, IGNORE_INDEX allowed)."""
+    full = full_sequence_labels(labels, num_image_tokens, attention_mask)
+    return shift_left(full, offset, IGNORE_INDEX)
+
+
+def mtp_labels(labels, num_image_tokens: int, depth: int, attention_mask=None):
+    """Per-depth MTP targets: a tuple of `depth` tensors [B, N_img + T]; element k-1 (depth k) holds at
+    position i the token at i + 1 + k. Targets on image positions are IGNORE_INDEX (the MMTP rule)."""
+    return tuple(shift_labels(labels, num_image_tokens, 1 + k, attention_mask) for k in range(1, depth + 1))

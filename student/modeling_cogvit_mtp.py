@@ -1,0 +1,337 @@
+"""CogViT-style multimodal multi-token-prediction (MMTP) student for distillation.
+
+Sequence layout: [merged image tokens (N_img) | caption tokens (T)], S = N_img + T. Positions below are
+sequence positions; `input_ids[:, t]` sits at position N_img + t.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from . import lora
+from .configuration_cogvit_mtp import CogViTMTPConfig
+from .decoder import IGNORE_INDEX, Decoder, KVCache, MTPModule, shift_labels, shift_left
+from .layers import attention_mask as build_attention_mask
+from .layers import rope_cos_sin
+from .vision import PatchMerger, TeacherHead, VisionTower, resample_mask, sample_image_mask
+
+
+@dataclass
+class CogViTMTPOutput(ModelOutput):
+    """Output of [`CogViTMTPForDistillation.forward`]. S = N_img + T; V = vocab size.
+
+    Args:
+        loss: `lm_loss + mtp_loss_weight * mean(mtp_losses)` when `labels` are given.
+        lm_loss: next-token cross-entropy over caption targets.
+        mtp_losses: one cross-entropy per MTP depth.
+        logits: [B, S, V]; position i predicts the token at i + 1. `logits[:, num_image_tokens - 1 + t]`
+            predicts `input_ids[:, t]`; `logits[:, num_image_tokens:]` are the caption positions, aligned with
+            `input_ids` (entry t predicts `input_ids[:, t + 1]`, as a causal LM teacher's logits).
+        mtp_logits: tuple of D tensors [B, S, V]; depth k (1-based) at position i predicts the token at i+1+k.
+        last_hidden_state: decoder output after the final norm [B, S, d] (what `lm_head` reads).
+        mtp_hidden_states: tuple of D tensors [B, S, d], each MTP module's block output (before its norm).
+        image_embeds: merged image tokens fed to the decoder [B, N_img, d].
+        vision_hidden_states: vision tower output [B, Ph * Pw, Dv] (row-major patch grid).
+        vision_summary: mean of `vision_hidden_states` over patches [B, Dv].
+        teacher_outputs: `{teacher: {"summary": [B, Ds], "features": [B, Gh * Gw, Df]}}` from the adaptor heads.
+        image_mask: [B, Ph, Pw] bool, the patches replaced by the mask token (None when no masking).
+        mask: `{teacher: [B, Gh * Gw] bool}`, `image_mask` resampled to each teacher's grid (None when no
+            masking).
+        num_image_tokens: N_img.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    mtp_losses: tuple | None = None
+    logits: torch.FloatTensor | None = None
+    mtp_logits: tuple | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    mtp_hidden_states: tuple | None = None
+    image_embeds: torch.FloatTensor | None = None
+    vision_hidden_states: torch.FloatTensor | None = None
+    vision_summary: torch.FloatTensor | None = None
+    teacher_outputs: dict | None = None
+    image_mask: torch.BoolTensor | None = None
+    mask: dict | None = None
+    num_image_tokens: int | None = None
+
+
+def cross_entropy(logits, targets):
+    """Mean CE over targets != IGNORE_INDEX (0 with a graph when there is none)."""
+    valid = targets != IGNORE_INDEX
+    if not valid.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[valid].float(), targets[valid])
+
+
+class CogViTMTPForDistillation(PreTrainedModel):
+    config_class = CogViTMTPConfig
+    config: CogViTMTPConfig
+    base_model_prefix = "student"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Block"]
+    _tied_weights_keys = {"lm_head.weight": "decoder.embed_tokens.weight"}
+
+    def __init__(self, config: CogViTMTPConfig):
+        super().__init__(config)
+        self.vision = VisionTower(config)
+        self.merger = PatchMerger(config)
+        self.decoder = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.mtp_depth))
+        # MMTP: at image positions an MTP module's token input is this learned <|image|> embedding.
+        self.image_token_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        self.teacher_heads = nn.ModuleDict({
+            name: TeacherHead(config.vision_hidden_size, config.adaptor_hidden_size, spec["summary_dim"],
+                              spec["feature_dim"], spec["grid"])
+            for name, spec in config.teachers.items()
+        })
+        self.post_init()
+        if config.use_lora:  # after post_init, so PEFT's own init (B = 0) is kept
+            lora.inject_lora(self)
+            lora.mark_lora_trainable(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        if model.config.use_lora:  # loading re-creates the parameters, which resets requires_grad
+            lora.mark_lora_trainable(model)
+        return model
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, VisionTower):
+            init.normal_(module.mask_token, std=std)
+        elif isinstance(module, CogViTMTPForDistillation):
+            init.normal_(module.image_token_embedding, std=std)
+
+    def get_input_embeddings(self):
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.decoder.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    # ------------------------------------------------------------ building blocks (public)
+
+    def encode_image(self, pixel_values, image_mask=None):
+        """Vision tower + merger. Returns (vision_hidden_states [B, P, Dv], grid (Ph, Pw), image_embeds)."""
+        self._check_pixels(pixel_values)
+        hidden, grid = self.vision(pixel_values, image_mask)
+        return hidden, grid, self.merger(hidden, grid)
+
+    def mtp_token_embeddings(self, input_ids, num_image_tokens: int):
+        """Token inputs of the MTP modules at every sequence position [B, N_img + T, d]: the learned
+        `<|image|>` embedding at image positions, the shared token embedding at caption positions."""
+        text = self.decoder.embed_tokens(input_ids)
+        image = self.image_token_embedding.to(text.dtype).expand(text.shape[0], num_image_tokens, -1)
+        return torch.cat([image, text], dim=1)
+
+    def _attention_inputs(self, q_len, past_len, num_image_tokens, key_padding, device, bidirectional_image):
+        head_dim = self.config.hidden_size // self.config.num_attention_heads
+        positions = torch.arange(past_len, past_len + q_len, device=device)
+        cos, sin = rope_cos_sin(positions, head_dim, self.config.rope_theta)
+        mask = build_attention_mask(q_len, past_len, num_image_tokens, bidirectional_image, key_padding, device)
+        return cos, sin, mask
+
+    def forward_decoder(self, inputs_embeds, attention_mask=None, num_image_tokens: int = 0,
+                        cache: KVCache | None = None):
+        """Run the decoder blocks on `inputs_embeds` [B, q, d] placed after the `cache.length` cached
+        positions. Returns (hidden [B, q, d] before the final norm, cache). `attention_mask` [B, past + q]
+        marks real tokens (None = all real). Pass a fresh `KVCache(len(model.decoder.layers))` to start
+        caching; `num_image_tokens` is read on the first call and stored in the cache. Use
+        `logits_from_hidden(hidden)` for the next-token logits and feed `hidden` to `forward_mtp_depth(1, ...)`.
+        """
+        past = cache.length if cache is not None else 0
+        if cache is not None and past == 0:
+            cache.num_image_tokens = num_image_tokens
+        n_img = cache.num_image_tokens if cache is not None else num_image_tokens
+        cos, sin, mask = self._attention_inputs(inputs_embeds.shape[1], past, n_img, attention_mask,
+                                                inputs_embeds.device, self.config.image_attention == "bidirectional")
+        return self.decoder(inputs_embeds, cos, sin, mask, cache), cache
+
+    def forward_mtp_depth(self, depth: int, hidden, token_embeds, attention_mask=None, cache: KVCache | None = None):
+        """MTP module `depth` (1-based). `hidden` is the previous depth's output h^{depth-1} (for depth 1 the
+        decoder's pre-norm output); `token_embeds` are the token inputs already aligned: at position i the
+        embedding of the token at i + depth (the `<|image|>` embedding where that is an image position, see
+        `mtp_token_embeddings`). Cache as in `forward_decoder`, with `KVCache(1)`. Returns (h^depth, cache)."""
+        past = cache.length if cache is not None else 0
+        # Always causal, also among image positions: depth k's token input at position i is the token at
+        # i + k, so a bidirectional image prefix would let the last image positions see caption targets.
+        cos, sin, mask = self._attention_inputs(hidden.shape[1], past, 0, attention_mask, hidden.device, False)
+        return self.mtp[depth - 1](hidden, token_embeds, cos, sin, mask, cache), cache
+
+    def logits_from_hidden(self, hidden, depth: int = 0):
+        """Logits from a pre-norm hidden state: depth 0 = main head, depth k = MTP depth k."""
+        norm = self.decoder.norm if depth == 0 else self.mtp[depth - 1].norm
+        return self.lm_head(norm(hidden))
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, image_mask=None,
+                return_dict: bool = True):
+        """pixel_values [B, C, H, W] (H, W multiples of patch_size * spatial_merge_size); input_ids [B, T]
+        caption tokens; attention_mask [B, T] (1 = token, right padding only); labels [B, T] caption-aligned
+        targets (usually `input_ids`; IGNORE_INDEX = -100 ignored; padding is ignored anyway); image_mask
+        [B, Ph, Pw] bool patches to replace by the mask token. Without `image_mask`, a random one with
+        `config.mask_ratio` is drawn in training mode. Returns a `CogViTMTPOutput`."""
+        batch = pixel_values.shape[0]
+        self._check_text(input_ids, attention_mask, batch)
+        self._check_pixels(pixel_values)
+        p = self.config.patch_size
+        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
+        if image_mask is None and self.training and self.config.mask_ratio > 0:
+            image_mask = sample_image_mask(batch, *grid, self.config.mask_ratio, pixel_values.device)
+        if image_mask is not None and tuple(image_mask.shape) != (batch, *grid):
+            raise ValueError(f"image_mask has shape {tuple(image_mask.shape)}, expected {(batch, *grid)} "
+                             "(batch, patch rows, patch cols)")
+        if image_mask is not None:
+            image_mask = image_mask.bool()
+
+        vision_hidden, grid, image_embeds = self.encode_image(pixel_values, image_mask)
+        n_img = image_embeds.shape[1]
+        if n_img + input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {n_img} image + {input_ids.shape[1]} text tokens exceeds "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        text_embeds = self.decoder.embed_tokens(input_ids)
+        embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)
+        key_padding = None
+        if attention_mask is not None:
+            key_padding = torch.cat([attention_mask.new_ones(batch, n_img), attention_mask], dim=1).bool()
+
+        hidden, _ = self.forward_decoder(embeds, key_padding, n_img)
+        last_hidden = self.decoder.norm(hidden)
+        logits = self.lm_head(last_hidden)
+
+        mtp_hidden, mtp_logits = [], []
+        if self.config.mtp_depth > 0:
+            token_inputs = self.mtp_token_embeddings(input_ids, n_img)
+            h = hidden
+            for k in range(1, self.config.mtp_depth + 1):
+                h, _ = self.forward_mtp_depth(k, h, shift_left(token_inputs, k), key_padding)
+                mtp_hidden.append(h)
+                mtp_logits.append(self.logits_from_hidden(h, k))
+
+        summary = vision_hidden.mean(dim=1)
+        teacher_outputs = {name: head(summary, vision_hidden, grid) for name, head in self.teacher_heads.items()}
+        mask = None
+        if image_mask is not None:
+            mask = {name: resample_mask(image_mask, head.grid) for name, head in self.teacher_heads.items()}
+
+        loss = lm_loss = mtp_losses = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            lm_loss = cross_entropy(logits, shift_labels(labels, n_img, 1, attention_mask))
+            mtp_losses = tuple(
+                cross_entropy(lg, shift_labels(labels, n_img, 1 + k, attention_mask))
+                for k, lg in enumerate(mtp_logits, start=1)
+            )
+            loss = lm_loss
+            if mtp_losses:
+                loss = lm_loss + self.config.mtp_loss_weight * torch.stack(mtp_losses).mean()
+
+        out = CogViTMTPOutput(
+            loss=loss, lm_loss=lm_loss, mtp_losses=mtp_losses, logits=logits, mtp_logits=tuple(mtp_logits),
+            last_hidden_state=last_hidden, mtp_hidden_states=tuple(mtp_hidden), image_embeds=image_embeds,
+            vision_hidden_states=vision_hidden, vision_summary=summary, teacher_outputs=teacher_outputs,
+            image_mask=image_mask, mask=mask, num_image_tokens=n_img,
+        )
+        return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------ generation and export
+
+    @torch.no_grad()
+    def greedy_generate(self, pixel_values, input_ids=None, max_new_tokens: int = 32, eos_token_id=None,
+                        attention_mask=None):
+        """Greedy decoding with a KV cache: image + prompt -> text. Prompts in a batch must have the same
+        length (no padding). Returns [B, T_prompt + n_new] (prompt then new tokens); after a sequence emits
+        `eos_token_id` (default `config.eos_token_id`) it is filled with eos, and decoding stops once all are
+        done."""
+        batch = pixel_values.shape[0]
+        if input_ids is None:
+            input_ids = torch.zeros(batch, 0, dtype=torch.long, device=pixel_values.device)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("greedy_generate: prompts must not be padded (attention_mask has zeros); "
+                             "generate padded prompts one by one")
+        if input_ids.shape[1] > 0:
+            self._check_text(input_ids, None, batch)
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        _, _, image_embeds = self.encode_image(pixel_values)
+        n_img = image_embeds.shape[1]
+        if n_img + input_ids.shape[1] + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"{n_img} image + {input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        text_embeds = self.decoder.embed_tokens(input_ids)
+        embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)
+        cache = KVCache(len(self.decoder.layers))
+        hidden, cache = self.forward_decoder(embeds, num_image_tokens=n_img, cache=cache)
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            token = self.logits_from_hidden(hidden[:, -1:]).argmax(dim=-1)  # [B, 1]
+            if eos is not None:
+                token = token.masked_fill(finished[:, None], eos)
+                finished |= token[:, 0] == eos
+            new_tokens.append(token)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            hidden, cache = self.forward_decoder(self.decoder.embed_tokens(token), cache=cache)
+        return torch.cat([input_ids, *new_tokens], dim=1)
+
+    def merge_and_unload(self) -> "CogViTMTPForDistillation":
+        """A plain copy of this model with the LoRA deltas merged into the decoder weights
+        (`config.use_lora=False`); this model is left unchanged."""
+        if not self.config.use_lora:
+            raise ValueError("merge_and_unload: this model has no LoRA (config.use_lora is False)")
+        config = copy.deepcopy(self.config)
+        config.use_lora = False
+        plain = type(self)(config)
+        plain.load_state_dict(lora.merged_state_dict(self), strict=True)
+        return plain.to(device=self.device, dtype=self.dtype)
+
+    # ------------------------------------------------------------ input checks
+
+    def _check_pixels(self, pixel_values):
+        c = self.config
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != c.num_channels:
+            raise ValueError(f"pixel_values must be [B, {c.num_channels}, H, W], got {tuple(pixel_values.shape)}")
+        side = c.patch_size * c.spatial_merge_size
+        h, w = pixel_values.shape[-2:]
+        if h % side or w % side or h == 0 or w == 0:
+            raise ValueError(f"image size {h}x{w} is not a positive multiple of patch_size * spatial_merge_size "
+                             f"= {side}; resize or pad the images")
+
+    def _check_text(self, input_ids, attention_mask, batch):
+        if input_ids.dim() != 2 or input_ids.shape[0] != batch or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [B={batch}, T>0], got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids hold {lo if lo < 0 else hi}, outside the vocab [0, {self.config.vocab_size})")
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            m = attention_mask.long()
+            if bool((m[:, 1:] > m[:, :-1]).any()):
+                raise ValueError("attention_mask must use right padding (1s then 0s per row)")
+
+
+def build_student(config: CogViTMTPConfig) -> CogViTMTPForDistillation:
+    """A fresh student for training: the model, with the decoder loaded from `config.decoder_init_path` when
+    set (into the LoRA base weights when `config.use_lora`). Use `from_pretrained` to resume a saved one."""
+    model = CogViTMTPForDistillation(config)
+    if config.decoder_init_path:
+        lora.load_pretrained_decoder(model, config.decoder_init_path)
+    return model

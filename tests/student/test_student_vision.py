@@ -1,0 +1,128 @@
+"""Vision tower: 2D RoPE, QK-norm, masked-image mode and the teacher heads."""
+
+import torch
+
+import student
+from student.layers import apply_rope_2d, rope_2d_cos_sin
+
+
+def test_rope_2d_scores_depend_only_on_relative_offset():
+    grid_h, grid_w, head_dim = 5, 6, 16
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(head_dim, generator=g), torch.randn(head_dim, generator=g)
+    cos, sin = rope_2d_cos_sin(grid_h, grid_w, head_dim, 100.0)
+    p = grid_h * grid_w
+    # The same q (and k) content at every patch, rotated by its own (row, col).
+    q_rot = apply_rope_2d(q.expand(1, 1, p, head_dim), cos, sin)[0, 0]
+    k_rot = apply_rope_2d(k.expand(1, 1, p, head_dim), cos, sin)[0, 0]
+    scores = q_rot @ k_rot.T  # [query patch, key patch]
+    by_offset = {}
+    for i in range(p):
+        for j in range(p):
+            offset = (j // grid_w - i // grid_w, j % grid_w - i % grid_w)
+            by_offset.setdefault(offset, []).append(scores[i, j])
+    for offset, values in by_offset.items():
+        values = torch.stack(values)
+        assert (values - values[0]).abs().max() < 1e-4, offset
+    # ... and the score does change with the offset, separately along rows and columns.
+    assert abs(by_offset[(0, 0)][0] - by_offset[(1, 0)][0]) > 1e-3
+    assert abs(by_offset[(0, 0)][0] - by_offset[(0, 1)][0]) > 1e-3
+    assert abs(by_offset[(1, 2)][0] - by_offset[(2, 1)][0]) > 1e-3
+
+
+def test_tower_uses_patch_positions(make_model):
+    # With no position table, only RoPE makes the tower position-aware: swapping two patches must not
+    # just swap their outputs.
+    model = make_model()
+    pixels = torch.randn(1, 3, 28, 28)
+    swapped = pixels.clone()
+    swapped[..., 0:7, 0:7], swapped[..., 21:28, 21:28] = pixels[..., 21:28, 21:28], pixels[..., 0:7, 0:7]
+    with torch.no_grad():
+        out, _ = model.vision(pixels)
+        out_swapped, _ = model.vision(swapped)
+    perm = list(range(16))
+    perm[0], perm[15] = 15, 0
+    assert not torch.allclose(out_swapped[:, perm], out, atol=1e-3)
+
+
+def test_qk_norm_makes_attention_invariant_to_q_k_scale(make_model):
+    model = make_model(rms_norm_eps=1e-12)
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        reference, _ = model.vision(pixels)
+        for layer in model.vision.layers:
+            layer.self_attn.q_proj.weight.mul_(100.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+        scaled, _ = model.vision(pixels)
+        assert torch.allclose(scaled, reference, atol=1e-4)
+        # Control: the same scaling on v (not normed) does change the output.
+        model.vision.layers[0].self_attn.v_proj.weight.mul_(100.0)
+        changed, _ = model.vision(pixels)
+    assert not torch.allclose(changed, reference, atol=1e-2)
+
+
+def _tower_input(model, pixels, image_mask):
+    seen = {}
+    hook = model.vision.layers[0].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        out = model(pixels, torch.zeros(pixels.shape[0], 3, dtype=torch.long), image_mask=image_mask)
+    hook.remove()
+    return seen["x"], out
+
+
+def test_masked_patches_become_the_mask_token(make_model):
+    model = make_model()
+    pixels = torch.randn(1, 3, 28, 28)
+    image_mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    image_mask[0, 1, 2] = True  # patch (row 1, col 2) = pixels [7:14, 14:21], flat index 6
+    x, out = _tower_input(model, pixels, image_mask)
+    assert torch.equal(x[0, 6], model.vision.mask_token.detach())
+    assert torch.equal(out.image_mask, image_mask)
+
+    other = pixels.clone()
+    other[..., 7:14, 14:21] += 5.0  # change only the masked patch
+    x_other, _ = _tower_input(model, other, image_mask)
+    assert torch.equal(x_other, x)
+
+    other[..., 0:7, 0:7] += 5.0  # control: an unmasked patch does change the tower input
+    x_changed, _ = _tower_input(model, other, image_mask)
+    assert not torch.allclose(x_changed[0, 0], x[0, 0])
+
+
+def test_mask_is_resampled_to_each_teacher_grid(make_model):
+    model = make_model()
+    image_mask = student.sample_image_mask(2, 4, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    _, out = _tower_input(model, torch.randn(2, 3, 28, 28), image_mask)
+    assert torch.equal(out.mask["sig"], image_mask.flatten(1))  # same 4x4 grid
+    upsampled = image_mask.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # 8x8: 2x2 per patch
+    assert torch.equal(out.mask["dino"], upsampled.flatten(1))
+
+
+def test_random_mask_in_training_only(make_model):
+    model = make_model(mask_ratio=0.25)
+    pixels, ids = torch.randn(3, 3, 28, 28), torch.zeros(3, 4, dtype=torch.long)
+    model.train()
+    out = model(pixels, ids)
+    assert out.image_mask.shape == (3, 4, 4)
+    assert out.image_mask.flatten(1).sum(1).tolist() == [4, 4, 4]
+    assert out.mask["sig"].shape == (3, 16) and out.mask["dino"].shape == (3, 64)
+    model.eval()
+    assert model(pixels, ids).image_mask is None
+
+
+def test_sample_image_mask_counts():
+    mask = student.sample_image_mask(5, 3, 7, 0.4)
+    assert mask.dtype == torch.bool and mask.shape == (5, 3, 7)
+    assert mask.flatten(1).sum(1).tolist() == [round(0.4 * 21)] * 5
+    assert not student.sample_image_mask(2, 2, 2, 0.0).any()
+
+
+def test_teacher_heads_read_the_tower(make_model):
+    model = make_model()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 28, 28), torch.zeros(2, 3, dtype=torch.long))
+        head = model.teacher_heads["sig"]
+        assert torch.allclose(out.vision_summary, out.vision_hidden_states.mean(1))
+        assert torch.allclose(out.teacher_outputs["sig"]["summary"], head.summary(out.vision_summary))
+        # Same grid as the student: no resampling, the MLP applies patch by patch.
+        assert torch.allclose(out.teacher_outputs["sig"]["features"], head.features(out.vision_hidden_states))
