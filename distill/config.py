@@ -14,6 +14,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from teachers.registry import TeacherConfig
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,23 +66,6 @@ class DataConfig:
     test_fraction: float = 0.1
     max_caption_chars: int = 512  # longer captions are cut at a word boundary and counted
     max_bad_fraction: float = 0.01  # abort when more rows than this are skipped as bad
-
-
-@dataclass
-class TeacherConfig:
-    name: str = "???"
-    kind: str = "???"  # hf_causal_lm | hf_vision | efficientnet_lite0
-    source: str = ""  # local folder | hub id | pkg:<package> | tiny-random:<arch>
-    gguf_file: Optional[str] = None
-    top_k: int = 64
-    image_size: int = 224
-    dtype: str = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    revision: Optional[str] = None
-    max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
-    # Digest of the teacher's weights this run expects; training refuses shards from another.
-    weights_digest: Optional[str] = None
 
 
 @dataclass
@@ -151,16 +136,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
-    _check(cfg)
+    try:
+        _check(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
     return cfg
 
 
 def _check(cfg: DictConfig) -> None:
     teachers = teacher_configs(cfg)
     names = [t.name for t in teachers]
-    for i, t in enumerate(teachers):
-        if t.name == "???" or t.kind == "???":
-            raise ConfigError(f"config key 'teachers': teacher #{i} needs both 'name' and 'kind'")
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'teachers': teacher names must be unique, got {names}")
     if cfg.train.zero_stage not in (0, 1, 2, 3):

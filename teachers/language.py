@@ -1,0 +1,207 @@
+"""The causal-LM teacher (kind "hf_causal_lm"): teacher-forced top-k log-probs plus a tail bucket.
+
+Sources: a local HF folder, a hub id (needs the hub; offline it fails with a clear error), or a
+GGUF file via `gguf_file` (needs `gguf` and `accelerate`). A GGUF model is dequantised once and
+cached as a safetensors folder under cache_dir/gguf-<sha256 of the gguf>; later runs load that.
+
+Token ids of a caption are [bos] + caption tokens + [eos], truncated to `max_tokens`. When the
+tokenizer has no bos, its eos opens the row instead (GPT-2 style); with neither it is an error.
+Position j of the targets holds the teacher's distribution over token j+1 (the last position
+predicts what follows the row).
+"""
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+from .identity import file_sha256, tokenizer_digest, weights_digest
+from .registry import (
+    TeacherSourceError,
+    offline_error,
+    register_teacher,
+    resolve_source,
+    teacher_config,
+    torch_dtype,
+)
+
+log = logging.getLogger(__name__)
+GGUF_INFO = "gguf_source.json"
+
+
+def _gguf_path(tc, location: str) -> Path:
+    path = Path(location) / tc.gguf_file
+    if not path.is_file():
+        raise TeacherSourceError(f"teacher {tc.name!r}: gguf_file {tc.gguf_file!r} not found in {location}")
+    return path
+
+
+def _gguf_cache_folder(gguf: Path, cache_dir) -> Path:
+    return Path(cache_dir) / f"gguf-{file_sha256(gguf)[:16]}"
+
+
+def _convert_gguf(tc, gguf: Path, folder: Path):
+    """Dequantise a GGUF model once and save it (safetensors) with its tokenizer into `folder`."""
+    log.info("converting %s to a safetensors folder %s (once)", gguf, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    try:
+        kwargs = dict(gguf_file=gguf.name, trust_remote_code=tc.trust_remote_code)
+        AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(tmp)
+        # dequantize=True: a plain dense float32 model, which save_pretrained accepts
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kwargs)
+        model.save_pretrained(tmp)
+        info = {"gguf_file": gguf.name, "gguf_sha256": file_sha256(gguf), "source": tc.source}
+        (tmp / GGUF_INFO).write_text(json.dumps(info, indent=1))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # lost a race with a concurrent converter: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_vocab_size(path: Path) -> int:
+    from transformers.integrations.gguf.reader import read_gguf_metadata  # header only: milliseconds
+
+    metadata, _ = read_gguf_metadata(str(path))
+    arch = metadata.get("general.architecture")
+    vocab = metadata.get(f"{arch}.vocab_size", metadata.get("tokenizer.ggml.tokens"))  # tokens: their count
+    if not isinstance(vocab, int):
+        raise ValueError(f"{path}: no vocab size in the GGUF metadata")
+    return vocab
+
+
+def peek_vocab_size(cfg, cache_dir) -> int:
+    """The teacher's logits width, read from its config (or GGUF header) without loading weights."""
+    tc = teacher_config(cfg)
+    location, local = resolve_source(tc, Path(cache_dir).expanduser())
+    if tc.gguf_file and local:
+        return _gguf_vocab_size(_gguf_path(tc, location))
+    try:
+        config = AutoConfig.from_pretrained(
+            location, gguf_file=tc.gguf_file, revision=tc.revision, trust_remote_code=tc.trust_remote_code)
+    except OSError as err:
+        if local:
+            raise
+        raise offline_error(tc, err) from err
+    return int(config.get_text_config().vocab_size)
+
+
+@register_teacher("hf_causal_lm")
+class LanguageTeacher:
+    def __init__(self, cfg, cache_dir):
+        self.cfg = tc = teacher_config(cfg)
+        if tc.trust_remote_code:
+            log.warning("teacher %r: trust_remote_code=True runs Python code shipped with %r", tc.name, tc.source)
+        cache_dir = Path(cache_dir).expanduser()
+        location, local = resolve_source(tc, cache_dir)
+        kwargs = dict(revision=tc.revision, trust_remote_code=tc.trust_remote_code)
+        self.gguf_digest = None
+        if tc.gguf_file and local:
+            gguf = _gguf_path(tc, location)
+            folder = _gguf_cache_folder(gguf, cache_dir)
+            if not folder.is_dir():
+                _convert_gguf(tc, gguf, folder)
+            self.gguf_digest = json.loads((folder / GGUF_INFO).read_text())["gguf_sha256"]
+            location, kwargs = str(folder), dict(trust_remote_code=tc.trust_remote_code)
+        elif tc.gguf_file:
+            kwargs["gguf_file"] = tc.gguf_file
+        self.location = location
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            if local and any(Path(location).glob("*.safetensors")):
+                kwargs["use_safetensors"] = True  # never fall back to a pickled .bin lying beside them
+            self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(tc.dtype), **kwargs)
+        except OSError as err:
+            if local:
+                raise
+            raise offline_error(tc, err) from err
+        self.model.to(tc.device).eval().requires_grad_(False)
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
+        if tc.top_k > self.vocab_size:
+            raise ValueError(f"teacher {tc.name!r}: top_k={tc.top_k} exceeds the vocab size {self.vocab_size}")
+        tok = self.tokenizer
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.eos_id = tok.eos_token_id
+        if self.bos_id is None:
+            raise ValueError(f"teacher {tc.name!r}: its tokenizer has neither a bos nor an eos token")
+        self._identity = None
+
+    def identity(self) -> dict:
+        if self._identity is None:
+            tc = self.cfg
+            local = Path(self.location).is_dir()
+            self._identity = {
+                "name": tc.name, "kind": tc.kind, "source": tc.source, "gguf_file": tc.gguf_file,
+                "revision": tc.revision,
+                "weights_digest": self.gguf_digest or (weights_digest(self.location) if local else None),
+                "tokenizer_digest": tokenizer_digest(self.tokenizer),
+                "vocab_size": self.vocab_size, "top_k": tc.top_k, "dtype": tc.dtype,
+                "max_tokens": tc.max_tokens, "bos_id": self.bos_id, "eos_id": self.eos_id,
+            }
+        return dict(self._identity)
+
+    def encode(self, captions: list[str]) -> tuple[list[list[int]], int]:
+        """[bos] + tokens + [eos] per caption, cut to max_tokens; also the number of rows cut."""
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise TypeError(f"teacher {self.cfg.name!r}: caption {i} is {type(caption).__name__}, not str")
+        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"] if captions else []
+        rows, truncated = [], 0
+        for ids in encoded:
+            row = [self.bos_id] + list(ids) + ([self.eos_id] if self.eos_id is not None else [])
+            truncated += len(row) > self.cfg.max_tokens
+            rows.append(row[: self.cfg.max_tokens])
+        return rows, truncated
+
+    def _batch(self, token_ids: list[list[int]]):
+        if not token_ids:
+            raise ValueError(f"teacher {self.cfg.name!r}: empty batch")
+        for i, row in enumerate(token_ids):
+            if len(row) == 0:
+                raise ValueError(f"teacher {self.cfg.name!r}: row {i} has no tokens")
+            if min(row) < 0 or max(row) >= self.vocab_size:
+                raise ValueError(f"teacher {self.cfg.name!r}: row {i} has a token id outside [0, {self.vocab_size})")
+        width = max(len(row) for row in token_ids)
+        input_ids = torch.zeros(len(token_ids), width, dtype=torch.long)
+        mask = torch.zeros(len(token_ids), width, dtype=torch.long)
+        for i, row in enumerate(token_ids):  # right padding: real tokens never see the pads
+            input_ids[i, : len(row)] = torch.as_tensor(row)
+            mask[i, : len(row)] = 1
+        return input_ids.to(self.cfg.device), mask.to(self.cfg.device)
+
+    @torch.inference_mode()
+    def forward_logits(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """The bare teacher forward: float32 logits [B, T, V], right-padded to the longest row."""
+        input_ids, mask = self._batch(token_ids)
+        return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+
+    @torch.inference_mode()
+    def soft_targets(self, token_ids: list[list[int]]) -> list[dict]:
+        """Per row: token_ids int32 [L], topk_ids int32 [L,k], topk_logprobs float32 [L,k] (descending,
+        log-softmax at T=1) and tail_logprob float32 [L] = log of the mass outside the top-k
+        (-inf when k == vocab)."""
+        all_logits = self.forward_logits(token_ids)
+        out = []
+        for i, row in enumerate(token_ids):  # row by row: the masked copy below is one row's size
+            logits = all_logits[i, : len(row)]
+            log_z = torch.logsumexp(logits, dim=-1)
+            top_logits, top_ids = torch.topk(logits, self.cfg.top_k, dim=-1, sorted=True)
+            # logsumexp outside the top-k, not log(1 - sum p_topk): stable when the top-k holds ~all mass
+            rest = logits.scatter(-1, top_ids, float("-inf"))
+            out.append({
+                "token_ids": np.asarray(row, dtype=np.int32),
+                "topk_ids": top_ids.int().cpu().numpy(),
+                "topk_logprobs": (top_logits - log_z.unsqueeze(-1)).cpu().numpy(),
+                "tail_logprob": (torch.logsumexp(rest, dim=-1) - log_z).cpu().numpy(),
+            })
+        return out

@@ -1,0 +1,183 @@
+"""Teacher kinds, teacher configs, where a teacher's files come from, and the per-process cache.
+
+    @register_teacher("my_kind")
+    class MyTeacher:
+        def __init__(self, cfg: TeacherConfig, cache_dir: Path): ...
+
+    teacher = load_teacher(cfg, cache_dir)   # built once per process per (config, cache_dir)
+"""
+import dataclasses
+import importlib
+import importlib.util
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .identity import json_sha256
+
+DEFAULT_CACHE_DIR = Path("~/.cache/mmtp-distill/teachers").expanduser()
+DTYPES = ("float32", "bfloat16", "float16")
+
+TEACHER_KINDS: dict[str, type] = {}
+# kinds shipped here, imported on first use so that `import teachers.registry` stays light
+BUILTIN_KINDS = {
+    "hf_causal_lm": "teachers.language",
+    "hf_vision": "teachers.vision",
+    "efficientnet_lite0": "teachers.efficientnet",
+}
+
+
+class TeacherSourceError(OSError):
+    """A teacher's source cannot be found or reached."""
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher; also the `teachers:` entries of the run config schema (distill/config.py)."""
+    name: str  # unique, used as a key everywhere
+    kind: str  # "hf_causal_lm" | "hf_vision" | "efficientnet_lite0"
+    source: str = ""  # local folder | hub id | "pkg:<python_package>" | "tiny-random:<arch>"
+    gguf_file: Optional[str] = None
+    top_k: int = 64
+    image_size: int = 224  # vision input resolution
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+    max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
+    # The weights digest a run expects; training refuses shards made by other weights.
+    weights_digest: Optional[str] = None
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(TeacherConfig))
+
+
+def _get(cfg, key, default=None):
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def teacher_config(cfg) -> TeacherConfig:
+    """Normalise a mapping (dict, omegaconf DictConfig) or an object with attributes, and validate it."""
+    if isinstance(cfg, TeacherConfig):
+        return cfg
+    if isinstance(cfg, Mapping):
+        unknown = sorted(set(cfg) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"unknown teacher config key(s) {unknown}; known keys: {list(FIELDS)}")
+    values = {k: _get(cfg, k) for k in FIELDS if _get(cfg, k) is not None}
+    for key in ("name", "kind"):
+        if not isinstance(values.get(key), str) or not values[key]:
+            raise ValueError(f"teacher config needs a non-empty string {key!r}, got {values.get(key)!r}")
+    tc = TeacherConfig(**values)
+    where = f"teacher {tc.name!r}"
+    for key in ("source", "device", "gguf_file", "revision"):
+        value = getattr(tc, key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{where}: {key} must be a string, got {value!r}")
+    if tc.kind not in known_kinds():
+        raise ValueError(f"{where}: unknown kind {tc.kind!r}; known kinds: {known_kinds()}")
+    if tc.dtype not in DTYPES:
+        raise ValueError(f"{where}: dtype {tc.dtype!r} is not one of {DTYPES}")
+    for key, low in (("top_k", 1), ("image_size", 1), ("max_tokens", 2)):
+        value = getattr(tc, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+    return tc
+
+
+def config_digest(cfg) -> str:
+    return json_sha256(dataclasses.asdict(teacher_config(cfg)))
+
+
+def register_teacher(kind: str):
+    """Class decorator: make `kind` loadable by `load_teacher`."""
+
+    def wrap(cls):
+        if TEACHER_KINDS.get(kind, cls) is not cls:
+            raise ValueError(f"teacher kind {kind!r} is already registered by {TEACHER_KINDS[kind]}")
+        TEACHER_KINDS[kind] = cls
+        return cls
+
+    return wrap
+
+
+def known_kinds() -> list[str]:
+    return sorted(set(TEACHER_KINDS) | set(BUILTIN_KINDS))
+
+
+def teacher_class(kind: str) -> type:
+    if kind not in TEACHER_KINDS and kind in BUILTIN_KINDS:
+        importlib.import_module(BUILTIN_KINDS[kind])
+    if kind not in TEACHER_KINDS:
+        raise ValueError(f"unknown teacher kind {kind!r}; known kinds: {known_kinds()}")
+    return TEACHER_KINDS[kind]
+
+
+_LOADED: dict[str, object] = {}
+_LOCK = threading.Lock()
+
+
+def load_teacher(cfg, cache_dir=None):
+    """Build the teacher for `cfg` once per process; later calls with an equal config return the same object.
+
+    The lock is held while loading, so threads asking for the same teacher wait for one load.
+    """
+    tc = teacher_config(cfg)
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser().resolve()
+    key = json_sha256([config_digest(tc), str(cache_dir)])
+    with _LOCK:
+        teacher = _LOADED.get(key)
+        if teacher is None:
+            teacher = _LOADED[key] = teacher_class(tc.kind)(tc, cache_dir)
+    return teacher
+
+
+def clear_teacher_cache():
+    with _LOCK:
+        _LOADED.clear()
+
+
+def resolve_source(tc: TeacherConfig, cache_dir) -> tuple[str, bool]:
+    """Where to load a teacher from: (local folder or file, True) or (hub id, False).
+
+    - "pkg:<package>": the installed package's folder (found without importing the package);
+    - "tiny-random:<arch>": a tiny random model folder, materialised once under cache_dir/tiny;
+    - an existing path; anything else that looks like "owner/name" is taken as a hub id.
+    """
+    source = tc.source
+    where = f"teacher {tc.name!r}"
+    if source.startswith("pkg:"):
+        package = source[len("pkg:"):]
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise TeacherSourceError(f"{where}: source {source!r}: no installed Python package {package!r}")
+        return str(Path(list(spec.submodule_search_locations)[0]).resolve()), True
+    if source.startswith("tiny-random:"):
+        from .tiny import ensure_tiny_teacher
+
+        return str(ensure_tiny_teacher(source[len("tiny-random:"):], cache_dir)), True
+    path = Path(source).expanduser()
+    if source and path.exists():
+        return str(path.resolve()), True
+    looks_like_path = not source or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_like_path:
+        raise TeacherSourceError(f"{where}: source {source!r} does not exist")
+    return source, False
+
+
+def offline_error(tc: TeacherConfig, err: Exception) -> TeacherSourceError:
+    return TeacherSourceError(
+        f"teacher {tc.name!r}: cannot load hub id {tc.source!r}: it is not a local folder and the hub "
+        f"could not be reached (this machine is offline). Give a local folder, a 'pkg:<package>' "
+        f"or a 'tiny-random:<arch>' source instead. ({type(err).__name__}: {str(err).splitlines()[0]})"
+    )
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
