@@ -1,0 +1,176 @@
+"""The training view of the shards: samples joined with every teacher's targets, memory-mapped.
+
+Target shards mirror samples shards row for row (collection writes them that way and the
+manifests record it), so the join by sample id is a join by (shard, row); every read checks that
+the ids agree. Only the shards being read are open: uncompressed shards are memory-mapped
+zero-copy, compressed ones are decompressed one shard at a time, which is why the order is a
+block shuffle (shards shuffled, then rows within each shard), deterministic per (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from data.shards import ShardError, load_manifest, read_shard
+from data.targets import decode_language_row
+
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
+
+
+class ManifestMismatchError(ShardError):
+    """Shard sets that cannot be trained on together (teacher, vocab or alignment mismatch)."""
+
+
+def check_manifests(samples: dict, targets: dict[str, dict], *, expected_digests: dict[str, str | None],
+                    student_vocab: int | None, where: dict[str, Path]) -> None:
+    """Refuse mismatched inputs before any step, naming the folder and the fix."""
+    for name, m in targets.items():
+        if m["samples_config_digest"] != samples["config_digest"]:
+            raise ManifestMismatchError(f"{where[name]}: targets were collected from other samples than "
+                                        f"{where['samples']}; re-run `mmtp collect`")
+        for s, t in zip(samples["shards"], m["shards"]):
+            if t["samples_sha256"] != s["sha256"] or t["rows"] != s["rows"]:
+                raise ManifestMismatchError(f"{where[name] / t['file']}: does not line up with samples shard "
+                                            f"{s['file']}; re-run `mmtp collect`")
+        want = expected_digests.get(name)
+        got = m["producer"].get("weights_digest")
+        if want and want != got:
+            raise ManifestMismatchError(
+                f"{where[name]}: shards come from teacher weights {got[:12]}…, but the config names "
+                f"{want[:12]}… (teachers.*.weights_digest); re-collect with the configured teacher")
+        vocab = m["producer"].get("vocab_size")
+        if vocab is not None and student_vocab is not None and vocab != student_vocab:
+            raise ManifestMismatchError(f"{where[name]}: language teacher vocab {vocab} != student vocab "
+                                        f"{student_vocab}; set student.vocab_size={vocab}")
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """Rows of one split: image tensor, the teacher's caption token ids and every teacher's targets."""
+
+    def __init__(self, samples_dir: str | Path, target_dirs: dict[str, str | Path], split: str = "train",
+                 image_size: int = 56, verify: bool = True, open_shards: int = 2):
+        self.samples_dir = Path(samples_dir)
+        self.target_dirs = {n: Path(d) for n, d in target_dirs.items()}
+        self.samples = load_manifest(self.samples_dir, verify)
+        self.targets = {n: load_manifest(d, verify) for n, d in self.target_dirs.items()}
+        self.language = next((n for n, m in self.targets.items() if "vocab_size" in m["producer"]), None)
+        self.vision = [n for n in self.targets if n != self.language]
+        self.image_size, self.open_shards = image_size, open_shards
+        self._open: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+        self.index: list[tuple[int, int]] = []  # (shard, row) of every row in `split`
+        for s, entry in enumerate(self.samples["shards"]):
+            splits = read_shard(self.samples_dir / entry["file"]).column("split").to_numpy(zero_copy_only=False)
+            self.index += [(s, int(r)) for r in np.flatnonzero(splits == split)]
+        if not self.index:
+            raise ShardError(f"{self.samples_dir}: no rows in split {split!r}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _table(self, source: str, shard: int) -> pa.Table:
+        key = (source, shard)
+        if key not in self._open:
+            folder = self.samples_dir if source == "samples" else self.target_dirs[source]
+            self._open[key] = read_shard(folder / self.samples["shards"][shard]["file"])
+            while len(self._open) > self.open_shards * (1 + len(self.targets)):
+                self._open.popitem(last=False)
+        self._open.move_to_end(key)
+        return self._open[key]
+
+    def __getitem__(self, i: int) -> dict:
+        shard, row = self.index[i]
+        sample = self._table("samples", shard).slice(row, 1).to_pylist()[0]
+        item = {"id": sample["id"], "label": sample["label"], "grounded": sample["grounded"],
+                "pixel_values": image_tensor(sample["image"], self.image_size), "vision": {}}
+        for name in self.targets:
+            table = self._table(name, shard)
+            target_id = table.column("id")[row].as_py()
+            if target_id != sample["id"]:
+                raise ShardError(f"{self.target_dirs[name]}: row {row} of shard {shard} is {target_id!r}, "
+                                 f"samples have {sample['id']!r}; re-run `mmtp collect`")
+            if name == self.language:
+                lang = decode_language_row(table, row)
+                item["input_ids"] = torch.from_numpy(lang["token_ids"].astype(np.int64))
+                item["lang"] = {"topk_ids": torch.from_numpy(lang["topk_ids"].astype(np.int64)),
+                                "topk_logprobs": torch.from_numpy(lang["topk_logprobs"].astype(np.float32)),
+                                "tail_logprob": torch.from_numpy(lang["tail_logprob"].astype(np.float32))}
+            else:
+                s = table.column("summary")[row].values.to_numpy(zero_copy_only=False)
+                f = table.column("features")[row].values.flatten().to_numpy(zero_copy_only=False)
+                p, d = self.targets[name]["shape"]
+                item["vision"][name] = {"summary": torch.from_numpy(s.astype(np.float32)),
+                                        "features": torch.from_numpy(f.astype(np.float32).reshape(p, d))}
+        return item
+
+    def block_order(self, seed: int, epoch: int) -> list[int]:
+        """A permutation of the rows: shards in random order, rows shuffled within each shard."""
+        rng = np.random.default_rng([seed, epoch])
+        by_shard: dict[int, list[int]] = {}
+        for i, (shard, _) in enumerate(self.index):
+            by_shard.setdefault(shard, []).append(i)
+        order = []
+        for shard in rng.permutation(sorted(by_shard)):
+            order += rng.permutation(by_shard[int(shard)]).tolist()
+        return order
+
+
+def image_tensor(png: bytes, size: int) -> torch.Tensor:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - IMAGE_MEAN) / IMAGE_STD
+
+
+class BlockShuffleSampler(torch.utils.data.Sampler):
+    """Deterministic per (seed, epoch) block shuffle; rank r of `world` takes every world-th row.
+
+    Every rank gets the same number of rows (the tail that does not divide evenly is dropped), so
+    ranks stay in step; the ranks' rows are disjoint.
+    """
+
+    def __init__(self, dataset: DistillDataset, seed: int = 0, rank: int = 0, world: int = 1):
+        self.dataset, self.seed, self.rank, self.world, self.epoch = dataset, seed, rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.world
+
+    def __iter__(self):
+        order = self.dataset.block_order(self.seed, self.epoch)
+        return iter(order[self.rank: len(self) * self.world: self.world])
+
+
+def collate(items: list[dict], pad_id: int = 0) -> dict:
+    """Pad captions on the right; stack images; pad sparse teacher targets with a validity mask."""
+    n, length = len(items), max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(n, length, dtype=torch.long)
+    for b, it in enumerate(items):
+        input_ids[b, : len(it["input_ids"])] = it["input_ids"]
+        attention_mask[b, : len(it["input_ids"])] = 1
+    batch = {"ids": [it["id"] for it in items], "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+             "input_ids": input_ids, "attention_mask": attention_mask,
+             "labels": input_ids.masked_fill(attention_mask == 0, -100),
+             "label": torch.tensor([-1 if it["label"] is None else it["label"] for it in items])}
+    if "lang" in items[0]:
+        k = items[0]["lang"]["topk_ids"].shape[1]
+        lang = {"topk_ids": torch.zeros(n, length, k, dtype=torch.long),
+                "topk_logprobs": torch.zeros(n, length, k), "tail_logprob": torch.zeros(n, length),
+                "mask": attention_mask.bool()}
+        for b, it in enumerate(items):
+            for key in ("topk_ids", "topk_logprobs", "tail_logprob"):
+                lang[key][b, : len(it["input_ids"])] = it["lang"][key]
+        batch["lang"] = lang
+    batch["vision"] = {name: {key: torch.stack([it["vision"][name][key] for it in items])
+                              for key in ("summary", "features")} for name in items[0]["vision"]}
+    return batch
