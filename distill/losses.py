@@ -1,0 +1,303 @@
+"""Distillation losses.
+
+Language KD is computed from the teacher's stored top-k log-probs plus one tail bucket (the
+mass outside the top-k), against the student's full logits. Both sides become distributions over
+k+1 buckets and the divergence is taken between those. Direction names are explicit:
+
+    forward_kl = KL(teacher || student)   (mean-seeking, the usual KD loss)
+    reverse_kl = KL(student || teacher)   (mode-seeking)
+    jsd        = Jensen-Shannon divergence (symmetric)
+
+Vision KD compares adaptor outputs with standardised teacher features (cosine + smooth-L1).
+The maths, the temperature approximation for the tail and its error bound are in docs/losses.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+# Teacher log-probs are clamped here. A real softmax never gives exactly zero mass, so -inf in a
+# non-empty bucket is a storage rounding artefact; left alone it would make reverse KL infinite.
+LOGPROB_FLOOR = -100.0
+
+
+@dataclass
+class SparseTargets:
+    """Stored language-teacher targets for a batch, aligned with the student's text positions.
+
+    Teacher position j predicts token j+1 (the usual causal-LM convention).
+    """
+    topk_ids: Tensor  # [B, L, k] integer token ids, distinct per position
+    topk_logprobs: Tensor  # [B, L, k] true log-probs at T=1
+    tail_logprob: Tensor  # [B, L] log of the mass outside the top-k (-inf when k = vocab)
+    mask: Tensor  # [B, L] bool, True where the position has a valid target
+
+    @classmethod
+    def from_mapping(cls, batch: Mapping[str, Tensor]) -> SparseTargets:
+        missing = [k for k in ("topk_ids", "topk_logprobs", "tail_logprob", "mask") if k not in batch]
+        if missing:
+            raise KeyError(f"language targets are missing keys {missing}")
+        return cls(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], batch["mask"])
+
+    def __getitem__(self, index) -> SparseTargets:
+        """Index the batch/position dims, e.g. `targets[:, :n]`."""
+        return SparseTargets(self.topk_ids[index], self.topk_logprobs[index],
+                             self.tail_logprob[index], self.mask[index])
+
+
+def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
+    """Targets for MTP depth k.
+
+    The student's depth-k head at position i predicts token i+1+k, which is what the teacher
+    predicts at position i+k. So position i gets the teacher's targets from i+k, and the last k
+    positions (no teacher position to copy) are masked. k = 0 returns the targets unchanged.
+    """
+    if k < 0:
+        raise ValueError(f"MTP depth must be >= 0, got {k}")
+    if k == 0:
+        return targets
+    length = targets.mask.shape[1]
+
+    def shift(x: Tensor, fill) -> Tensor:
+        out = torch.full_like(x, fill)
+        if k < length:
+            out[:, : length - k] = x[:, k:]
+        return out
+
+    return SparseTargets(shift(targets.topk_ids, 0), shift(targets.topk_logprobs, 0.0),
+                         shift(targets.tail_logprob, 0.0), shift(targets.mask, False))
+
+
+def _check_targets(logits: Tensor, t: SparseTargets) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"student logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    B, L, V = logits.shape
+    k = t.topk_ids.shape[-1]
+    expected = {"topk_ids": (B, L, k), "topk_logprobs": (B, L, k), "tail_logprob": (B, L), "mask": (B, L)}
+    for name, shape in expected.items():
+        got = tuple(getattr(t, name).shape)
+        if got != shape:
+            raise ValueError(f"targets.{name} has shape {got}, expected {shape} to match student logits "
+                             f"{tuple(logits.shape)}")
+    if k > V:
+        raise ValueError(f"teacher top-k ({k}) exceeds the student vocab ({V}): vocabularies differ")
+    if t.topk_ids.dtype.is_floating_point or t.topk_ids.dtype == torch.bool:
+        raise TypeError(f"targets.topk_ids must be integer, got {t.topk_ids.dtype}")
+
+
+def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(teacher log-probs, student log-probs, bucket is non-empty), each [B, L, k+1]; the last
+    bucket is the tail. Everything in float32; teacher values carry no gradient."""
+    z = logits.float() / temperature
+    V = z.shape[-1]
+    k = t.topk_ids.shape[-1]
+    mask = t.mask.bool()
+    # Padding positions may hold anything (repeated ids, NaN): swap in harmless values.
+    ids = torch.where(mask[..., None], t.topk_ids.long(), torch.arange(k, device=z.device))
+    top = torch.where(mask[..., None], t.topk_logprobs.detach().float(), 0.0)
+    tail = torch.where(mask, t.tail_logprob.detach().float(), 0.0)
+
+    bad_ids = mask[..., None] & ((ids < 0) | (ids >= V))
+    if bad_ids.any():
+        raise ValueError(f"teacher top-k ids outside the student vocab [0, {V}): "
+                         f"{ids[bad_ids].unique()[:8].tolist()}")
+    in_k = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)
+    n_out = V - in_k.sum(-1)  # tokens in the tail bucket
+    has_tail = n_out > 0
+    checks = torch.stack([(mask & (n_out != V - k)).any(),
+                          (mask[..., None] & top.isnan()).any() | (mask & tail.isnan()).any()]).tolist()
+    if checks[0]:
+        raise ValueError("teacher top-k ids repeat within a position; each position needs k distinct ids")
+    if checks[1]:
+        raise ValueError("teacher top-k or tail log-probs contain NaN at valid positions")
+
+    # Student: exact, at temperature. The fill keeps logsumexp finite (and its gradient NaN-free)
+    # when the tail is empty; those buckets are dropped below.
+    lse_all = torch.logsumexp(z, -1)
+    s_top = z.gather(-1, ids) - lse_all[..., None]
+    lse_out = torch.logsumexp(z.masked_fill(in_k, torch.finfo(z.dtype).min), -1)
+    s_tail = torch.where(has_tail, lse_out - lse_all, 0.0)
+
+    # Teacher: top-k tempered exactly (t_i / tau, renormalised with the tail). The tail cannot be
+    # tempered exactly; treat its mass m as spread uniformly over the n outside tokens, so the
+    # tempered tail mass is n * (m / n)^(1/tau). Renormalising also absorbs fp16 rounding.
+    top = top.clamp_min(LOGPROB_FLOOR)
+    tail = tail.clamp_min(LOGPROB_FLOOR)
+    log_n = n_out.clamp_min(1).float().log()
+    tail = (1.0 - 1.0 / temperature) * log_n + tail / temperature
+    tail = torch.where(has_tail, tail, -math.inf)
+    log_p = torch.cat([top / temperature, tail[..., None]], -1).log_softmax(-1)
+
+    valid = torch.cat([torch.ones_like(ids, dtype=torch.bool), has_tail[..., None]], -1)
+    log_p = log_p.masked_fill(~valid, 0.0)
+    log_q = torch.cat([s_top, s_tail[..., None]], -1)
+    return log_p, log_q, valid
+
+
+def _divergence(log_p: Tensor, log_q: Tensor, valid: Tensor, kind: str) -> Tensor:
+    """Per-position divergence between teacher p and student q over the valid buckets."""
+    if kind == "forward_kl":  # KL(teacher || student)
+        d = log_p.exp() * (log_p - log_q)
+    elif kind == "reverse_kl":  # KL(student || teacher)
+        d = log_q.exp() * (log_q - log_p)
+    else:  # jsd: (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        d = 0.5 * (log_p.exp() * (log_p - log_m) + log_q.exp() * (log_q - log_m))
+    return torch.where(valid, d, 0.0).sum(-1)
+
+
+def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
+                     kind: str = "forward_kl", temperature: float = 1.0,
+                     reduction: str = "mean") -> Tensor:
+    """Sparse KD between stored teacher top-k + tail and the student's full logits [B, L, V].
+
+    `kind`: forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher), or jsd.
+    The result is multiplied by temperature**2 (keeps gradient scale independent of tau).
+    reduction="mean": mean over valid positions (0 when there are none); "none": [B, L], 0 at
+    masked positions. Computed in float32 whatever the input dtypes.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown KD kind {kind!r}; expected one of {KINDS}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if isinstance(targets, Mapping):
+        targets = SparseTargets.from_mapping(targets)
+    _check_targets(student_logits, targets)
+    log_p, log_q, valid = _buckets(student_logits, targets, temperature)
+    mask = targets.mask.bool()
+    per_position = torch.where(mask, _divergence(log_p, log_q, valid, kind), 0.0) * temperature**2
+    if reduction == "none":
+        return per_position
+    return per_position.sum() / mask.sum().clamp_min(1)
+
+
+def causal_ce_loss(logits: Tensor, labels: Tensor, depth: int = 0, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy of head `depth` on ground truth: position i predicts labels[i + 1 + depth].
+
+    `labels` [B, L] are the input ids (HF convention, shifted here); `ignore_index` entries (e.g.
+    image positions, padding) are skipped. `logits` may be shorter than L (MTP heads). Returns 0
+    when nothing is left to predict.
+    """
+    n = min(logits.shape[1], labels.shape[1] - 1 - depth)
+    if n <= 0:
+        return logits.sum() * 0.0
+    target = labels[:, 1 + depth: 1 + depth + n].long()
+    loss = F.cross_entropy(logits[:, :n].float().flatten(0, 1), target.flatten(),
+                           ignore_index=ignore_index, reduction="sum")
+    return loss / (target != ignore_index).sum().clamp_min(1)
+
+
+class LanguageDistillLoss(nn.Module):
+    """CE on ground truth mixed with sparse KD, on the main head and on each MTP depth.
+
+        depth_d = alpha * CE_d + (1 - alpha) * KD_d
+        loss    = depth_0 + sum_{d>=1} mtp_weights[d-1] * depth_d
+
+    Head d (0 = main) at position i predicts token i+1+d; its KD target is the teacher at i+d.
+    Returns {"loss", "ce", "lang_kd", "ce/mtp{d}", "lang_kd/mtp{d}"} (CE keys only when alpha > 0,
+    KD keys only when alpha < 1).
+    """
+
+    def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.0,
+                 mtp_weights: Sequence[float] = (), ignore_index: int = -100):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown KD kind {kind!r}; expected one of {KINDS}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha (CE weight) must be in [0, 1], got {alpha}")
+        if any(w < 0 for w in mtp_weights):
+            raise ValueError(f"mtp_weights must be >= 0, got {list(mtp_weights)}")
+        self.kind, self.temperature, self.alpha = kind, temperature, alpha
+        self.mtp_weights = list(mtp_weights)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
+                labels: Tensor | None = None, mtp_logits: Sequence[Tensor] = ()) -> dict[str, Tensor]:
+        if len(mtp_logits) != len(self.mtp_weights):
+            raise ValueError(f"got {len(mtp_logits)} MTP logits but {len(self.mtp_weights)} mtp_weights")
+        if self.alpha > 0 and labels is None:
+            raise ValueError(f"alpha={self.alpha} mixes in CE, which needs labels")
+        if isinstance(targets, Mapping):
+            targets = SparseTargets.from_mapping(targets)
+        out: dict[str, Tensor] = {}
+        total = logits.new_zeros((), dtype=torch.float32)
+        heads = zip([logits, *mtp_logits], [1.0, *self.mtp_weights], strict=True)
+        for depth, (head, weight) in enumerate(heads):
+            suffix = "" if depth == 0 else f"/mtp{depth}"
+            term = total.new_zeros(())
+            if self.alpha > 0:
+                out["ce" + suffix] = ce = causal_ce_loss(head, labels, depth, self.ignore_index)
+                term = term + self.alpha * ce
+            if self.alpha < 1:
+                # MTP heads may be shorter than L (no input token beyond the sequence end).
+                shifted = shift_targets(targets, depth)[:, : head.shape[1]]
+                out["lang_kd" + suffix] = kd = language_kd_loss(head, shifted, self.kind, self.temperature)
+                term = term + (1 - self.alpha) * kd
+            total = total + weight * term
+        out["loss"] = total
+        return out
+
+
+def _feature_terms(student: Tensor, teacher: Tensor, weight: Tensor | None,
+                   beta: float) -> tuple[Tensor, Tensor]:
+    """Weighted means of (1 - cosine) and smooth-L1 (mean over D) over all leading dims."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student features {tuple(student.shape)} and teacher features "
+                         f"{tuple(teacher.shape)} differ in shape")
+    s, t = student.float(), teacher.detach().float()
+    cos = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-6)
+    l1 = F.smooth_l1_loss(s, t, reduction="none", beta=beta).mean(-1)
+    if weight is None:
+        return cos.mean(), l1.mean()
+    total = weight.sum().clamp_min(1e-12)
+    return (cos * weight).sum() / total, (l1 * weight).sum() / total
+
+
+def vision_kd_loss(student_summary: Tensor | None, student_patches: Tensor | None,
+                   teacher_summary: Tensor | None, teacher_patches: Tensor | None,
+                   patch_mask: Tensor | None = None, *, masked_weight: float = 1.0,
+                   summary_weight: float = 1.0, patch_weight: float = 1.0, cos_weight: float = 1.0,
+                   l1_weight: float = 1.0, beta: float = 1.0) -> dict[str, Tensor]:
+    """Feature KD for one vision teacher: cosine + smooth-L1 between the adaptor outputs and the
+    teacher's standardised features (see distill.standardize), on the summary [B, D] and on the
+    patches [B, P, D].
+
+    `patch_mask` [B, P] marks patches hidden from the student (masked-image distillation). All
+    patches count; masked ones weigh `masked_weight` times an unmasked one. Pass None for a part
+    the teacher does not have. Returns {"loss", "summary/cos", "summary/smooth_l1",
+    "patches/cos", "patches/smooth_l1"} for the parts present.
+    """
+    out: dict[str, Tensor] = {}
+    loss = None
+    if (student_summary is None) != (teacher_summary is None):
+        raise ValueError("summary features given for only one of student and teacher")
+    if (student_patches is None) != (teacher_patches is None):
+        raise ValueError("patch features given for only one of student and teacher")
+    if student_summary is not None:
+        cos, l1 = _feature_terms(student_summary, teacher_summary, None, beta)
+        out["summary/cos"], out["summary/smooth_l1"] = cos, l1
+        loss = summary_weight * (cos_weight * cos + l1_weight * l1)
+    if student_patches is not None:
+        weight = None
+        if patch_mask is not None:
+            if patch_mask.shape != student_patches.shape[:-1]:
+                raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)}, expected "
+                                 f"{tuple(student_patches.shape[:-1])}")
+            weight = torch.where(patch_mask.bool(), float(masked_weight), 1.0).to(student_patches.device)
+        cos, l1 = _feature_terms(student_patches, teacher_patches, weight, beta)
+        out["patches/cos"], out["patches/smooth_l1"] = cos, l1
+        part = patch_weight * (cos_weight * cos + l1_weight * l1)
+        loss = part if loss is None else loss + part
+    if loss is None:
+        raise ValueError("vision_kd_loss needs the summary, the patches, or both")
+    out["loss"] = loss
+    return out

@@ -1,0 +1,202 @@
+"""Teacher feature standardisation from statistics gathered at collection time.
+
+- `zscore`: per dimension, (x - mean) / std.
+- `phis` (PHI-S, Ranzinger et al. 2024): y = R U^T (x - mean) / sqrt(mean(eigvals)), with U the
+  covariance eigenvectors and R an orthogonal matrix that spreads the variance evenly, so every
+  output dimension has variance exactly 1 while the geometry is kept up to one scalar. R is the
+  normalised Sylvester-Hadamard matrix when D is a power of two (as in the paper); for any other D
+  it is a deterministic product of D-1 Givens rotations that equalises the diagonal exactly (the
+  Schur-Horn construction), so the output keeps the teacher's D (no padding).
+
+`FeatureStatsAccumulator` gathers count, sum and sum of outer products in float64 over batches,
+merges partial statistics from several shards, and finalises to mean, std and covariance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+MODES = ("zscore", "phis")
+
+
+def hadamard(n: int) -> Tensor:
+    """Normalised Sylvester-Hadamard matrix (orthogonal, entries +-1/sqrt(n)); n a power of two."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester-Hadamard needs a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def equalizing_rotation(eigvals: Tensor) -> Tensor:
+    """Orthogonal R [D, D] with diag(R diag(eigvals) R^T) = mean(eigvals) in every entry.
+
+    Greedy Givens rotations: pair the open index with the largest diagonal value with the one with
+    the smallest (they straddle the mean, since the open values average to it), and rotate in
+    their plane so that the first becomes exactly the mean; it is then closed. D-1 steps.
+    """
+    lam = eigvals.detach().double().cpu().numpy()
+    n = lam.shape[0]
+    target = lam.mean()
+    m = np.diag(lam)
+    r = np.eye(n)
+    open_ = np.ones(n, dtype=bool)
+    for _ in range(n - 1):
+        d = np.where(open_, np.diag(m), np.nan)
+        i, j = int(np.nanargmax(d)), int(np.nanargmin(d))
+        if d[i] - d[j] <= 1e-13 * max(abs(target), 1e-300):
+            break
+        a, b, c = m[i, i], m[j, j], m[i, j]
+        # Rotating rows (i, j) by angle phi/2 gives new m_ii = (a+b)/2 + rad*cos(phi + psi).
+        rad, psi = np.hypot((a - b) / 2, c), np.arctan2(c, (a - b) / 2)
+        phi = np.arccos(np.clip((target - (a + b) / 2) / rad, -1.0, 1.0)) - psi
+        cs, sn = np.cos(phi / 2), np.sin(phi / 2)
+        g = np.array([[cs, -sn], [sn, cs]])
+        m[[i, j], :] = g @ m[[i, j], :]
+        m[:, [i, j]] = m[:, [i, j]] @ g.T
+        r[[i, j], :] = g @ r[[i, j], :]
+        open_[i] = False
+    return torch.from_numpy(r)
+
+
+def phis_rotation(eigvals: Tensor) -> Tensor:
+    """The R of PHI-S: Hadamard for power-of-two D, else the exact equalising rotation."""
+    n = eigvals.shape[0]
+    return hadamard(n) if n & (n - 1) == 0 else equalizing_rotation(eigvals)
+
+
+class FeatureStandardizer(nn.Module):
+    """y = rotation @ (x - mean) / scale, computed in float32 over the last dim.
+
+    zscore: no rotation, `scale` is the per-dim std [D]. phis: `rotation` [D, D], scalar `scale`.
+    """
+
+    def __init__(self, mean: Tensor, scale: Tensor, rotation: Tensor | None = None, mode: str = "zscore"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown standardisation mode {mode!r}; expected one of {MODES}")
+        self.mode = mode
+        self.register_buffer("mean", mean.detach().float().clone())
+        self.register_buffer("scale", scale.detach().float().clone())
+        self.register_buffer("rotation", None if rotation is None else rotation.detach().float().clone())
+
+    @classmethod
+    def from_stats(cls, mean: Tensor, *, cov: Tensor | None = None, eigvals: Tensor | None = None,
+                   eigvecs: Tensor | None = None, std: Tensor | None = None, mode: str = "phis",
+                   eps: float = 1e-6) -> FeatureStandardizer:
+        """Build from collection statistics.
+
+        zscore needs `std` or `cov` (its diagonal). phis needs `cov` or `eigvals` + `eigvecs`
+        (eigenvectors as columns, as torch.linalg.eigh returns them). `eps` floors std values.
+        """
+        mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        dim = mean.shape[0]
+        if mode == "zscore":
+            if std is None:
+                if cov is None:
+                    raise ValueError("zscore standardisation needs std or cov")
+                std = torch.as_tensor(cov, dtype=torch.float64).diagonal().clamp_min(0).sqrt()
+            std = torch.as_tensor(std, dtype=torch.float64).flatten()
+            if std.shape != (dim,):
+                raise ValueError(f"std has shape {tuple(std.shape)}, expected ({dim},)")
+            return cls(mean, std.clamp_min(eps), None, "zscore")
+        if mode != "phis":
+            raise ValueError(f"unknown standardisation mode {mode!r}; expected one of {MODES}")
+        if eigvals is None or eigvecs is None:
+            if cov is None:
+                raise ValueError("phis standardisation needs cov, or eigvals and eigvecs")
+            cov = torch.as_tensor(cov, dtype=torch.float64)
+            if cov.shape != (dim, dim):
+                raise ValueError(f"cov has shape {tuple(cov.shape)}, expected ({dim}, {dim})")
+            eigvals, eigvecs = torch.linalg.eigh((cov + cov.T) / 2)
+        eigvals = torch.as_tensor(eigvals, dtype=torch.float64).clamp_min(0)
+        eigvecs = torch.as_tensor(eigvecs, dtype=torch.float64)
+        if eigvals.shape != (dim,) or eigvecs.shape != (dim, dim):
+            raise ValueError(f"eigvals {tuple(eigvals.shape)} / eigvecs {tuple(eigvecs.shape)} do not "
+                             f"match feature dim {dim}")
+        variance = eigvals.mean()
+        if variance <= eps**2:
+            raise ValueError(f"features have (near) zero variance ({variance.item():.3g}): "
+                             "cannot standardise")
+        rotation = phis_rotation(eigvals) @ eigvecs.T
+        return cls(mean, variance.sqrt(), rotation, "phis")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.mean.shape[0]:
+            raise ValueError(f"features have dim {x.shape[-1]}, the standardiser expects "
+                             f"{self.mean.shape[0]}")
+        y = x.float() - self.mean
+        if self.rotation is not None:
+            y = y @ self.rotation.T
+        return y / self.scale
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, dim={self.mean.shape[0]}"
+
+
+@dataclass
+class FeatureStats:
+    count: int
+    mean: Tensor  # [D] float64
+    std: Tensor  # [D] float64, unbiased
+    cov: Tensor  # [D, D] float64, unbiased
+
+
+class FeatureStatsAccumulator:
+    """Running count, sum and sum of outer products (float64) of [..., D] features."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum: Tensor | None = None
+        self.outer: Tensor | None = None
+
+    def update(self, x: Tensor) -> FeatureStatsAccumulator:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.sum is None:
+            self.sum = x.new_zeros(x.shape[1])
+            self.outer = x.new_zeros(x.shape[1], x.shape[1])
+        elif x.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"feature dim {x.shape[1]} differs from the accumulated dim {self.sum.shape[0]}")
+        self.count += x.shape[0]
+        self.sum += x.sum(0).to(self.sum.device)
+        self.outer += (x.T @ x).to(self.outer.device)
+        return self
+
+    def merge(self, other: FeatureStatsAccumulator) -> FeatureStatsAccumulator:
+        """Add another accumulator's statistics into this one (e.g. per-shard partials)."""
+        if other.sum is None:
+            return self
+        if self.sum is None:
+            self.sum, self.outer = other.sum.clone(), other.outer.clone()
+        elif other.sum.shape != self.sum.shape:
+            raise ValueError(f"cannot merge feature dim {other.sum.shape[0]} into {self.sum.shape[0]}")
+        else:
+            self.sum += other.sum.to(self.sum.device)
+            self.outer += other.outer.to(self.outer.device)
+        self.count += other.count
+        return self
+
+    def finalize(self) -> FeatureStats:
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors for statistics, have {self.count}")
+        mean = self.sum / self.count
+        cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        cov = (cov + cov.T) / 2
+        return FeatureStats(self.count, mean, cov.diagonal().clamp_min(0).sqrt(), cov)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "sum": self.sum, "outer": self.outer}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> FeatureStatsAccumulator:
+        acc = cls()
+        acc.count, acc.sum, acc.outer = int(state["count"]), state["sum"], state["outer"]
+        return acc
+
+
+feature_stats_accumulator = FeatureStatsAccumulator  # the name used in the design brief
