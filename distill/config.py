@@ -90,14 +90,60 @@ class StudentConfig:
     preset: str = "tiny"  # configs/student/<preset>.yaml
     vocab_size: Optional[int] = None  # null: the language teacher's; otherwise must equal it
     mtp_depth: int = 1
+    image_size: int = 56  # the student's input side in pixels (a multiple of patch_size * 2)
+    mask_ratio: float = 0.0  # masked-image distillation: fraction of patches replaced by the mask token
     overrides: dict[str, Any] = field(default_factory=dict)  # extra CogViTMTPConfig keywords
+
+
+class Balance(str, Enum):
+    static = "static"
+    ema = "ema"
+    uncertainty = "uncertainty"
+    gradnorm = "gradnorm"
+
+
+@dataclass
+class LossConfig:
+    kd_kind: str = "forward_kl"  # forward_kl = KL(teacher||student) | reverse_kl | jsd
+    temperature: float = 1.0
+    ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
+    mtp_weight: float = 0.5  # weight of each MTP depth's term relative to the main head
+    language: bool = True  # false: no language term at all (vision-only)
+    vision: bool = True  # false: ignore the vision teachers (a CE-only baseline sets this and ce_weight=1)
+    standardize: str = "phis"  # phis | zscore: how teacher features are standardised
+    masked_patch_weight: float = 1.0  # extra weight of masked patches in the vision loss
+    balance: Balance = Balance.ema
+    static_weights: dict[str, float] = field(default_factory=dict)  # static: weight per term (default 1)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 @dataclass
 class TrainConfig:
     zero_stage: int = 2
-    nproc: int = 1
-    resume: bool = False
+    nproc: int = 1  # >1 launches that many processes with torchrun (gloo on CPU, nccl on GPU)
+    hostfile: Optional[str] = None  # multi-node: passed to the deepspeed launcher
+    resume: bool = False  # continue from the latest complete checkpoint in output_dir/checkpoints
+    precision: Precision = Precision.fp32
+    max_steps: int = 100  # optimizer steps
+    micro_batch_size: int = 8  # per process
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    log_every: int = 1
+    gradnorm_every: int = 10  # measure per-teacher gradient norms on the shared trunk every N steps
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    max_bad_steps: int = 5  # abort after this many consecutive non-finite losses
+    progress: bool = True
 
 
 @dataclass
@@ -111,6 +157,7 @@ class Config:
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

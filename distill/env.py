@@ -12,6 +12,8 @@ DEFAULTS = {
     "PREFECT_HOME": str(PROJECT_ROOT / ".cache" / "prefect"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_API_HOST": "127.0.0.1",
+    # The embedded server needs more than Prefect's 20 s default on a busy 2-core machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "mmtp-distill" / "torch_extensions"),
     "TOKENIZERS_PARALLELISM": "false",
@@ -22,3 +24,5 @@ DEFAULTS = {
 def apply_env_defaults() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # Prefect does not create its home, and its sqlite database cannot open in a missing folder.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,139 @@
+"""The DeepSpeed side of training: process group, engine config, checkpoints, HF export.
+
+Checkpoints are DeepSpeed's own (`save_checkpoint`), one tag per step, with the data position
+and step in the client state. A tag counts as complete only once its `complete.json` marker is
+written after the save returned, so a run killed mid-save resumes from the previous tag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.shards import atomic_write_json
+
+MARKER = "complete.json"
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, for one in-process run, create) the process group; returns (rank, world size)."""
+    import deepspeed
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a single process started without a launcher
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(train, total_steps: int) -> dict:
+    """The DeepSpeed JSON config for `train` (a TrainConfig)."""
+    precision = getattr(train.precision, "value", train.precision)
+    zero = {"stage": train.zero_stage}
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if train.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": train.weight_decay,
+            # DeepSpeed's fused/CPU Adam are C++ JIT builds; plain torch AdamW needs none on CPU.
+            "torch_adam": not torch.cuda.is_available()}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max(total_steps, 1), "warmup_num_steps": min(train.warmup_steps, total_steps),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": train.min_lr_ratio, "warmup_type": "linear"}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(module: torch.nn.Module, train, total_steps: int):
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
+                                                                            if p.requires_grad],
+                                           config=deepspeed_config(train, total_steps))
+    return engine
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    """Tags with a completion marker, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.exists():
+        return []
+    return sorted(p.parent.name for p in ckpt_dir.glob(f"step-*/{MARKER}"))
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int) -> str:
+    """Save a checkpoint, mark it complete (rank 0), and drop all but the newest `keep` tags."""
+    ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    if dist.is_initialized():
+        dist.barrier()
+    if engine.global_rank == 0:
+        atomic_write_json(ckpt_dir / tag / MARKER, {"step": step})
+        for old in complete_tags(ckpt_dir)[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def load_latest(engine, ckpt_dir: str | Path) -> dict | None:
+    """Load the newest complete checkpoint; returns its client state, or None when there is none."""
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tags[-1])
+    if path is None:
+        raise RuntimeError(f"{Path(ckpt_dir) / tags[-1]}: DeepSpeed could not load this checkpoint")
+    return client_state
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The full module state dict on rank 0 (None elsewhere), gathered across ZeRO-3 partitions."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if engine.global_rank != 0:
+        return None
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+def export_student(engine, folder: str | Path, prefix: str = "student.") -> Path | None:
+    """Save the student as an HF folder (safetensors) that `AutoModel.from_pretrained` loads."""
+    state = consolidated_state_dict(engine)
+    folder = Path(folder)
+    if state is not None:
+        student = engine.module.student
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        (folder / "export.json").write_text(json.dumps({"zero_stage": engine.zero_optimization_stage()}))
+    if dist.is_initialized():
+        dist.barrier()
+    return folder if state is not None else None

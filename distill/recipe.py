@@ -1,0 +1,213 @@
+"""The distillation recipe: shards in, a trained student folder out.
+
+    recipe = DistillRecipe(cfg); recipe.setup(); summary = recipe.train()
+
+Single process runs in-process; `train.nproc > 1` runs this module under torchrun (see
+distill/launch.py), one process per rank, with data sharded per rank and logging on rank 0.
+No teacher model is loaded here: teachers reach training only through their shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import student as student_pkg
+from data.dataset import BlockShuffleSampler, DistillDataset, check_manifests, collate
+from data.shards import atomic_write_json
+from distill import engine as ds
+from distill.config import load_config, output_path, teacher_configs
+from distill.objective import DistillObjective, standardize_batch, standardizers
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss."""
+
+
+class DistillRecipe:
+    def __init__(self, cfg, parent_run_id: str | None = None):
+        self.cfg, self.parent_run_id = cfg, parent_run_id
+        self.step, self.epoch, self.position, self.bad_steps, self.skipped_steps = 0, 0, 0, 0, 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world = ds.init_distributed()
+        names = [t.name for t in teacher_configs(cfg)]
+        target_dirs = {n: output_path(cfg, "targets", n) for n in names}
+        self.dataset = DistillDataset(output_path(cfg, "samples"), target_dirs, "train", cfg.student.image_size)
+        lang = self.dataset.language
+        if lang is None:
+            raise ValueError("training needs a language teacher's shards (teachers.language)")
+        where = {"samples": output_path(cfg, "samples"), **target_dirs}
+        check_manifests(self.dataset.samples, self.dataset.targets, student_vocab=cfg.student.vocab_size,
+                        expected_digests={t.name: t.weights_digest for t in teacher_configs(cfg)}, where=where)
+        vision = self.dataset.vision if cfg.loss.vision else []
+        heads = {n: {"summary_dim": len(self.dataset.targets[n]["feature_stats"]["summary_mean"]),
+                     "feature_dim": self.dataset.targets[n]["shape"][1], "grid": self.dataset.targets[n]["grid"]}
+                 for n in vision}
+        config = student_pkg.load_preset(cfg.student.preset, vocab_size=self.dataset.targets[lang]["producer"]["vocab_size"],
+                                         mtp_depth=cfg.student.mtp_depth, teachers=heads,
+                                         mask_ratio=cfg.student.mask_ratio, **dict(cfg.student.overrides))
+        torch.manual_seed(cfg.seed)
+        model = student_pkg.build_student(config)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.pad_id = self.dataset.targets[lang]["producer"].get("eos_id") or 0
+        self.stds = {n: standardizers(self.dataset.targets[n], target_dirs[n], cfg.loss.standardize) for n in vision}
+        self.objective = DistillObjective(model, cfg.loss, vision, use_language=cfg.loss.language)
+        self.sampler = BlockShuffleSampler(self.dataset, cfg.seed, self.rank, self.world)
+        self.steps_per_epoch = len(self.sampler) // (cfg.train.micro_batch_size * cfg.train.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.sampler)} training rows per rank are fewer than one step of "
+                             f"{cfg.train.micro_batch_size}×{cfg.train.grad_accum}; lower train.micro_batch_size")
+        self.engine = ds.build_engine(self.objective, cfg.train, cfg.train.max_steps)
+        self.ckpt_dir = output_path(cfg, "checkpoints")
+        if cfg.train.resume:
+            state = ds.load_latest(self.engine, self.ckpt_dir)
+            if state is not None:
+                self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+                self.skipped_steps = state.get("skipped_steps", 0)
+                log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.position)
+
+    def micro_batches(self):
+        """Micro-batches from the saved data position on, epoch after epoch."""
+        mb = self.cfg.train.micro_batch_size
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            order = list(self.sampler)
+            n_batches = len(order) // mb
+            while self.position < n_batches:
+                items = [self.dataset[i] for i in order[self.position * mb:(self.position + 1) * mb]]
+                self.position += 1
+                yield standardize_batch(collate(items, self.pad_id), self.stds)
+            self.epoch, self.position = self.epoch + 1, 0
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict:
+        cfg, tr = self.cfg, self.cfg.train
+        run = self._start_tracking()
+        batches = self.micro_batches()
+        bar = tqdm(total=tr.max_steps, initial=self.step, desc="distill", disable=self.rank != 0 or not tr.progress)
+        t0, seen = time.perf_counter(), 0
+        while self.step < tr.max_steps:
+            # Per-step seeding makes random masking identical after a resume.
+            torch.manual_seed(cfg.seed * 1_000_003 + self.step)
+            measure = tr.gradnorm_every > 0 and self.step % tr.gradnorm_every == 0
+            logs, good = {}, True
+            for _ in range(tr.grad_accum):
+                loss, logs = self.engine(next(batches), measure_gradnorm=measure)
+                if not self._all_finite(loss):
+                    good = False
+                    break
+                self.engine.backward(loss)
+                self.engine.step()
+                seen += tr.micro_batch_size * self.world
+            if not good:
+                self._bad_step(logs)
+                continue
+            self.bad_steps = 0
+            self.step += 1
+            if self.step % tr.log_every == 0 or self.step == tr.max_steps:
+                rate = seen / (time.perf_counter() - t0)
+                self._log(logs, rate)
+                bar.set_postfix(loss=f"{float(logs['loss/total']):.4f}", samples_s=f"{rate:.1f}")
+            bar.update(1)
+            if self.step % tr.checkpoint_every == 0 or self.step == tr.max_steps:
+                self._checkpoint()
+        bar.close()
+        folder = ds.export_student(self.engine, output_path(cfg, "student"))
+        return self._finish(run, folder)
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
+        return bad.item() == 0
+
+    def _bad_step(self, logs: dict) -> None:
+        """Skip the step (no backward, no optimizer update); abort after too many in a row."""
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        term = self.objective.first_bad_term(logs) or "loss/total"
+        log.warning("non-finite loss in %s at step %d: step skipped (%d in a row)", term, self.step, self.bad_steps)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses, first in {term} at step "
+                                     f"{self.step}; lower train.lr or check the data (train.max_bad_steps)")
+
+    def _checkpoint(self) -> None:
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position,
+                 "skipped_steps": self.skipped_steps}
+        ds.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
+
+    # --------------------------------------------------------------- tracking
+    def _start_tracking(self):
+        if self.rank != 0:
+            return None
+        from distill import tracking
+        self._tracking = tracking
+        tags = {f"teacher.{n}.weights_digest": str(m["producer"].get("weights_digest"))
+                for n, m in self.dataset.targets.items()}
+        ctx = tracking.stage_run(self.cfg, "train", self.parent_run_id, tags)
+        run = ctx.__enter__()
+        self._run_ctx = ctx
+        tracking.log_manifest_input(self.dataset.samples_dir, self.dataset.samples, "samples", "train")
+        for n, m in self.dataset.targets.items():
+            tracking.log_manifest_input(self.dataset.target_dirs[n], m, f"targets/{n}", "train")
+        return run
+
+    def _log(self, logs: dict, samples_per_s: float) -> None:
+        if self.rank != 0:
+            return
+        import mlflow
+        metrics = {k: float(v) for k, v in logs.items()}
+        metrics.update({"lr": self.engine.get_lr()[0], "throughput/samples_per_s": samples_per_s,
+                        "train/skipped_steps": self.skipped_steps})
+        self.history.append({"step": self.step, **metrics})
+        mlflow.log_metrics(metrics, step=self.step)
+
+    def _finish(self, run, folder: Path | None) -> dict:
+        summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "student_dir": str(folder) if folder else None,
+                   "final_loss": self.history[-1]["loss/total"] if self.history else math.nan}
+        if self.rank == 0:
+            import mlflow
+
+            from distill.plots import training_plots
+            for path in training_plots(self.history, output_path(self.cfg, "plots")):
+                mlflow.log_artifact(str(path), artifact_path="plots")
+            mlflow.log_artifacts(str(folder), artifact_path="student")
+            summary["mlflow_run_id"] = run.info.run_id
+            self._run_ctx.__exit__(None, None, None)
+            atomic_write_json(output_path(self.cfg, "train_summary.json"), summary)
+        return summary
+
+
+def main() -> None:
+    """Entry point of each rank under torchrun / the deepspeed launcher."""
+    from distill.env import apply_env_defaults
+    apply_env_defaults()
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--parent-run-id", default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    recipe = DistillRecipe(load_config(args.config), args.parent_run_id or None)
+    recipe.setup()
+    summary = recipe.train()
+    if recipe.rank == 0:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
