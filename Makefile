@@ -11,6 +11,7 @@ ARGS ?=
 # Environment hygiene; a value the user already set wins (the CLI applies the same defaults).
 export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mmtp-distill/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false

@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -176,10 +177,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides:
+            key, sep, value = override.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {override!r} is not of the form key=value")
+            try:  # `teachers.vision.0.image_size=112` reaches into lists too
+                OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)
+            except (TypeError, ValueError, IndexError, yaml.YAMLError) as e:
+                raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from None
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None

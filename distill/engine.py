@@ -8,6 +8,7 @@ written after the save returned, so a run killed mid-save resumes from the previ
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -56,18 +57,28 @@ def deepspeed_config(train, total_steps: int) -> dict:
             "lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": train.weight_decay,
             # DeepSpeed's fused/CPU Adam are C++ JIT builds; plain torch AdamW needs none on CPU.
             "torch_adam": not torch.cuda.is_available()}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": max(total_steps, 1), "warmup_num_steps": min(train.warmup_steps, total_steps),
-            "warmup_min_ratio": 0.0, "cos_min_ratio": train.min_lr_ratio, "warmup_type": "linear"}},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup (the first step already trains at lr/warmup), then cosine down to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_engine(module: torch.nn.Module, train, total_steps: int):
     import deepspeed
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
-                                                                            if p.requires_grad],
+
+    def scheduler(optimizer):  # DeepSpeed checkpoints its state with the engine
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, train.warmup_steps, total_steps, train.min_lr_ratio))
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, total_steps))
     return engine
 

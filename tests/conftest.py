@@ -44,3 +44,31 @@ def tiny_cfg(tmp_path, cache_dir):
         return load_config(TINY, [f"output_dir={root / 'out'}", f"cache_dir={cache_dir}",
                                   f"tracking.uri=sqlite:///{root / 'mlflow.db'}", *overrides])
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_collected(prefect_harness, tmp_path_factory, cache_dir):
+    """The tiny config's samples and target shards, collected once per session by the real flow."""
+    from distill.config import load_config
+    from flows.collect import run_collect
+    root = tmp_path_factory.mktemp("collected")
+    cfg = load_config(TINY, [f"output_dir={root / 'out'}", f"cache_dir={cache_dir}",
+                             f"tracking.uri=sqlite:///{root / 'mlflow.db'}"])
+    return cfg, run_collect(cfg)
+
+
+@pytest.fixture
+def train_cfg(tiny_collected, tmp_path):
+    """A factory: a training config whose output_dir links the session's tiny shards."""
+    from distill.config import load_config
+    src = Path(tiny_collected[0].output_dir)
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("samples", "targets"):
+        (out / name).symlink_to(src / name, target_is_directory=True)
+
+    def make(*overrides):
+        return load_config(TINY, [f"output_dir={out}", f"cache_dir={tiny_collected[0].cache_dir}",
+                                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.progress=false",
+                                  *overrides])
+    return make

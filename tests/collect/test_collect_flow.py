@@ -16,18 +16,14 @@ from datasets import Dataset
 
 from data.shards import ShardError, load_manifest, read_shard, stray_temp_files
 from data.targets import decode_language_row, decode_vision
-from distill.config import load_config, teacher_config
+from distill.config import teacher_config
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def collected(prefect_harness, tmp_path_factory, cache_dir):
-    from flows.collect import run_collect
-    root = tmp_path_factory.mktemp("collected")
-    cfg = load_config(TINY, [f"output_dir={root / 'out'}", f"cache_dir={cache_dir}",
-                             f"tracking.uri=sqlite:///{root / 'mlflow.db'}"])
-    return cfg, run_collect(cfg)
+def collected(tiny_collected):
+    return tiny_collected
 
 
 def test_manifests_and_shards_follow_the_contract(collected):
