@@ -1,6 +1,7 @@
 """`mmtp`: one console script, a subcommand per stage.
 
     mmtp collect  --config configs/default.yaml key=value ...
+    mmtp train    --config configs/default.yaml key=value ...
     mmtp pipeline --config configs/default.yaml key=value ...
     mmtp ui       --config configs/default.yaml
 
@@ -17,14 +18,16 @@ import sys
 
 from distill.env import apply_env_defaults
 
-DATA_ERRORS = ("ShardError", "BadRowsError", "VocabMismatchError", "TeacherLoadError", "FileNotFoundError")
+DATA_ERRORS = ("ShardError", "BadRowsError", "VocabMismatchError", "TeacherSourceError", "ManifestMismatchError",
+               "NonFiniteLossError", "FileNotFoundError")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmtp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in [("collect", "run the teachers over the data and write soft-target shards"),
-                       ("pipeline", "run every stage (collect, then train and evaluate once those land)"),
+                       ("train", "distil the student on the collected shards with DeepSpeed"),
+                       ("pipeline", "run every stage: collect, then train, under one MLflow parent run"),
                        ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store")]:
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
@@ -64,6 +67,18 @@ def _collect(cfg, args) -> int:
     return 0
 
 
+def _train(cfg, args) -> int:
+    from flows.train import run_train
+    run_train(cfg)
+    return 0
+
+
+def _pipeline(cfg, args) -> int:
+    from flows.pipeline import run_pipeline
+    run_pipeline(cfg)
+    return 0
+
+
 def _ui(cfg, args) -> int:
     from distill.tracking import tracking_uri
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg),
@@ -72,7 +87,7 @@ def _ui(cfg, args) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"collect": _collect, "pipeline": _collect, "ui": _ui}
+COMMANDS = {"collect": _collect, "train": _train, "pipeline": _pipeline, "ui": _ui}
 
 if __name__ == "__main__":
     sys.exit(main())

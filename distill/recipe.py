@@ -122,7 +122,8 @@ class DistillRecipe:
             if self.step % tr.log_every == 0 or self.step == tr.max_steps:
                 rate = seen / (time.perf_counter() - t0)
                 self._log(logs, rate)
-                bar.set_postfix(loss=f"{float(logs['loss/total']):.4f}", samples_s=f"{rate:.1f}")
+                if self.history:
+                    bar.set_postfix(loss=f"{self.history[-1]['loss/total']:.4f}", samples_s=f"{rate:.1f}")
             bar.update(1)
             if self.step % tr.checkpoint_every == 0 or self.step == tr.max_steps:
                 self._checkpoint()
@@ -168,10 +169,16 @@ class DistillRecipe:
         return run
 
     def _log(self, logs: dict, samples_per_s: float) -> None:
+        """Log the step's figures, averaged over ranks, from rank 0."""
+        keys = sorted(logs)
+        values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
         if self.rank != 0:
             return
         import mlflow
-        metrics = {k: float(v) for k, v in logs.items()}
+        metrics = dict(zip(keys, values.tolist()))
         metrics.update({"lr": self.engine.get_lr()[0], "throughput/samples_per_s": samples_per_s,
                         "train/skipped_steps": self.skipped_steps})
         self.history.append({"step": self.step, **metrics})
