@@ -95,7 +95,9 @@ def _check_targets(logits: Tensor, t: SparseTargets) -> None:
 def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """(teacher log-probs, student log-probs, bucket is non-empty), each [B, L, k+1]; the last
     bucket is the tail. Everything in float32; teacher values carry no gradient."""
-    z = logits.float() / temperature
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
     V = z.shape[-1]
     k = t.topk_ids.shape[-1]
     mask = t.mask.bool()
@@ -108,21 +110,28 @@ def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tens
     if bad_ids.any():
         raise ValueError(f"teacher top-k ids outside the student vocab [0, {V}): "
                          f"{ids[bad_ids].unique()[:8].tolist()}")
-    in_k = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, True)
-    n_out = V - in_k.sum(-1)  # tokens in the tail bucket
-    has_tail = n_out > 0
-    checks = torch.stack([(mask & (n_out != V - k)).any(),
+    ordered = ids.sort(-1).values
+    checks = torch.stack([(ordered[..., 1:] == ordered[..., :-1]).any(),
                           (mask[..., None] & top.isnan()).any() | (mask & tail.isnan()).any()]).tolist()
     if checks[0]:
         raise ValueError("teacher top-k ids repeat within a position; each position needs k distinct ids")
     if checks[1]:
         raise ValueError("teacher top-k or tail log-probs contain NaN at valid positions")
+    n_out = torch.full_like(mask, V - k, dtype=torch.long)  # tokens in the tail bucket (ids are distinct)
+    has_tail = n_out > 0
 
-    # Student: exact, at temperature. The fill keeps logsumexp finite (and its gradient NaN-free)
-    # when the tail is empty; those buckets are dropped below.
+    # Student: exact, at temperature. The tail's log-mass is lse_all + log1p(-p_K) from the top-k
+    # mass p_K, which needs no pass over the vocab; where p_K > 1/2 that subtraction would lose
+    # precision, so those positions take the exact logsumexp over the outside tokens instead.
     lse_all = torch.logsumexp(z, -1)
-    s_top = z.gather(-1, ids) - lse_all[..., None]
-    lse_out = torch.logsumexp(z.masked_fill(in_k, torch.finfo(z.dtype).min), -1)
+    z_top = z.gather(-1, ids)
+    s_top = z_top - lse_all[..., None]
+    frac = (torch.logsumexp(z_top, -1) - lse_all).exp()
+    lse_out = lse_all + torch.log1p(-frac.clamp(max=0.5))
+    exact = has_tail & (frac > 0.5)
+    if exact.any():
+        rows = z[exact].scatter(-1, ids[exact], torch.finfo(z.dtype).min)
+        lse_out = lse_out.masked_scatter(exact, torch.logsumexp(rows, -1))
     s_tail = torch.where(has_tail, lse_out - lse_all, 0.0)
 
     # Teacher: top-k tempered exactly (t_i / tau, renormalised with the tail). The tail cannot be

@@ -72,12 +72,10 @@ class DistillObjective(nn.Module):
         """
         dtype = next(self.student.parameters()).dtype
         out = self.student(pixel_values=batch["pixel_values"].to(dtype), input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"])
-        n = out.num_image_tokens
+                           attention_mask=batch["attention_mask"], text_logits_only=True)
         losses, logs = {}, {}
         if self.use_language:
-            parts = self.language(out.logits[:, n:], batch["lang"], labels=batch["labels"],
-                                  mtp_logits=[m[:, n:] for m in out.mtp_logits])
+            parts = self.language(out.logits, batch["lang"], labels=batch["labels"], mtp_logits=out.mtp_logits)
             losses[LANGUAGE] = parts.pop("loss")
             logs.update({f"loss/{k}": v.detach() for k, v in parts.items()})
         for name in self.vision:  # teacher features arrive standardised (standardize_batch)

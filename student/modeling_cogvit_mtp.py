@@ -180,12 +180,18 @@ class CogViTMTPForDistillation(PreTrainedModel):
     # ------------------------------------------------------------ forward
 
     def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, image_mask=None,
-                return_dict: bool = True):
+                return_dict: bool = True, text_logits_only: bool = False):
         """pixel_values [B, C, H, W] (H, W multiples of patch_size * spatial_merge_size); input_ids [B, T]
         caption tokens; attention_mask [B, T] (1 = token, right padding only); labels [B, T] caption-aligned
         targets (usually `input_ids`; IGNORE_INDEX = -100 ignored; padding is ignored anyway); image_mask
         [B, Ph, Pw] bool patches to replace by the mask token. Without `image_mask`, a random one with
-        `config.mask_ratio` is drawn in training mode. Returns a `CogViTMTPOutput`."""
+        `config.mask_ratio` is drawn in training mode. `text_logits_only` computes `logits` and `mtp_logits`
+        at the caption positions only ([B, T, V], entry t aligned with `input_ids[:, t]`); with a large vocab
+        the output head dominates training cost, and distillation needs no logits at image positions.
+        Returns a `CogViTMTPOutput`."""
+        if text_logits_only and labels is not None:
+            raise ValueError("text_logits_only drops the logits that predict the first caption token; "
+                             "compute the loss from the returned logits instead of passing labels")
         batch = pixel_values.shape[0]
         self._check_text(input_ids, attention_mask, batch)
         self._check_pixels(pixel_values)
@@ -212,7 +218,8 @@ class CogViTMTPForDistillation(PreTrainedModel):
 
         hidden, _ = self.forward_decoder(embeds, key_padding, n_img)
         last_hidden = self.decoder.norm(hidden)
-        logits = self.lm_head(last_hidden)
+        first = n_img if text_logits_only else 0
+        logits = self.lm_head(last_hidden[:, first:])
 
         mtp_hidden, mtp_logits = [], []
         if self.config.mtp_depth > 0:
@@ -221,7 +228,7 @@ class CogViTMTPForDistillation(PreTrainedModel):
             for k in range(1, self.config.mtp_depth + 1):
                 h, _ = self.forward_mtp_depth(k, h, shift_left(token_inputs, k), key_padding)
                 mtp_hidden.append(h)
-                mtp_logits.append(self.logits_from_hidden(h, k))
+                mtp_logits.append(self.logits_from_hidden(h[:, first:], k))
 
         summary = vision_hidden.mean(dim=1)
         teacher_outputs = {name: head(summary, vision_hidden, grid) for name, head in self.teacher_heads.items()}

@@ -318,3 +318,20 @@ def test_causal_ce_all_ignored_is_zero():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.isfinite(logits.grad).all()
+
+
+def test_student_tail_is_exact_on_both_sides_of_the_top_k_mass_switch():
+    """The student's tail log-mass comes from log1p(-p_K) when the top-k hold at most half the mass,
+    and from a logsumexp over the outside tokens otherwise; both must equal the dense value."""
+    from distill.losses import _buckets
+    torch.manual_seed(0)
+    V, k = 300, 8
+    logits = torch.randn(2, 6, V, dtype=torch.float64).float()
+    logits[0, :3] *= 0.1  # flat: p_K small
+    logits[1, :3, :k] += 30.0  # peaked: p_K ~ 1 - 1e-10
+    ids = torch.arange(k).expand(2, 6, k).clone()
+    t = SparseTargets(ids, torch.full((2, 6, k), -3.0), torch.full((2, 6), -1.0), torch.ones(2, 6, dtype=torch.bool))
+    _, log_q, _ = _buckets(logits, t, 1.0)
+    dense = logits.double().log_softmax(-1)
+    expect = torch.logsumexp(dense[..., k:], -1)
+    torch.testing.assert_close(log_q[..., -1].double(), expect, rtol=1e-5, atol=1e-5)

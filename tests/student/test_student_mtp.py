@@ -103,3 +103,19 @@ def test_mtp_inputs_at_image_positions_are_the_image_embedding(make_model, batch
         assert torch.equal(a[:, : n - k], image_emb.expand_as(a[:, : n - k]))
         assert torch.equal(a[:, n - k : s - k], text_emb)
         assert torch.equal(a[:, n - k : s - k], b[:, n - k : s - k])
+
+
+def test_text_logits_only_equal_the_caption_slice_of_the_full_logits():
+    import torch
+
+    import student
+    cfg = student.load_preset("tiny", vocab_size=64, mtp_depth=2)
+    torch.manual_seed(0)
+    model = student.build_student(cfg).eval()
+    px, ids = torch.randn(2, 3, 28, 28), torch.randint(0, 64, (2, 5))
+    full = model(px, ids)
+    text = model(px, ids, text_logits_only=True)
+    n = full.num_image_tokens
+    torch.testing.assert_close(text.logits, full.logits[:, n:])
+    for a, b in zip(text.mtp_logits, full.mtp_logits):
+        torch.testing.assert_close(a, b[:, n:])
