@@ -39,6 +39,29 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def timers(teacher, language: bool, shard, bs: int, src: Path, out: Path, compression: str):
+    """(bare forward over the shard's batches, full collection of the shard) as callables."""
+    if language:
+        token_ids, _ = teacher.encode(shard.column("caption").to_pylist())
+        batches = [token_ids[i:i + bs] for i in range(0, len(token_ids), bs)]
+
+        def bare():
+            return [teacher.forward_logits(b) for b in batches]
+    else:
+        images = [decode_image(b) for b in shard.column("image").to_pylist()]
+        batches = [teacher.preprocess(images[i:i + bs]) for i in range(0, len(images), bs)]
+
+        def bare():
+            return [teacher.forward(b) for b in batches]
+
+    def collect():
+        for f in out.glob("*"):
+            f.unlink()
+        return collect_shard(teacher, src, out, producer_digest="bench", batch_size=bs,
+                             compression=compression, progress=False)
+    return bare, collect
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/default.yaml")
@@ -59,22 +82,7 @@ def main() -> None:
         for tcfg in teacher_configs(cfg):
             teacher = load_teacher(tcfg, cache_path(cfg, "teachers"))
             language = tcfg.kind == "hf_causal_lm"
-            if language:
-                token_ids, _ = teacher.encode(shard.column("caption").to_pylist())
-                batches = [token_ids[i:i + bs] for i in range(0, len(token_ids), bs)]
-                bare = lambda: [teacher.forward_logits(b) for b in batches]  # noqa: E731
-            else:
-                images = [decode_image(b) for b in shard.column("image").to_pylist()]
-                batches = [teacher.preprocess(images[i:i + bs]) for i in range(0, len(images), bs)]
-                bare = lambda: [teacher.forward(b) for b in batches]  # noqa: E731
-            out = Path(tmp) / tcfg.name
-
-            def collect():
-                for f in out.glob("*"):
-                    f.unlink()
-                return collect_shard(teacher, src, out, producer_digest="bench", batch_size=bs,
-                                     compression=cfg.collect.compression, progress=False)
-
+            bare, collect = timers(teacher, language, shard, bs, src, Path(tmp) / tcfg.name, cfg.collect.compression)
             with torch.inference_mode():
                 bare()  # warm-up
                 t_bare, t_collect = best_of(bare, args.repeats), best_of(collect, args.repeats)
@@ -82,6 +90,7 @@ def main() -> None:
             fig = {"bare_s": round(t_bare, 3), "collect_s": round(t_collect, 3),
                    "throughput_ratio": round(t_bare / t_collect, 3), "samples_per_s": round(shard.num_rows / t_collect, 1)}
             if language:
+                out = Path(tmp) / tcfg.name
                 vocab, k, tokens = teacher.vocab_size, tcfg.top_k, entry["tokens"]
                 raw = read_shard(out / "shard-00000.arrow")
                 plain = Path(tmp) / "plain.arrow"

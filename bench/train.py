@@ -50,8 +50,9 @@ def main() -> None:
     plain = copy.deepcopy(engine.module)
     opt = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=cfg.train.lr,
                             betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay)
-    loader = recipe.micro_batches()
-    in_memory = [next(loader) for _ in range(args.steps)]
+    in_memory = [b for _, b in zip(range(args.steps), recipe.micro_batches(), strict=False)]
+    recipe.epoch, recipe.position = 0, 0
+    loader = recipe.micro_batches()  # the same batches again, read from the shards step by step
 
     def zero_step(batch):
         loss, _ = engine(batch)

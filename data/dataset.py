@@ -35,7 +35,10 @@ def check_manifests(samples: dict, targets: dict[str, dict], *, expected_digests
         if m["samples_config_digest"] != samples["config_digest"]:
             raise ManifestMismatchError(f"{where[name]}: targets were collected from other samples than "
                                         f"{where['samples']}; re-run `mmtp collect`")
-        for s, t in zip(samples["shards"], m["shards"]):
+        if len(m["shards"]) != len(samples["shards"]):
+            raise ManifestMismatchError(f"{where[name]}: {len(m['shards'])} target shards for "
+                                        f"{len(samples['shards'])} samples shards; re-run `mmtp collect`")
+        for s, t in zip(samples["shards"], m["shards"], strict=True):
             if t["samples_sha256"] != s["sha256"] or t["rows"] != s["rows"]:
                 raise ManifestMismatchError(f"{where[name] / t['file']}: does not line up with samples shard "
                                             f"{s['file']}; re-run `mmtp collect`")

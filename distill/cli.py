@@ -83,7 +83,7 @@ def _ui(cfg, args) -> int:
     from distill.tracking import tracking_uri
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg),
            "--host", "127.0.0.1", "--port", str(args.port)]
-    print("MLflow UI on http://127.0.0.1:%d  (Ctrl-C stops it)" % args.port)
+    print(f"MLflow UI on http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
     return subprocess.call(cmd)
 
 

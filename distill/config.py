@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -32,7 +32,7 @@ class Runner(str, Enum):
 @dataclass
 class TrackingConfig:
     # MLflow URI. null: $MLFLOW_TRACKING_URI if set, else a sqlite store in the project folder.
-    uri: Optional[str] = None
+    uri: str | None = None
     experiment: str = "mmtp-distill"
 
 
@@ -40,22 +40,22 @@ class TrackingConfig:
 class SourceConfig:
     """One raw data source. Unset (null) keys take the adapter's default; see data/sources.py."""
     kind: str = "digits"  # digits | scenes | hf_disk | parquet | imagefolder | fashion_mnist
-    n: Optional[int] = None  # scenes: how many to draw
-    limit: Optional[int] = None  # keep the first `limit` samples
-    seed: Optional[int] = None
-    image_size: Optional[int] = None  # default: data.image_size
-    resample: Optional[str] = None  # digits: bilinear | nearest
-    max_noise: Optional[int] = None  # scenes: background noise amplitude
-    path: Optional[str] = None  # hf_disk: a save_to_disk folder
-    data_files: Optional[str] = None  # parquet: file or glob
-    data_dir: Optional[str] = None  # imagefolder root
-    root: Optional[str] = None  # fashion_mnist data folder
-    split: Optional[str] = None
-    name: Optional[str] = None  # id prefix for HF sources
-    image_column: Optional[str] = None
-    text_column: Optional[str] = None
-    label_column: Optional[str] = None
-    caption_template: Optional[str] = None  # e.g. "a photo of a {label_name}."
+    n: int | None = None  # scenes: how many to draw
+    limit: int | None = None  # keep the first `limit` samples
+    seed: int | None = None
+    image_size: int | None = None  # default: data.image_size
+    resample: str | None = None  # digits: bilinear | nearest
+    max_noise: int | None = None  # scenes: background noise amplitude
+    path: str | None = None  # hf_disk: a save_to_disk folder
+    data_files: str | None = None  # parquet: file or glob
+    data_dir: str | None = None  # imagefolder root
+    root: str | None = None  # fashion_mnist data folder
+    split: str | None = None
+    name: str | None = None  # id prefix for HF sources
+    image_column: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    caption_template: str | None = None  # e.g. "a photo of a {label_name}."
 
 
 @dataclass
@@ -71,14 +71,14 @@ class DataConfig:
 
 @dataclass
 class TeachersConfig:
-    language: Optional[TeacherConfig] = None
+    language: TeacherConfig | None = None
     vision: list[TeacherConfig] = field(default_factory=list)
 
 
 @dataclass
 class CollectConfig:
     runner: Runner = Runner.local
-    dask_address: Optional[str] = None  # an existing cluster; null starts a LocalCluster
+    dask_address: str | None = None  # an existing cluster; null starts a LocalCluster
     dask_workers: int = 2
     batch_size: int = 32
     retries: int = 1
@@ -89,7 +89,7 @@ class CollectConfig:
 @dataclass
 class StudentConfig:
     preset: str = "tiny"  # configs/student/<preset>.yaml
-    vocab_size: Optional[int] = None  # null: the language teacher's; otherwise must equal it
+    vocab_size: int | None = None  # null: the language teacher's; otherwise must equal it
     mtp_depth: int = 1
     image_size: int = 56  # the student's input side in pixels (a multiple of patch_size * 2)
     mask_ratio: float = 0.0  # masked-image distillation: fraction of patches replaced by the mask token
@@ -126,7 +126,7 @@ class Precision(str, Enum):
 class TrainConfig:
     zero_stage: int = 2
     nproc: int = 1  # >1 launches that many processes with torchrun (gloo on CPU, nccl on GPU)
-    hostfile: Optional[str] = None  # multi-node: passed to the deepspeed launcher
+    hostfile: str | None = None  # multi-node: passed to the deepspeed launcher
     resume: bool = False  # continue from the latest complete checkpoint in output_dir/checkpoints
     precision: Precision = Precision.fp32
     max_steps: int = 100  # optimizer steps

@@ -178,7 +178,7 @@ class DistillRecipe:
         if self.rank != 0:
             return
         import mlflow
-        metrics = dict(zip(keys, values.tolist()))
+        metrics = dict(zip(keys, values.tolist(), strict=True))
         metrics.update({"lr": self.engine.get_lr()[0], "throughput/samples_per_s": samples_per_s,
                         "train/skipped_steps": self.skipped_steps})
         self.history.append({"step": self.step, **metrics})

@@ -198,5 +198,3 @@ class FeatureStatsAccumulator:
         acc.count, acc.sum, acc.outer = int(state["count"]), state["sum"], state["outer"]
         return acc
 
-
-feature_stats_accumulator = FeatureStatsAccumulator  # the name used in the design brief

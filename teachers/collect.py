@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
@@ -27,6 +28,7 @@ from data.shards import (
     write_shard,
 )
 from data.targets import decode_vision, language_bytes_per_token, language_table, vision_table
+from distill.standardize import FeatureStatsAccumulator
 
 STATS_FILE = "feature_stats.safetensors"
 
@@ -91,7 +93,7 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
         if is_language:
             token_ids, n_cut = teacher.encode(batch)
             rows = teacher.soft_targets(token_ids)
-            for t, r in zip(token_ids, rows):
+            for t, r in zip(token_ids, rows, strict=True):
                 r["token_ids"] = np.asarray(t, dtype=np.int32)
             parts.extend(rows)
             tokens += sum(len(t) for t in token_ids)
@@ -116,39 +118,22 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     return {**entry, "skipped": False, "forwards": forwards, "seconds": time.perf_counter() - start}
 
 
-def _moments(x: np.ndarray, chunk: int = 8192):
-    """count, sum and sum of outer products of the rows of x, accumulated in float64."""
-    n, d = x.shape
-    s, ss = np.zeros(d), np.zeros((d, d))
-    for lo in range(0, n, chunk):
-        block = x[lo:lo + chunk].astype(np.float64)
-        s += block.sum(0)
-        ss += block.T @ block
-    return n, s, ss
-
-
-def feature_stats(out_dir: Path, entries: list[dict]) -> dict[str, np.ndarray]:
+def feature_stats(out_dir: Path, entries: list[dict], chunk: int = 8192) -> dict[str, np.ndarray]:
     """Mean, per-dim std and covariance of the summary and of the patch features, over all shards.
 
     These standardise the teacher's features for the vision KD loss (z-score or PHI-S).
     """
-    acc = {}
+    acc = {"summary": FeatureStatsAccumulator(), "features": FeatureStatsAccumulator()}
     for e in entries:
         summary, features = decode_vision(read_shard(out_dir / e["file"]))
         for name, x in (("summary", summary), ("features", features.reshape(-1, features.shape[-1]))):
-            n, s, ss = _moments(x)
-            if name in acc:
-                n0, s0, ss0 = acc[name]
-                n, s, ss = n + n0, s + s0, ss + ss0
-            acc[name] = (n, s, ss)
+            for lo in range(0, len(x), chunk):
+                acc[name].update(torch.from_numpy(x[lo:lo + chunk]))
     stats = {}
-    for name, (n, s, ss) in acc.items():
-        mean = s / n
-        cov = ss / n - np.outer(mean, mean)
-        stats[f"{name}_mean"] = mean.astype(np.float32)
-        stats[f"{name}_std"] = np.sqrt(np.clip(np.diag(cov), 1e-12, None)).astype(np.float32)
-        stats[f"{name}_cov"] = cov.astype(np.float32)
-    return stats
+    for name, a in acc.items():
+        s = a.finalize()
+        stats.update({f"{name}_mean": s.mean, f"{name}_std": s.std, f"{name}_cov": s.cov})
+    return {k: v.float().numpy() for k, v in stats.items()}
 
 
 def finalize_targets(teacher_identity: dict, out_dir: str | Path, samples_manifest: dict, entries: list[dict],
@@ -162,7 +147,7 @@ def finalize_targets(teacher_identity: dict, out_dir: str | Path, samples_manife
     keep = ("file", "rows", "bytes", "sha256", "id_first", "id_last", "samples_sha256", "tokens",
             "truncated_captions")
     shards = [{k: by_file[s["file"]][k] for k in keep} for s in samples_manifest["shards"]]
-    for s, t in zip(samples_manifest["shards"], shards):
+    for s, t in zip(samples_manifest["shards"], shards, strict=True):
         if s["rows"] != t["rows"] or s["id_first"] != t["id_first"]:
             raise ShardError(f"{out_dir / t['file']}: rows do not line up with samples shard {s['file']}; "
                              "delete the target folder and re-run `mmtp collect`")

@@ -13,7 +13,6 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .identity import json_sha256
 
@@ -39,16 +38,16 @@ class TeacherConfig:
     name: str  # unique, used as a key everywhere
     kind: str  # "hf_causal_lm" | "hf_vision" | "efficientnet_lite0"
     source: str = ""  # local folder | hub id | "pkg:<python_package>" | "tiny-random:<arch>"
-    gguf_file: Optional[str] = None
+    gguf_file: str | None = None
     top_k: int = 64
     image_size: int = 224  # vision input resolution
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
-    revision: Optional[str] = None
+    revision: str | None = None
     max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
     # The weights digest a run expects; training refuses shards made by other weights.
-    weights_digest: Optional[str] = None
+    weights_digest: str | None = None
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TeacherConfig))

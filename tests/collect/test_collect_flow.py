@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from datasets import Dataset
@@ -139,6 +138,7 @@ def test_vocab_mismatch_fails_before_any_compute(prefect_harness, tiny_cfg):
 @pytest.mark.slow
 def test_killed_collection_resumes_without_partial_or_duplicate_shards(prefect_harness, tiny_cfg, tmp_path):
     from prefect.settings import PREFECT_API_URL
+
     from flows.collect import run_collect
     cfg = tiny_cfg("collect.batch_size=4")
     out = Path(cfg.output_dir)

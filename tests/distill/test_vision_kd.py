@@ -10,7 +10,6 @@ from distill.standardize import (
     FeatureStandardizer,
     FeatureStatsAccumulator,
     equalizing_rotation,
-    feature_stats_accumulator,
     hadamard,
 )
 
@@ -29,7 +28,7 @@ def anisotropic_gaussian(n, dim, seed, sample_seed=0):
 def test_accumulator_matches_numpy_and_merges():
     x = anisotropic_gaussian(3000, 7, seed=0)
     whole = FeatureStatsAccumulator().update(x[:1000]).update(x[1000:].reshape(100, 20, 7))  # any [..., D]
-    a = feature_stats_accumulator().update(x[:1234])
+    a = FeatureStatsAccumulator().update(x[:1234])
     b = FeatureStatsAccumulator().update(x[1234:2000]).update(x[2000:])
     merged = a.merge(b).merge(FeatureStatsAccumulator())  # merging an empty one is a no-op
     s, m = whole.finalize(), merged.finalize()

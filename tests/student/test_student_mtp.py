@@ -117,5 +117,5 @@ def test_text_logits_only_equal_the_caption_slice_of_the_full_logits():
     text = model(px, ids, text_logits_only=True)
     n = full.num_image_tokens
     torch.testing.assert_close(text.logits, full.logits[:, n:])
-    for a, b in zip(text.mtp_logits, full.mtp_logits):
+    for a, b in zip(text.mtp_logits, full.mtp_logits, strict=True):
         torch.testing.assert_close(a, b[:, n:])
