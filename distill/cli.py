@@ -19,7 +19,7 @@ import sys
 from distill.env import apply_env_defaults
 
 DATA_ERRORS = ("ShardError", "BadRowsError", "VocabMismatchError", "TeacherSourceError", "ManifestMismatchError",
-               "NonFiniteLossError", "FileNotFoundError")
+               "NonFiniteLossError", "UnsafeCheckpointError", "FileNotFoundError")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -110,11 +110,40 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int)
     return tag
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled objects beyond tensors and DeepSpeed's own state."""
+
+
+def _deepspeed_state_classes() -> list:
+    """The only non-tensor objects DeepSpeed's checkpoints hold (ZeRO 0-3, fp32 and bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_checkpoint(tag_dir: str | Path) -> None:
+    """Load every file of a checkpoint with `weights_only=True` first.
+
+    DeepSpeed itself unpickles with `weights_only=False`; a file that only a full unpickler could
+    read (arbitrary code on load) is refused here, naming the file, before DeepSpeed opens it.
+    """
+    for path in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_state_classes()):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any refusal of the safe unpickler
+            reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise UnsafeCheckpointError(f"{path}: refused to load: it holds more than tensors and DeepSpeed "
+                                        f"state ({reason}); delete this checkpoint if you did not write it") from None
+
+
 def load_latest(engine, ckpt_dir: str | Path) -> dict | None:
     """Load the newest complete checkpoint; returns its client state, or None when there is none."""
     tags = complete_tags(ckpt_dir)
     if not tags:
         return None
+    verify_checkpoint(Path(ckpt_dir) / tags[-1])
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tags[-1])
     if path is None:
         raise RuntimeError(f"{Path(ckpt_dir) / tags[-1]}: DeepSpeed could not load this checkpoint")

@@ -6,6 +6,7 @@ and pass paths, never tensors.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -123,9 +124,12 @@ def run_collect(cfg, parent_run_id: str | None = None) -> dict:
     flow_ = collect_soft_targets
     if cfg.collect.runner == Runner.dask:
         from prefect_dask import DaskTaskRunner
+        # Each worker process gets its share of the cores (torch reads OMP_NUM_THREADS at import);
+        # Prefect's settings (API URL) reach the workers with every task, so no env is needed for them.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.collect.dask_workers))
         runner = (DaskTaskRunner(address=cfg.collect.dask_address) if cfg.collect.dask_address else
                   DaskTaskRunner(cluster_kwargs={"n_workers": cfg.collect.dask_workers, "threads_per_worker": 1,
-                                                 "processes": True}))
+                                                 "processes": True, "env": {"OMP_NUM_THREADS": threads}}))
         flow_ = flow_.with_options(task_runner=runner)
     return flow_(to_container(cfg), parent_run_id)
 

@@ -132,3 +132,26 @@ def test_non_finite_losses_skip_steps_then_abort(train_cfg, monkeypatch):
     after = r.engine.module.student.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_pickled_payload_in_a_checkpoint_is_refused(train_cfg, tmp_path):
+    from distill.engine import UnsafeCheckpointError
+    full = run(train_cfg("train.max_steps=2", "train.checkpoint_every=2"))
+    states = Path(full.cfg.output_dir) / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt"
+    state = torch.load(states, map_location="cpu", weights_only=False)  # our own file, trusted
+    marker = tmp_path / "code-ran"
+    state["evil"] = _Payload(marker)
+    torch.save(state, states)
+    with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt: refused to load"):
+        DistillRecipe(train_cfg("train.max_steps=4", "train.resume=true")).setup()
+    assert not marker.exists()
