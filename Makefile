@@ -17,7 +17,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mmtp-distill/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install distill collect test test-fast lint ui bench clean
+.PHONY: install distill baseline collect test test-fast lint ui bench clean
 install: $(STAMP)
 
 # torch first and pinned (CPU wheel on disk), deepspeed without build isolation so it
@@ -34,6 +34,13 @@ $(STAMP): pyproject.toml constraints.txt
 distill: $(STAMP)
 	$(VENV)/bin/mmtp pipeline --config $(CONFIG) $(ARGS)
 
+# The CE-only baseline: same student and steps, no teacher losses, on the default run's shards.
+baseline: $(STAMP)
+	$(VENV)/bin/mmtp pipeline --config configs/default.yaml --config configs/baseline_ce.yaml $(ARGS)
+
+ui: $(STAMP)
+	$(VENV)/bin/mmtp ui --config $(CONFIG) $(ARGS)
+
 collect: $(STAMP)
 	$(VENV)/bin/mmtp collect --config $(CONFIG) $(ARGS)
 
@@ -48,6 +55,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/collect.py
+	$(PY) bench/train.py
+	$(PY) bench/mtp.py
 
 clean:
 	rm -rf outputs .cache/prefect mlruns mlflow.db

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from data.images import decode_image  # noqa: E402
 from data.samples import build_samples  # noqa: E402
 from data.shards import read_shard, write_shard  # noqa: E402
-from distill.config import cache_path, load_config, output_path, teacher_configs, to_container  # noqa: E402
+from distill.config import cache_path, load_config, shards_path, teacher_configs, to_container  # noqa: E402
 from teachers.collect import collect_shard  # noqa: E402
 from teachers.registry import load_teacher  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
-    samples_dir = output_path(cfg, "samples")
+    samples_dir = shards_path(cfg, "samples")
     build_samples(to_container(cfg)["data"], samples_dir, cfg.seed, progress=False)
     shard = read_shard(samples_dir / "shard-00000.arrow").slice(0, args.rows)
     bs = cfg.collect.batch_size

@@ -73,6 +73,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    # One Prefect server for every process: without a PREFECT_API_URL each Dask worker would start its
+    # own temporary server (10-20 s each) inside the timed region.
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            run(args)
+    finally:
+        server.stop()
+
+
+def run(args) -> None:
     overrides = (TINY_SLICE if Path(args.config).name == "tiny.yaml" else []) + args.overrides
     with tempfile.TemporaryDirectory(prefix="mmtp-scale-") as tmp:
         root = Path(tmp)

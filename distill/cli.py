@@ -27,10 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in [("collect", "run the teachers over the data and write soft-target shards"),
                        ("train", "distil the student on the collected shards with DeepSpeed"),
-                       ("pipeline", "run every stage: collect, then train, under one MLflow parent run"),
+                       ("evaluate", "evaluate a student (evaluate.student=<folder or MLflow run id>) on the test split"),
+                       ("pipeline", "run every stage: collect, train, evaluate, under one MLflow parent run"),
                        ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store")]:
         s = sub.add_parser(name, help=text, description=text)
-        s.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+        s.add_argument("--config", action="append", help="YAML config, repeatable: later files override "
+                       "earlier ones (default: configs/default.yaml)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="omegaconf overrides")
         if name == "ui":
             s.add_argument("--port", type=int, default=5000)
@@ -39,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.config = args.config or ["configs/default.yaml"]
     apply_env_defaults()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):
@@ -73,6 +76,12 @@ def _train(cfg, args) -> int:
     return 0
 
 
+def _evaluate(cfg, args) -> int:
+    from flows.evaluate import run_evaluate
+    run_evaluate(cfg)
+    return 0
+
+
 def _pipeline(cfg, args) -> int:
     from flows.pipeline import run_pipeline
     run_pipeline(cfg)
@@ -87,7 +96,7 @@ def _ui(cfg, args) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"collect": _collect, "train": _train, "pipeline": _pipeline, "ui": _ui}
+COMMANDS = {"collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "ui": _ui}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -148,8 +148,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    student: str | None = None  # a student folder or an MLflow run id; null: output_dir/student
+    baseline: str | None = None  # the same, for the run to compare with (e.g. the CE-only baseline)
+    batch_size: int = 32
+    probe: bool = True  # linear probes (encode the train split once more)
+    mtp_prompts: int = 16  # test captions used for the speculative-decoding figures
+    mtp_prompt_tokens: int = 3  # caption tokens given as the prompt; the rest is generated
+    mtp_new_tokens: int = 24
+
+
+@dataclass
 class Config:
     output_dir: str = "outputs/run"  # root of every output of a run
+    # Where samples/ and targets/ live; null: output_dir. Lets runs share shards (e.g. a baseline).
+    shards_dir: str | None = None
     seed: int = 0
     # Converted teacher weights and tiny random teachers; shared by runs, outside the repo.
     cache_dir: str = "~/.cache/mmtp-distill"
@@ -160,6 +173,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:
@@ -168,15 +182,15 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key and key not in msg else msg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
-    """Merge a YAML file and `key=value` overrides onto the schema, and validate them."""
+def load_config(path: str | Path | list | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
+    """Merge YAML files (later ones win) and `key=value` overrides onto the schema, and validate them."""
     try:
         cfg = OmegaConf.structured(Config)
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for one in [] if path is None else path if isinstance(path, list | tuple) else [path]:
+            one = Path(one)
+            if not one.is_file():
+                raise ConfigError(f"config file not found: {one}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(one))
         for override in overrides:
             key, sep, value = override.partition("=")
             if not sep or not key:
@@ -238,6 +252,10 @@ def to_container(cfg: DictConfig) -> dict:
 
 def output_path(cfg: DictConfig, *parts: str) -> Path:
     return Path(cfg.output_dir).expanduser().joinpath(*parts)
+
+
+def shards_path(cfg: DictConfig, *parts: str) -> Path:
+    return Path(cfg.shards_dir or cfg.output_dir).expanduser().joinpath(*parts)
 
 
 def cache_path(cfg: DictConfig, *parts: str) -> Path:

@@ -24,7 +24,7 @@ import student as student_pkg
 from data.dataset import BlockShuffleSampler, DistillDataset, check_manifests, collate
 from data.shards import atomic_write_json
 from distill import engine as ds
-from distill.config import load_config, output_path, teacher_configs
+from distill.config import load_config, output_path, shards_path, teacher_configs
 from distill.objective import DistillObjective, standardize_batch, standardizers
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,12 @@ class DistillRecipe:
         cfg = self.cfg
         self.rank, self.world = ds.init_distributed()
         names = [t.name for t in teacher_configs(cfg)]
-        target_dirs = {n: output_path(cfg, "targets", n) for n in names}
-        self.dataset = DistillDataset(output_path(cfg, "samples"), target_dirs, "train", cfg.student.image_size)
+        target_dirs = {n: shards_path(cfg, "targets", n) for n in names}
+        self.dataset = DistillDataset(shards_path(cfg, "samples"), target_dirs, "train", cfg.student.image_size)
         lang = self.dataset.language
         if lang is None:
             raise ValueError("training needs a language teacher's shards (teachers.language)")
-        where = {"samples": output_path(cfg, "samples"), **target_dirs}
+        where = {"samples": shards_path(cfg, "samples"), **target_dirs}
         check_manifests(self.dataset.samples, self.dataset.targets, student_vocab=cfg.student.vocab_size,
                         expected_digests={t.name: t.weights_digest for t in teacher_configs(cfg)}, where=where)
         vision = self.dataset.vision if cfg.loss.vision else []
@@ -188,9 +188,14 @@ class DistillRecipe:
         summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "student_dir": str(folder) if folder else None,
                    "final_loss": self.history[-1]["loss/total"] if self.history else math.nan}
         if self.rank == 0:
+            import shutil
+
             import mlflow
 
             from distill.plots import training_plots
+            tokenizer = self.dataset.target_dirs[self.dataset.language] / "tokenizer"
+            if tokenizer.is_dir():  # the student speaks the language teacher's tokens
+                shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
             for path in training_plots(self.history, output_path(self.cfg, "plots")):
                 mlflow.log_artifact(str(path), artifact_path="plots")
             mlflow.log_artifacts(str(folder), artifact_path="student")

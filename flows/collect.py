@@ -21,6 +21,7 @@ from distill.config import (
     cache_path,
     from_dict,
     output_path,
+    shards_path,
     teacher_config,
     teacher_configs,
     to_container,
@@ -45,14 +46,14 @@ def _teacher(cfg, name: str):
 @task(name="build-samples")
 def build_samples_task(config: dict) -> dict:
     cfg = from_dict(config)
-    return build_samples(to_container(cfg)["data"], output_path(cfg, "samples"), cfg.seed, cfg.collect.progress)
+    return build_samples(to_container(cfg)["data"], shards_path(cfg, "samples"), cfg.seed, cfg.collect.progress)
 
 
 @task(name="teacher-shard")
 def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict:
     cfg = from_dict(config)
     tcfg, teacher, producer = _teacher(cfg, teacher_name)
-    return collect_shard(teacher, output_path(cfg, "samples", shard_file), output_path(cfg, "targets", teacher_name),
+    return collect_shard(teacher, shards_path(cfg, "samples", shard_file), shards_path(cfg, "targets", teacher_name),
                          producer_digest=producer, batch_size=cfg.collect.batch_size,
                          compression=cfg.collect.compression, progress=cfg.collect.progress)
 
@@ -61,17 +62,18 @@ def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict
 def finalize_task(config: dict, teacher_name: str, samples: dict, entries: list[dict]) -> dict:
     cfg = from_dict(config)
     tcfg, teacher, producer = _teacher(cfg, teacher_name)
-    return finalize_targets(teacher.identity(), output_path(cfg, "targets", teacher_name), samples, entries,
-                            config_digest=producer, collect_options=_collect_options(cfg, tcfg))
+    return finalize_targets(teacher.identity(), shards_path(cfg, "targets", teacher_name), samples, entries,
+                            config_digest=producer, collect_options=_collect_options(cfg, tcfg),
+                            tokenizer=getattr(teacher, "tokenizer", None))
 
 
 @flow(name="collect-soft-targets", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict:
     """Write samples shards and every teacher's target shards under `output_dir`; log to MLflow."""
     cfg = from_dict(config)
-    with run_lock(output_path(cfg)):
+    with run_lock(shards_path(cfg)):
         # Under the lock no other writer exists: temp files here are orphans of a killed run.
-        for folder in [output_path(cfg, "samples")] + [output_path(cfg, "targets", t.name) for t in teacher_configs(cfg)]:
+        for folder in [shards_path(cfg, "samples")] + [shards_path(cfg, "targets", t.name) for t in teacher_configs(cfg)]:
             clean_temp_files(folder)
         if cfg.teachers.language is not None:
             check_vocab(cfg.teachers.language, cfg.student.vocab_size, cache_path(cfg, "teachers"))
@@ -82,8 +84,8 @@ def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict
         entries = {n: [futures[n, s["file"]].result() for s in samples["shards"]] for n in names}
         manifests = {n: finalize_task(config, n, samples, entries[n]) for n in names}
         run_id = log_collection(cfg, samples, manifests, entries, parent_run_id)
-    summary = {"samples_dir": str(output_path(cfg, "samples")), "mlflow_run_id": run_id,
-               "targets": {n: str(output_path(cfg, "targets", n)) for n in names},
+    summary = {"samples_dir": str(shards_path(cfg, "samples")), "mlflow_run_id": run_id,
+               "targets": {n: str(shards_path(cfg, "targets", n)) for n in names},
                "forwards": {n: sum(e["forwards"] for e in entries[n]) for n in names},
                "shards_reused": {n: sum(e["skipped"] for e in entries[n]) for n in names}}
     print(f"collected {samples['rows']} samples × {len(names)} teachers into {output_path(cfg)} "
@@ -95,13 +97,13 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
     tags = {f"teacher.{n}.{k}": str(m["producer"].get(k)) for n, m in manifests.items()
             for k in ("kind", "source", "weights_digest")}
     with tracking.stage_run(cfg, "collect", parent_run_id, tags) as run:
-        tracking.log_manifest_input(output_path(cfg, "samples"), samples, "samples", "collect")
+        tracking.log_manifest_input(shards_path(cfg, "samples"), samples, "samples", "collect")
         metrics = {"collect/rows": samples["rows"], "collect/rows_seen": samples["rows_seen"],
                    "collect/rows_skipped": sum(samples["rows_skipped"].values())}
         metrics.update({f"collect/rows_skipped/{k}": v for k, v in samples["rows_skipped"].items()})
         metrics.update({f"collect/rows_fixed/{k}": v for k, v in samples["rows_fixed"].items()})
         for name, manifest in manifests.items():
-            tracking.log_manifest_input(output_path(cfg, "targets", name), manifest, f"targets/{name}", "collect")
+            tracking.log_manifest_input(shards_path(cfg, "targets", name), manifest, f"targets/{name}", "collect")
             done = [e for e in entries[name] if not e["skipped"]]
             seconds = sum(e["seconds"] for e in done)
             metrics[f"collect/{name}/shards_reused"] = len(entries[name]) - len(done)
@@ -114,7 +116,7 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
                 metrics[f"collect/{name}/bytes_per_token"] = manifest["bytes_per_token"]
                 metrics[f"collect/{name}/truncated_captions"] = manifest["truncated_captions"]
         mlflow.log_metrics(metrics)
-        for d in [output_path(cfg, "samples")] + [output_path(cfg, "targets", n) for n in manifests]:
+        for d in [shards_path(cfg, "samples")] + [shards_path(cfg, "targets", n) for n in manifests]:
             mlflow.log_artifact(str(Path(d) / "manifest.json"), artifact_path=f"manifests/{Path(d).name}")
         return run.info.run_id
 
@@ -125,7 +127,8 @@ def run_collect(cfg, parent_run_id: str | None = None) -> dict:
     if cfg.collect.runner == Runner.dask:
         from prefect_dask import DaskTaskRunner
         # Each worker process gets its share of the cores (torch reads OMP_NUM_THREADS at import);
-        # Prefect's settings (API URL) reach the workers with every task, so no env is needed for them.
+        # Prefect's settings (PREFECT_API_URL included) travel to the workers with each task; without an
+        # API URL every worker process starts its own temporary server, so set one (docs/scaling.md).
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // cfg.collect.dask_workers))
         runner = (DaskTaskRunner(address=cfg.collect.dask_address) if cfg.collect.dask_address else
                   DaskTaskRunner(cluster_kwargs={"n_workers": cfg.collect.dask_workers, "threads_per_worker": 1,

@@ -1,5 +1,6 @@
-"""Prefect flow `distill-pipeline`: collect-soft-targets → distill-student as subflows, under one
-parent MLflow run whose children are the stage runs. Stages pass paths and run ids, never tensors.
+"""Prefect flow `distill-pipeline`: collect-soft-targets → distill-student → evaluate-student as
+subflows, under one parent MLflow run whose children are the stage runs. Stages pass paths and run
+ids, never tensors. The parent run carries the headline metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from data.shards import run_lock
 from distill import tracking
 from distill.config import from_dict, output_path, to_container
 from flows.collect import collect_soft_targets
+from flows.evaluate import evaluate_student
 from flows.train import distill_student
+
+HEADLINE = ("eval/agreement/main", "eval/kl/main", "eval/perplexity", "eval/grounded_acc", "eval/grounding_gap",
+            "eval/probe/student", "mtp/tokens_per_forward", "mtp/speedup")
 
 
 @flow(name="distill-pipeline", log_prints=True)
@@ -26,10 +31,14 @@ def distill_pipeline(config: dict) -> dict:
         collected = collect_soft_targets(config, parent_id)
         train_run = distill_student(config, parent_id)
         summary = json.loads(output_path(cfg, "train_summary.json").read_text())
-        mlflow.log_metrics({"train/final_loss": summary["final_loss"], "train/steps": summary["steps"]})
+        evaluated = evaluate_student(config, parent_id)
+        headline = {k: v for k, v in evaluated["metrics"].items() if k in HEADLINE}
+        mlflow.log_metrics({"train/final_loss": summary["final_loss"], "train/steps": summary["steps"], **headline})
     result = {"mlflow_run_id": parent_id, "collect_run_id": collected["mlflow_run_id"], "train_run_id": train_run,
-              "student_dir": summary["student_dir"], "final_loss": summary["final_loss"], "steps": summary["steps"],
-              "tracking_uri": tracking.tracking_uri(cfg)}
+              "evaluate_run_id": evaluated["mlflow_run_id"], "student_dir": summary["student_dir"],
+              "final_loss": summary["final_loss"], "steps": summary["steps"], "headline": headline,
+              "baseline": {k: v for k, v in (evaluated.get("baseline") or {}).items() if k in HEADLINE},
+              "report": evaluated["report"], "tracking_uri": tracking.tracking_uri(cfg)}
     create_markdown_artifact(key="distill-pipeline", markdown=report(cfg, result),
                              description=f"pipeline run {flow_run.id}")
     print(report(cfg, result))
@@ -40,9 +49,12 @@ def report(cfg, result: dict) -> str:
     rows = [("student", f"{cfg.student.preset} preset, MTP depth {cfg.student.mtp_depth}, ZeRO {cfg.train.zero_stage}"),
             ("teachers", ", ".join([cfg.teachers.language.name] + [t.name for t in cfg.teachers.vision])),
             ("steps / final loss", f"{result['steps']} / {result['final_loss']:.4f}"),
+            *[(k, f"{v:.4f}" + (f"  (CE-only baseline {result['baseline'][k]:.4f})" if k in result["baseline"] else ""))
+              for k, v in sorted(result["headline"].items())],
+            ("eval report", result["report"]),
             ("student folder", result["student_dir"]),
             ("MLflow parent run", result["mlflow_run_id"]),
-            ("open the UI", f"mmtp ui --config <this config>  (tracking: {result['tracking_uri']})")]
+            ("open the UI", f"make ui   (MLflow at {result['tracking_uri']})")]
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 

@@ -9,6 +9,7 @@ from .configuration_cogvit_mtp import CogViTMTPConfig, load_preset
 from .decoder import IGNORE_INDEX, KVCache, mtp_labels, shift_labels
 from .lora import decoder_config_kwargs
 from .modeling_cogvit_mtp import CogViTMTPForDistillation, CogViTMTPOutput, build_student
+from .speculative import speculative_generate
 from .vision import sample_image_mask
 
 AutoConfig.register(CogViTMTPConfig.model_type, CogViTMTPConfig, exist_ok=True)
@@ -26,4 +27,5 @@ __all__ = [
     "mtp_labels",
     "sample_image_mask",
     "shift_labels",
+    "speculative_generate",
 ]

@@ -9,6 +9,8 @@ still agree, so a killed collection resumes without recomputing finished shards.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -137,9 +139,19 @@ def feature_stats(out_dir: Path, entries: list[dict], chunk: int = 8192) -> dict
 
 
 def finalize_targets(teacher_identity: dict, out_dir: str | Path, samples_manifest: dict, entries: list[dict],
-                     *, config_digest: str, collect_options: dict) -> dict:
-    """Check every samples shard has its target shard, then write the teacher's manifest."""
+                     *, config_digest: str, collect_options: dict, tokenizer=None) -> dict:
+    """Check every samples shard has its target shard, then write the teacher's manifest.
+
+    A language teacher's tokenizer is saved beside its shards (`tokenizer/`): the student uses it,
+    and evaluation reads words back from token ids, without loading the teacher model.
+    """
     out_dir = Path(out_dir)
+    if tokenizer is not None:
+        tmp = out_dir / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
+        os.replace(tmp, out_dir / "tokenizer")
     by_file = {e["file"]: e for e in entries}
     missing = [s["file"] for s in samples_manifest["shards"] if s["file"] not in by_file]
     if missing:

@@ -41,6 +41,15 @@ def shard_digests(folder) -> dict:
             for s in load_manifest(folder)["shards"]}
 
 
+def assert_same_shards(summary, local):
+    assert set(summary["targets"]) == set(local["targets"]) and summary["forwards"] == local["forwards"]
+    assert shard_digests(summary["samples_dir"]) == shard_digests(local["samples_dir"])
+    for name in local["targets"]:
+        dask_shards, local_shards = shard_digests(summary["targets"][name]), shard_digests(local["targets"][name])
+        assert len(dask_shards) == 3 and dask_shards == local_shards
+        assert all(manifest == on_disk for manifest, on_disk in dask_shards.values())
+
+
 @pytest.mark.slow
 def test_dask_collection_matches_local_bytes_and_loads_each_teacher_once(tiny_collected, cache_dir, tmp_path):
     from distributed import Client, LocalCluster
@@ -55,15 +64,19 @@ def test_dask_collection_matches_local_bytes_and_loads_each_teacher_once(tiny_co
         summary = run_collect(cfg)
         builds = client.run(teacher_builds)
 
+    assert_same_shards(summary, local)
     names = set(local["targets"])
-    assert set(summary["targets"]) == names and summary["forwards"] == local["forwards"]
-    assert shard_digests(summary["samples_dir"]) == shard_digests(local["samples_dir"])
-    for name in names:
-        dask_shards, local_shards = shard_digests(summary["targets"][name]), shard_digests(local["targets"][name])
-        assert len(dask_shards) == 3 and dask_shards == local_shards
-        assert all(manifest == on_disk for manifest, on_disk in dask_shards.values())
     # 3 teachers × 3 shards ran on the workers: each worker built each teacher at most once,
     # and every teacher was built on some worker.
     assert len(builds) == 2
     assert all(n <= 1 for counts in builds.values() for n in counts.values()), builds
     assert set().union(*builds.values()) == names, builds
+
+
+@pytest.mark.slow
+def test_dask_runner_starts_its_own_local_cluster(tiny_collected, cache_dir, tmp_path):
+    """`collect.runner=dask` without an address: run_collect starts a LocalCluster of `collect.dask_workers`."""
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", f"cache_dir={cache_dir}",
+                             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "collect.runner=dask",
+                             "collect.dask_workers=2"])
+    assert_same_shards(run_collect(cfg), tiny_collected[1])

@@ -1,0 +1,260 @@
+"""Evaluation of a trained student on the held-out test split, from the samples and target shards.
+
+Metrics (MLflow names in brackets):
+- language teacher agreement, per head (main = `main`, MTP depth k = `mtp{k}`): top-1 agreement
+  with the teacher's most likely token [eval/agreement/<head>] and the sparse top-k + tail
+  KL(teacher‖student) at T=1, as in training [eval/kl/<head>];
+- caption perplexity under the main head [eval/perplexity];
+- grounded-token accuracy: teacher-forced top-1 accuracy on the caption tokens that spell a word
+  only the image tells (digit word, colour, count, shape) [eval/grounded_acc], the same with a
+  blank grey image [eval/grounded_acc_blank], and their gap [eval/grounding_gap];
+- vision fidelity per teacher: cosine between the adaptor outputs and the teacher's standardised
+  features [eval/vision/<teacher>/summary_cos, .../patch_cos];
+- linear probe: logistic regression on train-split features predicting the (source, label) class,
+  accuracy on the test split, for the student's pooled vision features [eval/probe/student], each
+  vision teacher's summary [eval/probe/<teacher>] and raw pixels [eval/probe/pixels].
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.dataset import DistillDataset, collate
+from distill.losses import SparseTargets, language_kd_loss, shift_targets
+from distill.objective import standardize_batch, standardizers
+
+log = logging.getLogger(__name__)
+
+
+def _batches(dataset: DistillDataset, batch_size: int, pad_id: int, stds: dict):
+    for lo in range(0, len(dataset), batch_size):
+        items = [dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))]
+        yield items, standardize_batch(collate(items, pad_id), stds)
+
+
+def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> list[int]:
+    """Positions t (t ≥ 1) whose token overlaps one of `words` in the decoded caption."""
+    if not words:
+        return []
+    ends, text = [], ""
+    for t in range(len(token_ids)):
+        text = tokenizer.decode(token_ids[: t + 1], skip_special_tokens=True)
+        ends.append(len(text))
+    spans = [m.span() for w in words for m in re.finditer(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)]
+    out = []
+    for t in range(1, len(token_ids)):
+        start, end = ends[t - 1], ends[t]
+        if end > start and any(s < end and start < e for s, e in spans):
+            out.append(t)
+    return out
+
+
+@torch.no_grad()
+def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDataset | None, tokenizer, *,
+                     stds: dict, pad_id: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """All metrics of the module docstring, as a flat dict of MLflow metric names."""
+    model.eval()
+    depth = model.config.mtp_depth
+    heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
+    sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
+    nll, n_tokens = 0.0, 0
+    grounded = {"image": [0, 0], "blank": [0, 0]}
+    cos = {}
+    feats, labels = [], []
+    for items, batch in _batches(dataset, batch_size, pad_id, stds):
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], text_logits_only=True)
+        lang = batch["lang"]
+        for k, (name, logits) in enumerate(zip(heads, [out.logits, *out.mtp_logits], strict=True)):
+            agree, kl, n = agreement_and_kl(logits, SparseTargets.from_mapping(lang), k)
+            sums[f"agree/{name}"] += agree
+            sums[f"kl/{name}"] += kl
+            sums[f"count/{name}"] += n
+        # next-token CE over caption tokens 1..L-1 (token 0 is BOS)
+        labels_next = batch["labels"][:, 1:]
+        ce = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels_next, ignore_index=-100,
+                             reduction="sum")
+        nll += float(ce)
+        n_tokens += int((labels_next != -100).sum())
+        blank = model(torch.zeros_like(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"],
+                      text_logits_only=True).logits
+        for b, it in enumerate(items):
+            ids = it["input_ids"].tolist()
+            for t in grounded_positions(ids, it["grounded"], tokenizer):
+                for key, lg in (("image", out.logits), ("blank", blank)):
+                    grounded[key][0] += int(lg[b, t - 1].argmax() == ids[t])
+                    grounded[key][1] += 1
+        for name, v in batch["vision"].items():
+            if name not in out.teacher_outputs:  # a student trained without this teacher (baseline)
+                continue
+            s = out.teacher_outputs[name]
+            c = cos.setdefault(name, [0.0, 0.0, 0])
+            c[0] += float(F.cosine_similarity(s["summary"], v["summary"], dim=-1).sum())
+            c[1] += float(F.cosine_similarity(s["features"], v["features"], dim=-1).mean(-1).sum())
+            c[2] += len(items)
+        feats.append(out.vision_summary.float().numpy())
+        labels += [f"{it['id'].rsplit('-', 1)[0]}:{it['label']}" for it in items]
+
+    metrics = {}
+    for h in heads:
+        count = max(sums[f"count/{h}"], 1)
+        metrics[f"eval/agreement/{h}"] = sums[f"agree/{h}"] / count
+        metrics[f"eval/kl/{h}"] = sums[f"kl/{h}"] / count
+    metrics["eval/perplexity"] = float(np.exp(nll / max(n_tokens, 1)))
+    if grounded["image"][1]:
+        metrics["eval/grounded_acc"] = grounded["image"][0] / grounded["image"][1]
+        metrics["eval/grounded_acc_blank"] = grounded["blank"][0] / grounded["blank"][1]
+        metrics["eval/grounding_gap"] = metrics["eval/grounded_acc"] - metrics["eval/grounded_acc_blank"]
+        metrics["eval/grounded_tokens"] = grounded["image"][1]
+    for name, (sc, pc, n) in cos.items():
+        metrics[f"eval/vision/{name}/summary_cos"] = sc / n
+        metrics[f"eval/vision/{name}/patch_cos"] = pc / n
+    if train_dataset is not None:
+        metrics.update(probes(model, train_dataset, dataset, np.concatenate(feats), labels, stds, pad_id, batch_size))
+    return metrics
+
+
+def agreement_and_kl(logits, targets: SparseTargets, depth: int = 0) -> tuple[float, float, int]:
+    """Sums over valid positions of top-1 agreement with the teacher and of KL(teacher‖student),
+    for a head of MTP depth `depth` (0 = main), and the number of positions."""
+    t = shift_targets(targets, depth)
+    agree = (logits.argmax(-1) == t.topk_ids[..., 0]) & t.mask
+    kl = language_kd_loss(logits, t, "forward_kl", 1.0, reduction="none")
+    return float(agree.sum()), float(kl.sum()), int(t.mask.sum())
+
+
+def _features(model, dataset, stds, pad_id, batch_size) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Student pooled features, each teacher's summary and raw pixels (16×16 grey) of every row."""
+    out: dict[str, list] = {}
+    labels = []
+    for items, batch in _batches(dataset, batch_size, pad_id, stds):
+        px = batch["pixel_values"]
+        hidden, _, _ = model.encode_image(px)
+        out.setdefault("student", []).append(hidden.mean(1).float().numpy())
+        grey = F.adaptive_avg_pool2d(px.mean(1, keepdim=True), 16).flatten(1)
+        out.setdefault("pixels", []).append(grey.numpy())
+        for name, v in batch["vision"].items():
+            out.setdefault(name, []).append(v["summary"].numpy())
+        labels += [f"{it['id'].rsplit('-', 1)[0]}:{it['label']}" for it in items]
+    return {k: np.concatenate(v) for k, v in out.items()}, labels
+
+
+def probes(model, train_ds, test_ds, test_student, test_labels, stds, pad_id, batch_size) -> dict[str, float]:
+    """Linear-probe accuracy of each feature set (logistic regression, standardised inputs)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    train, y_train = _features(model, train_ds, stds, pad_id, batch_size)
+    test, y_test = _features(model, test_ds, stds, pad_id, batch_size)
+    result = {}
+    for name in train:
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+        clf.fit(train[name], y_train)
+        result[f"eval/probe/{name}"] = float(clf.score(test[name], y_test))
+    return result
+
+
+def load_eval_data(samples_dir: Path, target_dirs: dict[str, Path], image_size: int, with_train: bool,
+                   standardize: str = "phis"):
+    """Test split (and train split for the probes), with the standardisers used in training."""
+    test = DistillDataset(samples_dir, target_dirs, "test", image_size)
+    train = DistillDataset(samples_dir, target_dirs, "train", image_size, verify=False) if with_train else None
+    stds = {n: standardizers(test.targets[n], target_dirs[n], standardize) for n in test.vision}
+    return test, train, stds
+
+
+def resolve_student(ref: str | None, cfg) -> Path:
+    """A student folder from a path, or from an MLflow run id (its `student/` artifact)."""
+    from distill.config import output_path
+    if ref is None:
+        return output_path(cfg, "student")
+    if Path(ref).expanduser().is_dir():
+        return Path(ref).expanduser()
+    import mlflow
+
+    from distill import tracking
+    tracking.setup(cfg)
+    dst = output_path(cfg, "downloaded", ref)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=ref, artifact_path="student", dst_path=str(dst)))
+    except Exception as e:  # noqa: BLE001 - one readable line
+        raise FileNotFoundError(f"evaluate: {ref!r} is neither a student folder nor an MLflow run with a "
+                                f"'student' artifact ({str(e).splitlines()[0]})") from None
+
+
+def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """Self-speculative decoding against plain greedy on test captions' first tokens."""
+    import time
+
+    from student import speculative_generate
+    depth = model.config.mtp_depth
+    accepted, proposed = [0] * depth, [0] * depth
+    produced = forwards = 0
+    rounds: list[int] = []
+    t_spec = t_greedy = 0.0
+    for i in range(min(n_prompts, len(dataset))):
+        item = dataset[i]
+        px, ids = item["pixel_values"][None], item["input_ids"][None, :prompt_tokens]
+        start = time.perf_counter()
+        greedy = model.greedy_generate(px, ids, max_new_tokens=new_tokens)
+        t_greedy += time.perf_counter() - start
+        start = time.perf_counter()
+        tokens, stats = speculative_generate(model, px, ids, max_new_tokens=new_tokens)
+        t_spec += time.perf_counter() - start
+        if not torch.equal(tokens, greedy):
+            raise AssertionError(f"speculative decoding differs from greedy on test row {item['id']}")
+        for k in range(depth):
+            accepted[k] += stats["accepted"][k]
+            proposed[k] += stats["proposed"][k]
+        produced += stats["new_tokens"]
+        forwards += stats["main_forwards"]
+        rounds += stats["tokens_per_round"]
+    out = {f"mtp/acceptance_at_{k + 1}": accepted[k] / max(proposed[k], 1) for k in range(depth)}
+    out["mtp/tokens_per_forward"] = produced / max(forwards, 1)  # the prefill forward included
+    out["mtp/tau"] = sum(rounds) / max(len(rounds), 1)  # mean tokens per verification round
+    out["mtp/speedup"] = t_greedy / max(t_spec, 1e-9)
+    return out
+
+
+def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
+    """Evaluate `evaluate.student` (and `evaluate.baseline`); write eval_report.md and plots."""
+    from transformers import AutoModel, AutoTokenizer
+
+    import student  # noqa: F401  (registers the Auto classes)
+    from distill.config import output_path, shards_path
+    from distill.report import eval_plots, report
+    ev = cfg.evaluate
+    test, train, stds = load_eval_data(shards_path(cfg, "samples"), target_dirs, cfg.student.image_size,
+                                       ev.probe, cfg.loss.standardize)
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dirs[test.language] / "tokenizer"))
+    pad_id = test.targets[test.language]["producer"].get("eos_id") or 0
+
+    def measure(ref):
+        folder = resolve_student(ref, cfg)
+        model = AutoModel.from_pretrained(str(folder)).eval()
+        metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=pad_id, batch_size=ev.batch_size)
+        if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
+            metrics.update(mtp_figures(model, test, ev.mtp_prompts, ev.mtp_prompt_tokens, ev.mtp_new_tokens))
+        return folder, metrics
+
+    folder, metrics = measure(ev.student)
+    baseline_ref = ev.baseline
+    if baseline_ref and "/" in baseline_ref and not Path(baseline_ref).expanduser().is_dir():
+        log.warning("baseline %s does not exist yet (make baseline trains it); evaluating without", baseline_ref)
+        baseline_ref = None
+    baseline = measure(baseline_ref)[1] if baseline_ref else None
+    out = output_path(cfg, "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    notes = [f"student: {folder}", f"test rows: {len(test)}; teachers: {', '.join(test.targets)}",
+             "agreement/KL: teacher-forced on test captions, sparse top-k + tail KL(teacher‖student) at T=1",
+             "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image"]
+    if baseline:
+        notes.append(f"baseline: {baseline_ref}")
+    path = out / "eval_report.md"
+    path.write_text(report(metrics, baseline, "Evaluation report", notes))
+    return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out)}

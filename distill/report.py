@@ -1,0 +1,64 @@
+"""The evaluation report (Markdown, readable without MLflow) and its plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# For these metrics lower is better; for every other one higher is better.
+LOWER_IS_BETTER = ("eval/kl/", "eval/perplexity", "eval/grounded_acc_blank")
+
+
+def better(key: str, kd: float, base: float) -> bool:
+    return kd < base if key.startswith(LOWER_IS_BETTER) else kd > base
+
+
+def report(metrics: dict[str, float], baseline: dict[str, float] | None, title: str, notes: list[str]) -> str:
+    lines = [f"# {title}", ""] + [f"- {n}" for n in notes] + [""]
+    if baseline:
+        lines += ["| metric | distilled | CE-only baseline | KD helps? |", "|---|---|---|---|"]
+        for k in sorted(metrics):
+            if k in baseline:
+                verdict = "yes" if better(k, metrics[k], baseline[k]) else "**no**"
+                lines.append(f"| {k} | {metrics[k]:.4f} | {baseline[k]:.4f} | {verdict} |")
+        hurt = [k for k in sorted(metrics) if k in baseline and not better(k, metrics[k], baseline[k])]
+        lines += ["", f"KD does not help on: {', '.join(hurt)}." if hurt else "KD helps on every shared metric."]
+    else:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]
+    return "\n".join(lines) + "\n"
+
+
+def eval_plots(metrics: dict[str, float], baseline: dict[str, float] | None, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    probe = sorted(k for k in metrics if k.startswith("eval/probe/"))
+    if probe:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = [k.rsplit("/", 1)[1] for k in probe]
+        ax.bar(names, [metrics[k] for k in probe], color=["tab:blue" if n == "student" else "tab:grey" for n in names])
+        if baseline and "eval/probe/student" in baseline:
+            ax.axhline(baseline["eval/probe/student"], color="tab:red", ls="--", label="CE-only student")
+            ax.legend()
+        ax.set_ylabel("linear-probe accuracy (test)")
+        ax.set_ylim(0, 1)
+        fig.tight_layout()
+        paths.append(out_dir / "probe.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    accept = sorted(k for k in metrics if k.startswith("mtp/acceptance_at_"))
+    if accept:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar([k.rsplit("_", 1)[1] for k in accept], [metrics[k] for k in accept])
+        ax.set_xlabel("MTP depth")
+        ax.set_ylabel("draft acceptance rate")
+        ax.set_ylim(0, 1)
+        fig.tight_layout()
+        paths.append(out_dir / "acceptance.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,76 @@
+"""Evaluation: metrics on hand-built cases, grounded-token positions, and the evaluate-student flow."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from distill.evaluate import agreement_and_kl, grounded_positions
+from distill.losses import SparseTargets
+from distill.report import better, report
+
+
+def _targets_from(logits, k):
+    logp = logits.log_softmax(-1)
+    top = logp.topk(k, -1)
+    rest = logp.scatter(-1, top.indices, float("-inf"))
+    return SparseTargets(top.indices, top.values, torch.logsumexp(rest, -1), torch.ones(logits.shape[:2], dtype=torch.bool))
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_a_model_agrees_with_itself_and_has_zero_kl(depth):
+    logits = torch.randn(3, 7, 50)
+    # the depth-k head at position i predicts what the teacher predicts at i+k
+    head = torch.cat([logits[:, depth:], logits[:, :depth]], 1)
+    agree, kl, n = agreement_and_kl(head, _targets_from(logits, 8), depth)
+    assert n == 3 * (7 - depth) and agree == n and abs(kl) < 1e-4
+    other = torch.randn(3, 7, 50)
+    agree2, kl2, _ = agreement_and_kl(other, _targets_from(logits, 8), depth)
+    assert agree2 < n and kl2 > 0.1
+
+
+def test_grounded_positions_find_the_tokens_of_the_word(tiny_collected):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(Path(tiny_collected[1]["targets"]["lm"]) / "tokenizer"))
+    ids = [tok.bos_token_id] + tok("a handwritten digit seven on paper.", add_special_tokens=False)["input_ids"]
+    pos = grounded_positions(ids, ["seven"], tok)
+    assert pos and tok.decode([ids[t] for t in pos]).strip() == "seven"
+    assert grounded_positions(ids, ["purple"], tok) == []
+
+
+def test_report_says_where_kd_does_not_help():
+    kd = {"eval/agreement/main": 0.5, "eval/perplexity": 9.0}
+    base = {"eval/agreement/main": 0.4, "eval/perplexity": 8.0}
+    text = report(kd, base, "r", [])
+    assert "KD does not help on: eval/perplexity" in text and better("eval/kl/main", 0.1, 0.2)
+
+
+@pytest.mark.slow
+def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
+    from distill.launch import run_training
+    from flows.evaluate import run_evaluate
+    kd = run_training(train_cfg("train.max_steps=3"))
+    baseline_dir = Path(kd["student_dir"]).parent / "baseline"
+    base = run_training(train_cfg("train.max_steps=3", "loss.vision=false", "loss.ce_weight=1.0",
+                                  "train.checkpoint_every=100"))
+    Path(base["student_dir"]).rename(baseline_dir)
+    run_training(train_cfg("train.max_steps=3"))  # the KD student back in output_dir/student
+    result = run_evaluate(train_cfg("evaluate.mtp_prompts=4", f"evaluate.baseline={baseline_dir}"))
+    mlflow.set_tracking_uri(train_cfg().tracking.uri)
+    run = MlflowClient().get_run(result["mlflow_run_id"])
+    m = run.data.metrics
+    for key in ("eval/agreement/main", "eval/agreement/mtp2", "eval/kl/mtp1", "eval/perplexity", "eval/grounded_acc",
+                "eval/grounded_acc_blank", "eval/vision/vit/patch_cos", "eval/probe/student", "eval/probe/pixels",
+                "eval/probe/clip", "baseline/eval/agreement/main", "mtp/acceptance_at_1", "mtp/acceptance_at_2",
+                "mtp/tau", "mtp/tokens_per_forward", "mtp/speedup"):
+        assert key in m, key
+    assert 0 <= m["eval/agreement/main"] <= 1 and m["eval/perplexity"] > 1
+    assert "baseline/eval/vision/vit/patch_cos" not in m  # the CE-only student has no vision heads
+    text = Path(result["report"]).read_text()
+    assert "| eval/agreement/main |" in text and "CE-only baseline" in text
+    assert {"eval_report.md", "plots"} <= {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    plots = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/probe.png", "plots/acceptance.png"}
+    assert 1 <= m["mtp/tokens_per_forward"] <= 3

@@ -1,0 +1,167 @@
+"""MTP self-speculative decoding: same tokens as greedy decoding, consistent drafts, and honest stats."""
+
+import pytest
+import torch
+
+import student
+from student import speculative_generate
+
+
+def tiny(depth, vocab=256, seed=0):
+    torch.manual_seed(seed)
+    config = student.load_preset("tiny", vocab_size=vocab, mtp_depth=depth, initializer_range=0.2)
+    return student.CogViTMTPForDistillation(config).eval()
+
+
+def cases(n, vocab, seed, low=0):
+    """n (pixel_values [1, 3, H, W], prompt ids [1, T] or None) with varied image sizes and prompt lengths."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(28, 28), (14, 14), (28, 56), (14, 28)]  # 4, 1, 8, 2 image tokens
+    out = []
+    for i in range(n):
+        h, w = sizes[i % len(sizes)]
+        t = int(torch.randint(0, 6, (1,), generator=g))
+        ids = torch.randint(low, vocab, (1, t), generator=g) if t else None
+        out.append((torch.randn(1, 3, h, w, generator=g), ids))
+    return out
+
+
+def greedy(model, pixels, ids, n, eos=None):
+    with torch.no_grad():
+        return model.greedy_generate(pixels, ids, max_new_tokens=n, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_matches_greedy_and_covers_every_acceptance_length(depth):
+    # Tiny vocabs make random drafts agree often, so rounds end with every number of accepted drafts.
+    seen = set()
+    for vocab, seed in [(v, s) for v in (2, 4) for s in range(3)]:
+        model = tiny(depth, vocab=vocab, seed=seed)
+        for pixels, ids in cases(6, vocab, seed):
+            for n in (1, 2, 16):
+                tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=n)
+                assert torch.equal(tokens, greedy(model, pixels, ids, n))
+                assert stats["new_tokens"] == n
+                assert sum(stats["tokens_per_round"]) == n - 1
+                assert stats["main_forwards"] == 1 + len(stats["tokens_per_round"])
+                assert all(1 <= m <= depth + 1 for m in stats["tokens_per_round"])
+                seen.update(m for m in stats["tokens_per_round"])
+    assert set(range(1, depth + 2)) <= seen  # 1..D+1 tokens from a round all happened
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_matches_greedy_with_a_random_vocab(depth):
+    model = tiny(depth, vocab=256, seed=depth)
+    for pixels, ids in cases(8, 256, seed=10 + depth):
+        tokens, _ = speculative_generate(model, pixels, ids, max_new_tokens=12)
+        assert torch.equal(tokens, greedy(model, pixels, ids, 12))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_eos_stops_at_the_same_token_as_greedy(depth):
+    hits = 0
+    for seed in range(2):
+        model = tiny(depth, vocab=6, seed=seed)
+        for pixels, ids in cases(6, 6, seed=20 + seed):
+            prompt_len = 0 if ids is None else ids.shape[1]
+            free = greedy(model, pixels, ids, 10)[0, prompt_len:]
+            for eos in free.unique().tolist():  # every token the free run emits, at first or later steps
+                tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=10, eos_token_id=eos)
+                expected = greedy(model, pixels, ids, 10, eos=eos)
+                assert torch.equal(tokens, expected)
+                assert tokens[0, -1] == eos and stats["new_tokens"] == (free == eos).nonzero()[0, 0] + 1
+                hits += 1
+            # the config's eos is the default, as in greedy_generate
+            model.config.eos_token_id = int(free[-1])
+            assert torch.equal(speculative_generate(model, pixels, ids, max_new_tokens=10)[0],
+                               greedy(model, pixels, ids, 10))
+            model.config.eos_token_id = None
+    assert hits > 10
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_drafts_equal_one_full_forward_over_verified_tokens_and_earlier_drafts(depth):
+    # The draft of depth k in a round starting at L is what model.forward gives at position L-1 over
+    # [x_0..x_L, d_1..d_{k-1}]: checks that every MTP cache and hidden state is fed consistently.
+    model = tiny(depth, vocab=6, seed=4)
+    for pixels, ids in cases(4, 6, seed=5):
+        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=12)
+        n_img = model.encode_image(pixels)[2].shape[1]
+        assert stats["drafts"]
+        for length, drafts in stats["drafts"]:
+            verified = tokens[:, :length + 1 - n_img]  # caption tokens up to x_L
+            assert verified.shape[1] >= 1
+            seq = torch.cat([verified, torch.tensor([drafts[:-1]], dtype=torch.long)], dim=1)
+            with torch.no_grad():
+                out = model(pixels, seq)
+            for k, d in enumerate(drafts, start=1):
+                logits = out.mtp_logits[k - 1][0, length - 1]
+                assert logits[d] >= logits.max() - 1e-5, (length, k)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_forced_all_accept(depth):
+    # Zero output norms: every head's logits are exactly 0, so every head picks token 0 (argmax takes the first).
+    model = tiny(depth, seed=1)
+    with torch.no_grad():
+        model.decoder.norm.weight.zero_()
+        for m in model.mtp:
+            m.norm.weight.zero_()
+    for pixels, ids in cases(3, 256, seed=6):
+        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=11)
+        assert torch.equal(tokens, greedy(model, pixels, ids, 11))
+        rounds = stats["tokens_per_round"]
+        assert rounds[:-1] == [depth + 1] * (len(rounds) - 1) and 1 <= rounds[-1] <= depth + 1
+        assert len(rounds) == -(-10 // (depth + 1))  # ceil(10 / (D+1)) verification forwards
+        assert stats["accepted"] == stats["proposed"] and stats["acceptance"] == [1.0] * depth
+        assert stats["proposed"] == [sum(len(d) >= k for _, d in stats["drafts"]) for k in range(1, depth + 1)]
+        assert stats["proposed"][0] >= len(rounds) - 1  # only the last round may have no room to draft
+        assert stats["tokens_per_forward"] == 11 / (1 + len(rounds))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_forced_all_reject(depth):
+    # Zero MTP output norms: every draft is token 0. Token 0's embedding (= lm_head row, tied) is zero, so its
+    # main-head logit is exactly 0 while some other token scores above 0: the main head never picks it.
+    model = tiny(depth, seed=2)
+    with torch.no_grad():
+        model.decoder.embed_tokens.weight[0].zero_()
+        for m in model.mtp:
+            m.norm.weight.zero_()
+    for pixels, ids in cases(4, 256, seed=7, low=1):
+        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=9)
+        expected = greedy(model, pixels, ids, 9)
+        assert torch.equal(tokens, expected)
+        assert not (expected == 0).any()
+        assert stats["tokens_per_round"] == [1] * 8 and stats["main_forwards"] == 9
+        assert stats["tokens_per_forward"] == 1.0 and stats["tau"] == 1.0
+        # the last round has room for its own token only, so it drafts nothing
+        assert stats["proposed"] == [7] + [0] * (depth - 1) and stats["accepted"] == [0] * depth
+        assert stats["acceptance"] == [0.0] + [None] * (depth - 1)
+        assert all(d == [0] * min(depth, 7 - i) for i, (_, d) in enumerate(stats["drafts"]))
+
+
+def test_fewer_depths_and_depth_zero():
+    model = tiny(3, vocab=6, seed=3)
+    for pixels, ids in cases(4, 6, seed=8):
+        expected = greedy(model, pixels, ids, 8)
+        for depth in (0, 1, 2):
+            tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=8, depth=depth)
+            assert torch.equal(tokens, expected)
+            assert len(stats["proposed"]) == depth and all(len(d) <= depth for _, d in stats["drafts"])
+        assert speculative_generate(model, pixels, ids, max_new_tokens=8, depth=0)[1]["main_forwards"] == 8
+
+
+def test_bad_input_is_refused():
+    model = tiny(2)
+    pixels = torch.randn(2, 3, 28, 28)
+    with pytest.raises(ValueError, match="batch size 1"):
+        speculative_generate(model, pixels, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="depth=3"):
+        speculative_generate(model, pixels[:1], depth=3)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        speculative_generate(model, pixels[:1], max_new_tokens=0)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        speculative_generate(model, pixels[:1], max_new_tokens=600)
+    with pytest.raises(ValueError, match="vocab"):
+        speculative_generate(model, pixels[:1], torch.tensor([[256]]))
