@@ -15,6 +15,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mmtp-distill/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
+export MKL_CBWR ?= AUTO,STRICT
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
 .PHONY: install distill baseline collect test test-fast lint ui bench clean

@@ -17,6 +17,9 @@ DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "mmtp-distill" / "torch_extensions"),
     "TOKENIZERS_PARALLELISM": "false",
+    # MKL's strict conditional numerical reproducibility: results no longer depend on memory alignment,
+    # so a teacher writes the same shard bytes in any process (a Dask worker, a re-run, a resumed run).
+    "MKL_CBWR": "AUTO,STRICT",
     "HF_HUB_DISABLE_TELEMETRY": "1",
 }
 

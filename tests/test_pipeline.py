@@ -14,7 +14,7 @@ import student  # noqa: F401
 @pytest.mark.slow
 def test_tiny_pipeline_end_to_end(prefect_harness, tiny_cfg):
     from flows.pipeline import run_pipeline
-    cfg = tiny_cfg("train.max_steps=4", "train.checkpoint_every=2")
+    cfg = tiny_cfg("train.max_steps=4", "train.checkpoint_every=2", "evaluate.mtp_prompts=2")
     result = run_pipeline(cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     client = MlflowClient()
@@ -23,12 +23,15 @@ def test_tiny_pipeline_end_to_end(prefect_harness, tiny_cfg):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
     stages = {c.data.tags["mmtp.stage"]: c for c in children}
-    assert set(stages) == {"collect", "train"}
+    assert set(stages) == {"collect", "train", "evaluate"}
     assert all(c.data.tags.get("prefect.flow_run_id") for c in children)
     assert stages["collect"].data.tags["prefect.flow_run_id"] != stages["train"].data.tags["prefect.flow_run_id"]
+    assert "eval/agreement/main" in parent.data.metrics and "mtp/tokens_per_forward" in parent.data.metrics
+    assert Path(result["report"]).read_text().startswith("# Evaluation report")
     AutoModel.from_pretrained(result["student_dir"])
 
-    again = run_pipeline(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2", "train.resume=true"))
+    again = run_pipeline(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2", "train.resume=true",
+                                  "evaluate.probe=false", "evaluate.mtp_prompts=0"))
     collect = client.get_run(again["collect_run_id"])
     assert collect.data.metrics["collect/lm/teacher_forwards"] == 0  # shards reused
     train = client.get_metric_history(again["train_run_id"], "loss/total")
