@@ -130,7 +130,7 @@ def feature_stats(out_dir: Path, entries: list[dict], chunk: int = 8192) -> dict
         summary, features = decode_vision(read_shard(out_dir / e["file"]))
         for name, x in (("summary", summary), ("features", features.reshape(-1, features.shape[-1]))):
             for lo in range(0, len(x), chunk):
-                acc[name].update(torch.from_numpy(x[lo:lo + chunk]))
+                acc[name].update(torch.tensor(x[lo:lo + chunk]))
     stats = {}
     for name, a in acc.items():
         s = a.finalize()

@@ -155,3 +155,15 @@ def test_pickled_payload_in_a_checkpoint_is_refused(train_cfg, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt: refused to load"):
         DistillRecipe(train_cfg("train.max_steps=4", "train.resume=true")).setup()
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_bf16_zero2_trains_learns_and_resumes_exactly(train_cfg):
+    overrides = ["train.precision=bf16", "train.zero_stage=2", "train.max_steps=6", "train.checkpoint_every=3"]
+    full = run(train_cfg(*overrides))
+    assert next(full.engine.module.student.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(losses(full))))
+    assert losses(full, "loss/language")[-1] < losses(full, "loss/language")[0]
+    shutil.rmtree(Path(full.cfg.output_dir) / "checkpoints" / "step-00000006")
+    resumed = run(train_cfg(*overrides, "train.resume=true"))
+    assert losses(resumed) == losses(full)[3:]
