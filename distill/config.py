@@ -31,9 +31,10 @@ class Runner(str, Enum):
 
 @dataclass
 class TrackingConfig:
+    """Where runs are logged."""
     # MLflow URI. null: $MLFLOW_TRACKING_URI if set, else a sqlite store in the project folder.
     uri: str | None = None
-    experiment: str = "mmtp-distill"
+    experiment: str = "mmtp-distill"  # MLflow experiment name
 
 
 @dataclass
@@ -60,10 +61,11 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """Raw data: the sources, and the rules that turn them into samples shards."""
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     image_size: int = 56  # stored PNG side in pixels
     shard_rows: int = 256  # rows per shard; a shard is the unit of collection work
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # splits are assigned by a hash of the sample id, so they never move
     test_fraction: float = 0.1
     max_caption_chars: int = 512  # longer captions are cut at a word boundary and counted
     max_bad_fraction: float = 0.01  # abort when more rows than this are skipped as bad
@@ -71,26 +73,29 @@ class DataConfig:
 
 @dataclass
 class TeachersConfig:
-    language: TeacherConfig | None = None
+    """The frozen teachers: at most one causal LM, any number of vision models."""
+    language: TeacherConfig | None = None  # null: no language targets
     vision: list[TeacherConfig] = field(default_factory=list)
 
 
 @dataclass
 class CollectConfig:
-    runner: Runner = Runner.local
+    """The collection stage (`mmtp collect`, flow collect-soft-targets)."""
+    runner: Runner = Runner.local  # local: Prefect's thread pool; dask: a Dask cluster (docs/scaling.md)
     dask_address: str | None = None  # an existing cluster; null starts a LocalCluster
-    dask_workers: int = 2
-    batch_size: int = 32
-    retries: int = 1
+    dask_workers: int = 2  # LocalCluster size
+    batch_size: int = 32  # teacher forward batch
+    retries: int = 1  # Prefect retries of a failed shard task
     compression: str = "zstd"  # Arrow IPC buffer compression of target shards: zstd | lz4 | none
-    progress: bool = True
+    progress: bool = True  # tqdm bars
 
 
 @dataclass
 class StudentConfig:
+    """The CogViT MMTP student (docs/student.md)."""
     preset: str = "tiny"  # configs/student/<preset>.yaml
     vocab_size: int | None = None  # null: the language teacher's; otherwise must equal it
-    mtp_depth: int = 1
+    mtp_depth: int = 1  # multi-token-prediction modules: the student also predicts tokens t+2 .. t+1+depth
     image_size: int = 56  # the student's input side in pixels (a multiple of patch_size * 2)
     mask_ratio: float = 0.0  # masked-image distillation: fraction of patches replaced by the mask token
     overrides: dict[str, Any] = field(default_factory=dict)  # extra CogViTMTPConfig keywords
@@ -105,15 +110,16 @@ class Balance(str, Enum):
 
 @dataclass
 class LossConfig:
+    """The dual-teacher objective and its balancing (docs/losses.md)."""
     kd_kind: str = "forward_kl"  # forward_kl = KL(teacher||student) | reverse_kl | jsd
-    temperature: float = 1.0
+    temperature: float = 1.0  # softens teacher and student alike (the teacher tail at T != 1: docs/losses.md)
     ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
     mtp_weight: float = 0.5  # weight of each MTP depth's term relative to the main head
     language: bool = True  # false: no language term at all (vision-only)
     vision: bool = True  # false: ignore the vision teachers (a CE-only baseline sets this and ce_weight=1)
     standardize: str = "phis"  # phis | zscore: how teacher features are standardised
     masked_patch_weight: float = 1.0  # extra weight of masked patches in the vision loss
-    balance: Balance = Balance.ema
+    balance: Balance = Balance.ema  # how the vision and language terms are weighted against each other
     static_weights: dict[str, float] = field(default_factory=dict)  # static: weight per term (default 1)
 
 
@@ -124,34 +130,36 @@ class Precision(str, Enum):
 
 @dataclass
 class TrainConfig:
-    zero_stage: int = 2
+    """The DeepSpeed trainer (`mmtp train`, flow distill-student; docs/training.md)."""
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     nproc: int = 1  # >1 launches that many processes with torchrun (gloo on CPU, nccl on GPU)
     hostfile: str | None = None  # multi-node: passed to the deepspeed launcher
     resume: bool = False  # continue from the latest complete checkpoint in output_dir/checkpoints
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.fp32  # bf16: DeepSpeed bf16 with fp32 master weights
     max_steps: int = 100  # optimizer steps
     micro_batch_size: int = 8  # per process
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # linear warm-up, then cosine decay
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0
-    log_every: int = 1
+    grad_clip: float = 1.0  # global gradient-norm clip
+    log_every: int = 1  # steps between MLflow metric logs
     gradnorm_every: int = 10  # measure per-teacher gradient norms on the shared trunk every N steps
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    offload_optimizer: bool = False
-    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50  # steps; the last step is always checkpointed
+    keep_checkpoints: int = 2  # older complete checkpoints are deleted
+    offload_optimizer: bool = False  # ZeRO optimizer state on the CPU (stage >= 1)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass
     max_bad_steps: int = 5  # abort after this many consecutive non-finite losses
-    progress: bool = True
+    progress: bool = True  # tqdm bar
 
 
 @dataclass
 class EvalConfig:
+    """The evaluation stage (`mmtp evaluate`, flow evaluate-student; docs/evaluation.md)."""
     student: str | None = None  # a student folder or an MLflow run id; null: output_dir/student
     baseline: str | None = None  # the same, for the run to compare with (e.g. the CE-only baseline)
-    batch_size: int = 32
+    batch_size: int = 32  # evaluation forward batch
     probe: bool = True  # linear probes (encode the train split once more)
     mtp_prompts: int = 16  # test captions used for the speculative-decoding figures
     mtp_prompt_tokens: int = 3  # caption tokens given as the prompt; the rest is generated
@@ -163,7 +171,7 @@ class Config:
     output_dir: str = "outputs/run"  # root of every output of a run
     # Where samples/ and targets/ live; null: output_dir. Lets runs share shards (e.g. a baseline).
     shards_dir: str | None = None
-    seed: int = 0
+    seed: int = 0  # model init, data order and masking
     # Converted teacher weights and tiny random teachers; shared by runs, outside the repo.
     cache_dir: str = "~/.cache/mmtp-distill"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

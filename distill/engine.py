@@ -171,9 +171,9 @@ def export_student(engine, folder: str | Path, prefix: str = "student.") -> Path
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         student.save_pretrained(str(tmp), state_dict=weights, safe_serialization=True)
+        (tmp / "export.json").write_text(json.dumps({"zero_stage": engine.zero_optimization_stage()}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-        (folder / "export.json").write_text(json.dumps({"zero_stage": engine.zero_optimization_stage()}))
     if dist.is_initialized():
         dist.barrier()
     return folder if state is not None else None

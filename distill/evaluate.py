@@ -226,6 +226,7 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     import student  # noqa: F401  (registers the Auto classes)
+    from data.shards import atomic_write_bytes
     from distill.config import output_path, shards_path
     from distill.report import eval_plots, report
     ev = cfg.evaluate
@@ -256,5 +257,5 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     if baseline:
         notes.append(f"baseline: {baseline_ref}")
     path = out / "eval_report.md"
-    path.write_text(report(metrics, baseline, "Evaluation report", notes))
+    atomic_write_bytes(path, report(metrics, baseline, "Evaluation report", notes).encode())
     return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out)}

@@ -100,8 +100,6 @@ def peek_vocab_size(cfg, cache_dir) -> int:
 class LanguageTeacher:
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
-        if tc.trust_remote_code:
-            log.warning("teacher %r: trust_remote_code=True runs Python code shipped with %r", tc.name, tc.source)
         cache_dir = Path(cache_dir).expanduser()
         location, local = resolve_source(tc, cache_dir)
         kwargs = dict(revision=tc.revision, trust_remote_code=tc.trust_remote_code)

@@ -9,6 +9,7 @@
 import dataclasses
 import importlib
 import importlib.util
+import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from .identity import json_sha256
 
+log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("~/.cache/mmtp-distill/teachers").expanduser()
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -38,13 +40,13 @@ class TeacherConfig:
     name: str  # unique, used as a key everywhere
     kind: str  # "hf_causal_lm" | "hf_vision" | "efficientnet_lite0"
     source: str = ""  # local folder | hub id | "pkg:<python_package>" | "tiny-random:<arch>"
-    gguf_file: str | None = None
-    top_k: int = 64
+    gguf_file: str | None = None  # GGUF file inside source; converted to safetensors once, in cache_dir
+    top_k: int = 64  # language: log-probs kept per token (plus the tail mass)
     image_size: int = 224  # vision input resolution
-    dtype: str = "float32"
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    revision: str | None = None
+    dtype: str = "float32"  # teacher forward dtype: float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    trust_remote_code: bool = False  # run code shipped with a hub model; logged as a warning when set
+    revision: str | None = None  # hub revision (branch, tag or commit) to pin
     max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
     # The weights digest a run expects; training refuses shards made by other weights.
     weights_digest: str | None = None
@@ -131,6 +133,8 @@ def load_teacher(cfg, cache_dir=None):
     with _LOCK:
         teacher = _LOADED.get(key)
         if teacher is None:
+            if tc.trust_remote_code:
+                log.warning("teacher %r: trust_remote_code=True runs Python code shipped with %r", tc.name, tc.source)
             teacher = _LOADED[key] = teacher_class(tc.kind)(tc, cache_dir)
     return teacher
 

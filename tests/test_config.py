@@ -3,7 +3,7 @@
 import pytest
 
 from distill.cli import main
-from distill.config import ConfigError, flatten, load_config, to_container
+from distill.config import PROJECT_ROOT, ConfigError, flatten, load_config, to_container
 
 TINY = "configs/tiny.yaml"
 
@@ -46,3 +46,11 @@ def test_secret_looking_values_are_redacted():
     assert out["sources.0.api_key"] == out["hub.token"] == out["db.password"] == "***"
     assert out["teachers.language.top_k"] == 64 and out["tracking.uri"] == "sqlite:///x.db"
     assert redact_tree({"a": {"token": "x", "top_k": 3}}) == {"a": {"token": "***", "top_k": 3}}
+
+
+def test_config_reference_is_generated_from_the_schema_and_current():
+    from distill.configref import render
+    text = render()
+    assert "| `train.zero_stage` | int | `2` | DeepSpeed ZeRO stage 0-3 |" in text
+    assert "| `trust_remote_code` | bool | `False` |" in text and "## data.sources.N" in text
+    assert (PROJECT_ROOT / "docs" / "config.md").read_text() == text, "run `make docs` to regenerate docs/config.md"

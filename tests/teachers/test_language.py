@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import teachers.language as language
-from teachers import TeacherSourceError, peek_vocab_size
+from teachers import TeacherSourceError, load_teacher, peek_vocab_size
 from teachers.identity import file_sha256
 from teachers.language import LanguageTeacher
 from teachers.tiny import ensure_tiny_teacher
@@ -187,6 +187,6 @@ def test_gguf_is_converted_once_then_loaded_from_the_cache(monkeypatch, llama_di
 
 def test_trust_remote_code_is_off_by_default_and_warned_about(llama_dir, cache_dir, lm, caplog):
     assert lm.cfg.trust_remote_code is False
-    with caplog.at_level("WARNING", logger="teachers.language"):
-        LanguageTeacher(config(llama_dir, trust_remote_code=True), cache_dir)
+    with caplog.at_level("WARNING", logger="teachers.registry"):
+        load_teacher(config(llama_dir, trust_remote_code=True), cache_dir)
     assert "trust_remote_code=True" in caplog.text

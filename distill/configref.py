@@ -1,0 +1,111 @@
+"""The config reference (docs/config.md), generated from the typed schema in distill/config.py so
+that it cannot drift: every key, its type, its default, and the comment written beside the field.
+
+    python -m distill.configref > docs/config.md      (or: make docs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import io
+import tokenize
+from enum import Enum
+
+from distill import config as schema
+from teachers.registry import TeacherConfig
+
+HEADER = """# Config reference
+
+Generated from the typed schema (`distill/config.py`, `teachers/registry.py`) by
+`python -m distill.configref > docs/config.md` (`make docs`); a test fails when this file is stale.
+Set keys in a YAML file (`--config`, repeatable: later files win) or on the command line as
+`key=value` (`train.lr=3e-4`, `teachers.vision.0.image_size=112`). An unknown key or a wrong type
+exits with code 2 and one line naming the key.
+"""
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment beside each field, or the comment lines just above it."""
+    comments: dict[str, str] = {}
+    pending: list[str] = []
+    line_start, name = True, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if name and not line_start:
+                comments[name] = " ".join(filter(None, [comments.get(name), text]))
+            else:
+                pending.append(text)
+        elif tok.type == tokenize.NAME and line_start:
+            name, line_start = tok.string, False
+            if pending:
+                comments[name] = " ".join(pending)
+                pending = []
+        elif tok.type in (tokenize.NEWLINE, tokenize.NL):
+            line_start = True
+        elif tok.type not in (tokenize.INDENT, tokenize.DEDENT):
+            line_start = False
+    return comments
+
+
+def _nested(f: dataclasses.Field) -> type | None:
+    """The dataclass a field holds (directly or as list items), if any."""
+    for cls in (schema.TrackingConfig, schema.SourceConfig, schema.DataConfig, schema.TeachersConfig,
+                schema.CollectConfig, schema.StudentConfig, schema.LossConfig, schema.TrainConfig,
+                schema.EvalConfig, TeacherConfig):
+        if cls.__name__ in str(f.type):
+            return cls
+    return None
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if isinstance(value, Enum):
+        value = value.value
+    if dataclasses.is_dataclass(value):
+        return ""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return f"{len(value)} entry" + ("" if len(value) == 1 else "s")
+    return "null" if value is None else f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+
+
+def _type(f: dataclasses.Field) -> str:
+    for enum in (schema.Runner, schema.Balance, schema.Precision):
+        if f.type == enum.__name__:
+            return " \\| ".join(e.value for e in enum)
+    name = f.type.__name__ if isinstance(f.type, type) else str(f.type)
+    return name.replace("|", "\\|")
+
+
+def render() -> str:
+    out = [HEADER]
+    sections: dict[type, list[str]] = {schema.Config: [""]}  # a class reached from several keys is listed once
+    walked = 0
+    while walked < len(sections):  # sections grows while it is walked, in order
+        cls = list(sections)[walked]
+        prefixes, walked = sections[cls], walked + 1
+        title = " and ".join(p.rstrip(".") for p in prefixes) or "top level"
+        doc = inspect.getdoc(cls) or ""
+        doc = "" if doc.startswith(cls.__name__ + "(") else doc  # dataclass' generated signature
+        out += [f"\n## {title}\n", *([doc + "\n"] if doc else []), "| key | type | default | meaning |",
+                "|---|---|---|---|"]
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            key = (prefixes[0] if len(prefixes) == 1 else "") + f.name
+            meaning = comments.get(f.name, "")
+            nested = _nested(f)
+            if nested is not None:
+                sub = prefixes[0] + f.name + (".N." if str(f.type).startswith("list") else ".")
+                sections.setdefault(nested, []).append(sub)
+                meaning = meaning or f"see `{sub.rstrip('.')}` below"
+            out.append(f"| `{key}` | {_type(f)} | {_default(f)} | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(out) + "\n"
+
+if __name__ == "__main__":
+    print(render(), end="")
