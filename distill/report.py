@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -10,11 +11,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 # For these metrics lower is better; for every other one higher is better.
-LOWER_IS_BETTER = ("eval/kl/", "eval/perplexity", "eval/grounded_acc_blank")
+LOWER_IS_BETTER = ("eval/kl/", "eval/perplexity")
+
+
+# Not a property of the student: teacher and pixel probes, token counts, the blank-image control.
+REFERENCE = re.compile(r"eval/probe/(?!student$)|eval/grounded_tokens$|eval/grounded_acc_blank$")
 
 
 def better(key: str, kd: float, base: float) -> bool:
     return kd < base if key.startswith(LOWER_IS_BETTER) else kd > base
+
+
+def verdict(key: str, kd: float, base: float) -> str:
+    if REFERENCE.match(key):
+        return "reference"
+    return "yes" if better(key, kd, base) else "tie" if kd == base else "**no**"
 
 
 def report(metrics: dict[str, float], baseline: dict[str, float] | None, title: str, notes: list[str]) -> str:
@@ -23,9 +34,8 @@ def report(metrics: dict[str, float], baseline: dict[str, float] | None, title: 
         lines += ["| metric | distilled | CE-only baseline | KD helps? |", "|---|---|---|---|"]
         for k in sorted(metrics):
             if k in baseline:
-                verdict = "yes" if better(k, metrics[k], baseline[k]) else "**no**"
-                lines.append(f"| {k} | {metrics[k]:.4f} | {baseline[k]:.4f} | {verdict} |")
-        hurt = [k for k in sorted(metrics) if k in baseline and not better(k, metrics[k], baseline[k])]
+                lines.append(f"| {k} | {metrics[k]:.4f} | {baseline[k]:.4f} | {verdict(k, metrics[k], baseline[k])} |")
+        hurt = [k for k in sorted(metrics) if k in baseline and verdict(k, metrics[k], baseline[k]) == "**no**"]
         lines += ["", f"KD does not help on: {', '.join(hurt)}." if hurt else "KD helps on every shared metric."]
     else:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items())]

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.dataset_source_registry import get_registered_sources
 from mlflow.data.meta_dataset import MetaDataset
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,17 +29,17 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def setup(cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    """Point MLflow at the configured store and make the configured experiment the active one."""
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    # Local stores keep artifacts beside the database rather than under the current directory.
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    if exp is None:
+        # Local stores keep artifacts beside the database rather than under the current directory.
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return mlflow.set_experiment(cfg.tracking.experiment).experiment_id
 
 
 def redact(params: dict) -> dict:
@@ -66,13 +66,14 @@ def _prefect_flow_run_id() -> str | None:
 @contextlib.contextmanager
 def stage_run(cfg: DictConfig, stage: str, parent_run_id: str | None = None, tags: dict | None = None):
     """An MLflow run for one stage, a child of `parent_run_id` when given, with params and config."""
-    setup(cfg)
     all_tags = {"mmtp.stage": stage, "mmtp.git_commit": git_commit(), **(tags or {})}
     if flow_run_id := _prefect_flow_run_id():
         all_tags["prefect.flow_run_id"] = str(flow_run_id)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=stage, tags=all_tags, nested=mlflow.active_run() is not None) as run:
+    experiment_id = setup(cfg)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags,
+                          nested=mlflow.active_run() is not None) as run:
         log_config(cfg)
         yield run
 
@@ -100,7 +101,9 @@ def redact_tree(obj):
 def log_manifest_input(manifest_dir: str | Path, manifest: dict, name: str, context: str) -> None:
     """Record a shard set as an MLflow dataset input, identified by its manifest's shard digests."""
     from data.shards import digest
-    dataset = MetaDataset(source=resolve_dataset_source(str(Path(manifest_dir).resolve())), name=name,
+    # MLflow registers its local-file source twice, and resolving a path warns about the tie.
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    dataset = MetaDataset(source=local(str(Path(manifest_dir).resolve())), name=name,
                           digest=digest([s["sha256"] for s in manifest["shards"]])[:16])
     mlflow.log_input(dataset, context=context, tags={"rows": str(manifest["rows"]),
                                                      "kind": manifest["kind"]})

@@ -98,6 +98,7 @@ def test_collect_run_is_logged_to_mlflow(collected):
     cfg, summary = collected
     mlflow.set_tracking_uri(cfg.tracking.uri)
     run = MlflowClient().get_run(summary["mlflow_run_id"])
+    assert MlflowClient().get_experiment(run.info.experiment_id).name == cfg.tracking.experiment
     assert run.data.params["teachers.language.top_k"] == "16"
     assert run.data.params["teachers.vision.vit.image_size"] == "28"
     assert run.data.metrics["collect/lm/tokens_per_s"] > 0 and run.data.metrics["collect/vit/samples_per_s"] > 0

@@ -41,10 +41,11 @@ def test_grounded_positions_find_the_tokens_of_the_word(tiny_collected):
 
 
 def test_report_says_where_kd_does_not_help():
-    kd = {"eval/agreement/main": 0.5, "eval/perplexity": 9.0}
-    base = {"eval/agreement/main": 0.4, "eval/perplexity": 8.0}
+    kd = {"eval/agreement/main": 0.5, "eval/perplexity": 9.0, "eval/probe/pixels": 0.6, "eval/grounded_tokens": 9}
+    base = {"eval/agreement/main": 0.4, "eval/perplexity": 8.0, "eval/probe/pixels": 0.6, "eval/grounded_tokens": 9}
     text = report(kd, base, "r", [])
-    assert "KD does not help on: eval/perplexity" in text and better("eval/kl/main", 0.1, 0.2)
+    assert "KD does not help on: eval/perplexity." in text and better("eval/kl/main", 0.1, 0.2)
+    assert "| eval/probe/pixels | 0.6000 | 0.6000 | reference |" in text  # the same for both: not a verdict
 
 
 @pytest.mark.slow

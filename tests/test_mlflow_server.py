@@ -1,0 +1,100 @@
+"""Two tiny pipeline runs logged to a real `mlflow server` on loopback, compared through its REST
+API the way the UI's compare view sees them: params differ only where the configs differ, and
+every run has the same metric keys."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from distill.config import flatten, to_container
+from distill.tracking import redact
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _api(base: str, path: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not start in 120 s"
+                time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def _runs(base: str, experiment_id: str) -> list[dict]:
+    return _api(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "max_results": 100})["runs"]
+
+
+def _tags(run: dict) -> dict:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+@pytest.mark.slow
+def test_two_pipeline_runs_compare_on_a_real_mlflow_server(prefect_harness, tiny_cfg, tmp_path, mlflow_server):
+    from flows.pipeline import run_pipeline
+    common = [f"tracking.uri={mlflow_server}", "train.max_steps=3", "evaluate.probe=false",
+              "evaluate.mtp_prompts=2"]
+    cfgs = {balance: tiny_cfg(*common, f"loss.balance={balance}", root=tmp_path / balance)
+            for balance in ("static", "uncertainty")}
+    results = {balance: run_pipeline(cfg) for balance, cfg in cfgs.items()}
+
+    experiment = _api(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=mmtp-distill")
+    runs = {r["info"]["run_id"]: r for r in _runs(mlflow_server, experiment["experiment"]["experiment_id"])}
+    family = {}
+    for balance, result in results.items():
+        parent = runs[result["mlflow_run_id"]]
+        children = [r for r in runs.values() if _tags(r).get("mlflow.parentRunId") == result["mlflow_run_id"]]
+        assert sorted(_tags(c)["mmtp.stage"] for c in children) == ["collect", "evaluate", "train"]
+        family[balance] = {"pipeline": parent, **{_tags(c)["mmtp.stage"]: c for c in children}}
+
+    flat = {b: redact({k: "" if v is None else str(v) for k, v in flatten(to_container(c)).items()})
+            for b, c in cfgs.items()}
+    config_diff = {k for k in flat["static"] if flat["static"][k] != flat["uncertainty"].get(k)}
+    assert config_diff == {"loss.balance", "output_dir"}
+    for stage in ("pipeline", "collect", "train", "evaluate"):
+        params = {b: {p["key"]: p["value"] for p in family[b][stage]["data"]["params"]} for b in family}
+        assert params["static"].keys() == params["uncertainty"].keys(), stage  # stable param names
+        differing = {k for k in params["static"] if params["static"][k] != params["uncertainty"][k]}
+        assert differing == config_diff, stage
+        metrics = {b: {m["key"] for m in family[b][stage]["data"]["metrics"]} for b in family}
+        assert metrics["static"] == metrics["uncertainty"], (stage, metrics["static"] ^ metrics["uncertainty"])
+        assert metrics["static"], stage
+    assert Path(results["static"]["student_dir"]).is_dir()
