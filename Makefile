@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export MKL_CBWR ?= AUTO,STRICT
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: install distill baseline collect test test-fast lint ui bench clean
+.PHONY: install distill baseline collect test test-fast lint docs ui bench clean deploy
 install: $(STAMP)
 
 # torch first and pinned (CPU wheel on disk), deepspeed without build isolation so it
@@ -45,6 +45,10 @@ ui: $(STAMP)
 collect: $(STAMP)
 	$(VENV)/bin/mmtp collect --config $(CONFIG) $(ARGS)
 
+# Scheduled Prefect deployments (docs/deployments.md); blocks while it serves them.
+deploy: $(STAMP)
+	$(VENV)/bin/mmtp deploy --config $(CONFIG) $(ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
@@ -53,6 +57,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# docs/config.md is generated from the typed config schema; a test fails when it is stale.
+docs: $(STAMP)
+	$(PY) -m distill.configref > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
 bench: $(STAMP)
 	$(PY) bench/collect.py

@@ -4,6 +4,7 @@
     mmtp train    --config configs/default.yaml key=value ...
     mmtp pipeline --config configs/default.yaml key=value ...
     mmtp ui       --config configs/default.yaml
+    mmtp deploy   --config configs/default.yaml key=value ... [--cron-collect CRON] [--register-only]
 
 Config problems exit with code 2 and one line naming the key; data problems exit with 1 and one
 line naming the file.
@@ -29,13 +30,21 @@ def _parser() -> argparse.ArgumentParser:
                        ("train", "distil the student on the collected shards with DeepSpeed"),
                        ("evaluate", "evaluate a student (evaluate.student=<folder or MLflow run id>) on the test split"),
                        ("pipeline", "run every stage: collect, train, evaluate, under one MLflow parent run"),
-                       ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store")]:
+                       ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store"),
+                       ("deploy", "register the scheduled Prefect deployments (the config is their default "
+                        "parameter) and serve them")]:
         s = sub.add_parser(name, help=text, description=text)
         s.add_argument("--config", action="append", help="YAML config, repeatable: later files override "
                        "earlier ones (default: configs/default.yaml)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="omegaconf overrides")
         if name == "ui":
             s.add_argument("--port", type=int, default=5000)
+        if name == "deploy":
+            s.add_argument("--cron-collect", help="nightly-collect schedule (default '0 2 * * *'; '' for none)")
+            s.add_argument("--cron-distill", help="weekly-distill schedule (default '0 3 * * 0'; '' for none)")
+            s.add_argument("--timezone", default="UTC", help="IANA timezone of both schedules")
+            s.add_argument("--register-only", "--no-serve", action="store_true",
+                           help="register or update the deployments and return without serving them")
     return p
 
 
@@ -96,7 +105,14 @@ def _ui(cfg, args) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "ui": _ui}
+def _deploy(cfg, args) -> int:
+    from flows.deploy import deploy
+    deploy(cfg, args.cron_collect, args.cron_distill, args.timezone, serve_them=not args.register_only)
+    return 0
+
+
+COMMANDS = {"collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "ui": _ui,
+            "deploy": _deploy}
 
 if __name__ == "__main__":
     sys.exit(main())
