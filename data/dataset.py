@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from data.shards import ShardError, load_manifest, read_shard
+from data.shards import MANIFEST, ShardError, load_manifest, read_shard
 from data.targets import decode_language_row
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
@@ -46,8 +46,9 @@ def check_manifests(samples: dict, targets: dict[str, dict], *, expected_digests
         got = m["producer"].get("weights_digest")
         if want and want != got:
             raise ManifestMismatchError(
-                f"{where[name]}: shards come from teacher weights {got[:12]}…, but the config names "
-                f"{want[:12]}… (teachers.*.weights_digest); re-collect with the configured teacher")
+                f"{where[name] / MANIFEST}: shards come from teacher weights {str(got)[:12]}…, but the config "
+                f"names {want[:12]}… (teachers.*.weights_digest); re-run `mmtp collect` with the configured "
+                "teacher, or correct the digest in the config")
         vocab = m["producer"].get("vocab_size")
         if vocab is not None and student_vocab is not None and vocab != student_vocab:
             raise ManifestMismatchError(f"{where[name]}: language teacher vocab {vocab} != student vocab "

@@ -1,14 +1,21 @@
 """Fault injection on real files: a full disk, a concurrent run, a stale lock."""
 
 import errno
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 import data.shards as shards
 from data.shards import ShardError, run_lock, write_shard
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _FullDisk:
@@ -56,3 +63,39 @@ def test_second_run_on_the_same_output_dir_refuses_with_the_pid(tmp_path):
     with run_lock(tmp_path) as lock:
         assert lock.read_text() != str(holder.pid)
     assert not (tmp_path / ".mmtp.lock").exists()
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on `port`, read from the kernel's tables."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                addr, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]) if len(addr) == 8
+                              else "ipv6:" + addr)
+    return found
+
+
+def test_servers_listen_on_loopback_only(tmp_path):
+    from distill.config import load_config
+    from distill.launch import launcher_command
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = subprocess.Popen([sys.executable, "-m", "distill.cli", "ui", "--config", "configs/tiny.yaml",
+                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
+                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while not _listen_addresses(port):
+            assert ui.poll() is None and time.time() < deadline, "mmtp ui did not start listening"
+            time.sleep(0.5)
+        assert _listen_addresses(port) == {"127.0.0.1"}
+    finally:
+        os.killpg(ui.pid, signal.SIGKILL)
+        ui.wait()
+    cmd = launcher_command(load_config(ROOT / "configs/tiny.yaml", ["train.nproc=2"]), tmp_path / "c.yaml", None)
+    assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
