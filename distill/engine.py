@@ -20,15 +20,19 @@ import torch.distributed as dist
 from data.shards import atomic_write_json
 
 MARKER = "complete.json"
+# Set beside RANK & co. when a single process makes its own process group (DeepSpeed reads them later).
+SINGLE_PROCESS_PID = "MMTP_SINGLE_PROCESS_PID"
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", SINGLE_PROCESS_PID)
 
 
 def init_distributed() -> tuple[int, int]:
     """Join (or, for one in-process run, create) the process group; returns (rank, world size)."""
     import deepspeed
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a single process started without a launcher
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # Ours: no launcher set RANK, or a parent's own single-process variables were inherited.
+        if "RANK" not in os.environ or os.environ.get(SINGLE_PROCESS_PID, str(os.getpid())) != str(os.getpid()):
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()), **{SINGLE_PROCESS_PID: str(os.getpid())})
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from data.shards import atomic_write_bytes
 from distill.config import output_path
-from distill.engine import _free_port
+from distill.engine import RANK_VARS, _free_port
 
 
 def launcher_command(cfg, config_path, parent_run_id: str | None) -> list[str]:
@@ -37,7 +37,7 @@ def run_training(cfg, parent_run_id: str | None = None, flow_run_id: str | None 
         return recipe.train()
     config_path = output_path(cfg, "train_config.yaml")
     atomic_write_bytes(config_path, OmegaConf.to_yaml(cfg).encode())
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}  # the launcher sets its own
     # Split the cores between ranks rather than oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(cfg.train.nproc, 1))))
     if flow_run_id:
