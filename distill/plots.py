@@ -12,11 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def _panel(ax, history: list[dict], keys: list[str], title: str, log_y: bool = False) -> None:
     steps = [h["step"] for h in history]
+    values = {k: [h.get(k, float("nan")) for h in history] for k in keys}
     for k in keys:
-        ax.plot(steps, [h.get(k, float("nan")) for h in history], label=k.split("/", 1)[1])
+        ax.plot(steps, values[k], label=k.split("/", 1)[1])
     ax.set_title(title)
     ax.set_xlabel("step")
-    if log_y:
+    if log_y and any(v > 0 for vs in values.values() for v in vs):  # an empty or all-zero panel stays linear
         ax.set_yscale("log")
     if keys:
         ax.legend(fontsize=7)
