@@ -7,6 +7,7 @@ and pass paths, never tensors.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -71,6 +72,7 @@ def finalize_task(config: dict, teacher_name: str, samples: dict, entries: list[
 def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict:
     """Write samples shards and every teacher's target shards under `output_dir`; log to MLflow."""
     cfg = from_dict(config)
+    started = time.perf_counter()
     with run_lock(shards_path(cfg)):
         # Under the lock no other writer exists: temp files here are orphans of a killed run.
         for folder in [shards_path(cfg, "samples")] + [shards_path(cfg, "targets", t.name) for t in teacher_configs(cfg)]:
@@ -83,7 +85,7 @@ def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict
             config, n, s["file"]) for n in names for s in samples["shards"]}
         entries = {n: [futures[n, s["file"]].result() for s in samples["shards"]] for n in names}
         manifests = {n: finalize_task(config, n, samples, entries[n]) for n in names}
-        run_id = log_collection(cfg, samples, manifests, entries, parent_run_id)
+        run_id = log_collection(cfg, samples, manifests, entries, parent_run_id, time.perf_counter() - started)
     summary = {"samples_dir": str(shards_path(cfg, "samples")), "mlflow_run_id": run_id,
                "targets": {n: str(shards_path(cfg, "targets", n)) for n in names},
                "forwards": {n: sum(e["forwards"] for e in entries[n]) for n in names},
@@ -93,12 +95,15 @@ def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict
     return summary
 
 
-def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_run_id: str | None) -> str:
+def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_run_id: str | None,
+                   wall_seconds: float) -> str:
+    """The collect stage's MLflow run, opened once the shards are final (its own duration is ~0 s:
+    `collect/wall_seconds` is the stage's time)."""
     tags = {f"teacher.{n}.{k}": str(m["producer"].get(k)) for n, m in manifests.items()
             for k in ("kind", "source", "weights_digest")}
     with tracking.stage_run(cfg, "collect", parent_run_id, tags) as run:
         tracking.log_manifest_input(shards_path(cfg, "samples"), samples, "samples", "collect")
-        metrics = {"collect/rows": samples["rows"], "collect/rows_seen": samples["rows_seen"],
+        metrics = {"collect/wall_seconds": wall_seconds, "collect/rows": samples["rows"], "collect/rows_seen": samples["rows_seen"],
                    "collect/rows_skipped": sum(samples["rows_skipped"].values())}
         metrics.update({f"collect/rows_skipped/{k}": v for k, v in samples["rows_skipped"].items()})
         metrics.update({f"collect/rows_fixed/{k}": v for k, v in samples["rows_fixed"].items()})

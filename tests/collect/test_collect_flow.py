@@ -102,7 +102,7 @@ def test_collect_run_is_logged_to_mlflow(collected):
     assert run.data.params["teachers.language.top_k"] == "16"
     assert run.data.params["teachers.vision.vit.image_size"] == "28"
     assert run.data.metrics["collect/lm/tokens_per_s"] > 0 and run.data.metrics["collect/vit/samples_per_s"] > 0
-    assert run.data.metrics["collect/lm/bytes_per_token"] > 0
+    assert run.data.metrics["collect/lm/bytes_per_token"] > 0 and run.data.metrics["collect/wall_seconds"] > 0
     assert run.data.tags["mmtp.stage"] == "collect" and run.data.tags["teacher.lm.weights_digest"]
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"samples", "targets/lm", "targets/vit",
                                                                     "targets/clip"}
