@@ -6,7 +6,10 @@ Needs the config's shards (run `mmtp collect` first). Prints one JSON object:
 - loader_ratio: a ZeRO step fed by the shard loader (memory-mapped read, PNG decode, collate,
   standardisation) ÷ the same step on the same batches already in memory (goal ≤ 1.05);
 - zero2_ratio: a DeepSpeed ZeRO-2 step ÷ a plain PyTorch AdamW step (same model, same batches,
-  same clipping) (goal ≤ 1.20 on CPU).
+  same clipping) (goal ≤ 1.20 on CPU);
+- gradnorm_ratio: a full trainer step with gradnorm balancing and the per-term gradient norms on
+  the vision tower measured (`DistillRecipe.train_step`) ÷ the same step with static weights and
+  no measurement (goal ≤ 1.15).
 Timings are medians over `--steps` steps, the three variants interleaved step by step so that
 drift of this noisy machine hits all of them alike.
 """
@@ -26,6 +29,7 @@ apply_env_defaults()
 
 import torch  # noqa: E402
 
+from distill.balance import build_balancer  # noqa: E402
 from distill.config import load_config  # noqa: E402
 from distill.recipe import DistillRecipe  # noqa: E402
 
@@ -42,12 +46,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    cfg = load_config(args.config, ["train.zero_stage=2", "train.gradnorm_every=0", "train.progress=false",
-                                    "train.grad_accum=1", *args.overrides])
+    cfg = load_config(args.config, ["train.zero_stage=2", "train.progress=false", "train.grad_accum=1",
+                                    "loss.balance=gradnorm", *args.overrides])
     recipe = DistillRecipe(cfg)
     recipe.setup()
     engine = recipe.engine
     plain = copy.deepcopy(engine.module)
+    plain.measure = False
     opt = torch.optim.AdamW([q for q in plain.parameters() if q.requires_grad], lr=cfg.train.lr,
                             betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay)
     in_memory = [b for _, b in zip(range(args.steps), recipe.micro_batches(), strict=False)]
@@ -66,21 +71,35 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    zero_step(in_memory[0])  # warm-up of both paths
+    objective = engine.module
+    gradnorm, static = objective.balancer, build_balancer("static", objective.terms)
+
+    def trainer_step(batch, balanced):
+        objective.balancer, objective.measure = (gradnorm, True) if balanced else (static, False)
+        recipe.train_step(iter([batch]))
+
+    objective.measure = False
+    zero_step(in_memory[0])  # warm-up of every path
     plain_step(in_memory[0])
-    t_loader, t_memory, t_plain = [], [], []
+    trainer_step(in_memory[0], True)
+    times = {k: [] for k in ("loader", "memory", "plain", "gradnorm", "static")}
     for batch in in_memory:
-        t_loader.append(timed(lambda: zero_step(next(loader))))
-        t_memory.append(timed(lambda b=batch: zero_step(b)))
-        t_plain.append(timed(lambda b=batch: plain_step(b)))
-    loader_s, memory_s, plain_s = (statistics.median(t) for t in (t_loader, t_memory, t_plain))
+        objective.balancer, objective.measure = static, False
+        times["loader"].append(timed(lambda: zero_step(next(loader))))
+        times["memory"].append(timed(lambda b=batch: zero_step(b)))
+        times["plain"].append(timed(lambda b=batch: plain_step(b)))
+        times["gradnorm"].append(timed(lambda b=batch: trainer_step(b, True)))
+        times["static"].append(timed(lambda b=batch: trainer_step(b, False)))
+    loader_s, memory_s, plain_s, gradnorm_s, static_s = (statistics.median(t) for t in times.values())
     print(json.dumps({
         "config": args.config, "preset": cfg.student.preset, "micro_batch_size": cfg.train.micro_batch_size,
         "steps": args.steps, "threads": torch.get_num_threads(),
         "step_s": {"zero2_loader": round(loader_s, 4), "zero2_in_memory": round(memory_s, 4),
-                   "plain_adamw_in_memory": round(plain_s, 4)},
+                   "plain_adamw_in_memory": round(plain_s, 4), "trainer_gradnorm_measured": round(gradnorm_s, 4),
+                   "trainer_static_unmeasured": round(static_s, 4)},
         "loader_ratio": round(loader_s / memory_s, 3),
         "zero2_ratio": round(memory_s / plain_s, 3),
+        "gradnorm_ratio": round(gradnorm_s / static_s, 3),
         "samples_per_s": round(cfg.train.micro_batch_size / loader_s, 2),
     }, indent=1))
 

@@ -4,7 +4,10 @@ Target shards mirror samples shards row for row (collection writes them that way
 manifests record it), so the join by sample id is a join by (shard, row); every read checks that
 the ids agree. Only the shards being read are open: uncompressed shards are memory-mapped
 zero-copy, compressed ones are decompressed one shard at a time, which is why the order is a
-block shuffle (shards shuffled, then rows within each shard), deterministic per (seed, epoch).
+window shuffle: shards in random order, taken `window` at a time, and the rows of each window
+shuffled together, deterministic per (seed, epoch). Shards are written in source order, so a
+window of one shard would feed the trainer one source at a time (digits, then scenes), and every
+loss jumps at each switch; a window spanning the sources mixes them in every batch.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class DistillDataset(torch.utils.data.Dataset):
     """Rows of one split: image tensor, the teacher's caption token ids and every teacher's targets."""
 
     def __init__(self, samples_dir: str | Path, target_dirs: dict[str, str | Path], split: str = "train",
-                 image_size: int = 56, verify: bool = True, open_shards: int = 2):
+                 image_size: int = 56, verify: bool = True, open_shards: int = 8):
         self.samples_dir = Path(samples_dir)
         self.target_dirs = {n: Path(d) for n, d in target_dirs.items()}
         self.samples = load_manifest(self.samples_dir, verify)
@@ -113,15 +116,19 @@ class DistillDataset(torch.utils.data.Dataset):
                                         "features": torch.from_numpy(f.astype(np.float32).reshape(p, d))}
         return item
 
-    def block_order(self, seed: int, epoch: int) -> list[int]:
-        """A permutation of the rows: shards in random order, rows shuffled within each shard."""
+    def block_order(self, seed: int, epoch: int, window: int | None = None) -> list[int]:
+        """A permutation of the rows: shards in random order, grouped `window` at a time (default
+        `open_shards`, so a window's shards stay open), rows shuffled within each group."""
+        window = window or self.open_shards
         rng = np.random.default_rng([seed, epoch])
         by_shard: dict[int, list[int]] = {}
         for i, (shard, _) in enumerate(self.index):
             by_shard.setdefault(shard, []).append(i)
+        shards = [int(s) for s in rng.permutation(sorted(by_shard))]
         order = []
-        for shard in rng.permutation(sorted(by_shard)):
-            order += rng.permutation(by_shard[int(shard)]).tolist()
+        for lo in range(0, len(shards), window):
+            rows = [i for shard in shards[lo:lo + window] for i in by_shard[shard]]
+            order += rng.permutation(rows).tolist()
         return order
 
 
@@ -134,7 +141,8 @@ def image_tensor(png: bytes, size: int) -> torch.Tensor:
 
 
 class BlockShuffleSampler(torch.utils.data.Sampler):
-    """Deterministic per (seed, epoch) block shuffle; rank r of `world` takes every world-th row.
+    """Deterministic per (seed, epoch) window shuffle (`DistillDataset.block_order`); rank r of
+    `world` takes every world-th row.
 
     Every rank gets the same number of rows (the tail that does not divide evenly is dropped), so
     ranks stay in step; the ranks' rows are disjoint.
@@ -168,9 +176,13 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
              "label": torch.tensor([-1 if it["label"] is None else it["label"] for it in items])}
     if "lang" in items[0]:
         k = items[0]["lang"]["topk_ids"].shape[1]
+        # Position t's teacher target predicts token t+1: valid where CE has a label, so not after
+        # the caption's last token (the KD mask equals the CE mask).
+        mask = torch.zeros(n, length, dtype=torch.bool)
+        mask[:, :-1] = attention_mask[:, 1:].bool()
         lang = {"topk_ids": torch.zeros(n, length, k, dtype=torch.long),
                 "topk_logprobs": torch.zeros(n, length, k), "tail_logprob": torch.zeros(n, length),
-                "mask": attention_mask.bool()}
+                "mask": mask}
         for b, it in enumerate(items):
             for key in ("topk_ids", "topk_logprobs", "tail_logprob"):
                 lang[key][b, : len(it["input_ids"])] = it["lang"][key]

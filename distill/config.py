@@ -118,12 +118,16 @@ class LossConfig:
     language: bool = True  # false: no language term at all (vision-only)
     vision: bool = True  # false: ignore the vision teachers (a CE-only baseline sets this and ce_weight=1)
     standardize: str = "phis"  # phis | zscore: how teacher features are standardised
-    masked_patch_weight: float = 1.0  # extra weight of masked patches in the vision loss
-    balance: Balance = Balance.ema  # how the vision and language terms are weighted against each other
+    # Weight of a masked patch relative to a visible one in the vision loss (masked-image distillation).
+    masked_patch_weight: float = 3.0
+    balance: Balance = Balance.gradnorm  # how the vision and language terms are weighted against each other
+    gradnorm_alpha: float = 0.0  # gradnorm: 0 equalises the terms' gradient norms on the vision tower
+    gradnorm_lr: float = 0.2  # gradnorm: step of the log-weights per optimizer step, in (0, 1]
     static_weights: dict[str, float] = field(default_factory=dict)  # static: weight per term (default 1)
 
 
 class Precision(str, Enum):
+    auto = "auto"  # bf16 on CUDA, fp32 on CPU
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -135,7 +139,7 @@ class TrainConfig:
     nproc: int = 1  # >1 launches that many processes with torchrun (gloo on CPU, nccl on GPU)
     hostfile: str | None = None  # multi-node: passed to the deepspeed launcher
     resume: bool = False  # continue from the latest complete checkpoint in output_dir/checkpoints
-    precision: Precision = Precision.fp32  # bf16: DeepSpeed bf16 with fp32 master weights
+    precision: Precision = Precision.auto  # bf16: DeepSpeed bf16 with fp32 master weights
     max_steps: int = 100  # optimizer steps
     micro_batch_size: int = 8  # per process
     grad_accum: int = 1
@@ -145,7 +149,6 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # global gradient-norm clip
     log_every: int = 1  # steps between MLflow metric logs
-    gradnorm_every: int = 10  # measure per-teacher gradient norms on the shared trunk every N steps
     checkpoint_every: int = 50  # steps; the last step is always checkpointed
     keep_checkpoints: int = 2  # older complete checkpoints are deleted
     offload_optimizer: bool = False  # ZeRO optimizer state on the CPU (stage >= 1)
@@ -159,6 +162,7 @@ class EvalConfig:
     """The evaluation stage (`mmtp evaluate`, flow evaluate-student; docs/evaluation.md)."""
     student: str | None = None  # a student folder or an MLflow run id; null: output_dir/student
     baseline: str | None = None  # the same, for the run to compare with (e.g. the CE-only baseline)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N; cuda: bf16 autocast for a bf16-trained student
     batch_size: int = 32  # evaluation forward batch
     probe: bool = True  # linear probes (encode the train split once more)
     mtp_prompts: int = 16  # test captions used for the speculative-decoding figures

@@ -43,27 +43,72 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def precision(train) -> str:
+    """`bf16` or `fp32`: `auto` is bf16 on CUDA and fp32 on CPU."""
+    value = getattr(train.precision, "value", train.precision)
+    if value == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return value
+
+
 def deepspeed_config(train, total_steps: int) -> dict:
     """The DeepSpeed JSON config for `train` (a TrainConfig)."""
-    precision = getattr(train.precision, "value", train.precision)
     zero = {"stage": train.zero_stage}
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": train.lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": train.weight_decay,
-            # DeepSpeed's fused/CPU Adam are C++ JIT builds; plain torch AdamW needs none on CPU.
-            "torch_adam": not torch.cuda.is_available()}},
+        # check_grad_overflow: a step with non-finite gradients is skipped, not applied (the trainer
+        # relies on it to drop a step with a non-finite micro-batch).
+        "bf16": {"enabled": precision(train) == "bf16", "check_grad_overflow": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if not _client_optimizer(train):
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": train.lr, "betas": list(BETAS), "eps": EPS, "weight_decay": train.weight_decay,
+            # DeepSpeed's fused/CPU Adam are C++ JIT builds; plain torch AdamW needs none on CPU.
+            "torch_adam": not torch.cuda.is_available()}}
+    return config
+
+
+BETAS, EPS = (0.9, 0.95), 1e-8
+
+
+def _client_optimizer(train) -> bool:
+    """ZeRO-0 in fp32 hands our optimizer straight to torch: it must skip non-finite steps itself."""
+    return train.zero_stage == 0 and precision(train) == "fp32"
+
+
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in `overflow`, the
+    attribute DeepSpeed reads after every step (its ZeRO and bf16 optimizers do the same check)."""
+
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as HF and torchtune build them: decay on weight matrices (linear, conv and
+    embedding `weight`s) only; none on biases, norm scales, learned tokens and log-variances."""
+    decay, rest = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and name.rsplit(".", 1)[-1] == "weight" else rest).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -81,9 +126,10 @@ def build_engine(module: torch.nn.Module, train, total_steps: int):
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, train.warmup_steps, total_steps, train.min_lr_ratio))
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=params, lr_scheduler=scheduler,
-                                           config=deepspeed_config(train, total_steps))
+    groups = param_groups(module, train.weight_decay)
+    optimizer = FiniteAdamW(groups, lr=train.lr, betas=BETAS, eps=EPS) if _client_optimizer(train) else None
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=groups, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=deepspeed_config(train, total_steps))
     return engine
 
 

@@ -11,14 +11,21 @@ Metrics (MLflow names in brackets):
 - vision fidelity per teacher: cosine between the adaptor outputs and the teacher's standardised
   features [eval/vision/<teacher>/summary_cos, .../patch_cos];
 - linear probe: logistic regression on train-split features predicting the (source, label) class,
-  accuracy on the test split, for the student's pooled vision features [eval/probe/student], each
+  accuracy on the test split, for the student's `image_features` [eval/probe/student], each
   vision teacher's summary [eval/probe/<teacher>] and raw pixels [eval/probe/pixels].
+
+Device: `evaluate.device` (auto = CUDA when present). Batches are collated and standardised on the
+CPU, then moved once; on CUDA a student exported from bf16 training runs under bf16 autocast, any
+other in fp32. The speculative-decoding figures always run in fp32 (their check is exact equality
+with greedy decoding, which bf16 rounding could break at near-ties).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -27,16 +34,25 @@ import torch
 import torch.nn.functional as F
 
 from data.dataset import DistillDataset, collate
+from data.devices import resolve_device, to_device
 from distill.losses import SparseTargets, language_kd_loss, shift_targets
 from distill.objective import standardize_batch, standardizers
 
 log = logging.getLogger(__name__)
 
 
-def _batches(dataset: DistillDataset, batch_size: int, pad_id: int, stds: dict):
+def _batches(dataset: DistillDataset, batch_size: int, pad_id: int, stds: dict, device: torch.device):
+    """(items, batch): collated and standardised on the CPU, then moved to `device` once."""
     for lo in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))]
-        yield items, standardize_batch(collate(items, pad_id), stds)
+        yield items, to_device(standardize_batch(collate(items, pad_id), stds), device)
+
+
+def _on_device(model, device) -> torch.device:
+    """`device` (default: where the model is); the model is moved there."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    return device
 
 
 def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> list[int]:
@@ -58,9 +74,12 @@ def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> lis
 
 @torch.no_grad()
 def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDataset | None, tokenizer, *,
-                     stds: dict, pad_id: int = 0, batch_size: int = 32) -> dict[str, float]:
-    """All metrics of the module docstring, as a flat dict of MLflow metric names."""
+                     stds: dict, pad_id: int = 0, batch_size: int = 32, device=None) -> dict[str, float]:
+    """All metrics of the module docstring, as a flat dict of MLflow metric names.
+
+    `device`: where to run (default: the model's device; the model is moved there)."""
     model.eval()
+    device = _on_device(model, device)
     depth = model.config.mtp_depth
     heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
     sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
@@ -68,7 +87,7 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
     grounded = {"image": [0, 0], "blank": [0, 0]}
     cos = {}
     feats, labels = [], []
-    for items, batch in _batches(dataset, batch_size, pad_id, stds):
+    for items, batch in _batches(dataset, batch_size, pad_id, stds, device):
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], text_logits_only=True)
         lang = batch["lang"]
         for k, (name, logits) in enumerate(zip(heads, [out.logits, *out.mtp_logits], strict=True)):
@@ -84,11 +103,12 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         n_tokens += int((labels_next != -100).sum())
         blank = model(torch.zeros_like(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"],
                       text_logits_only=True).logits
+        preds = {"image": out.logits.argmax(-1).cpu(), "blank": blank.argmax(-1).cpu()}  # one copy per batch
         for b, it in enumerate(items):
             ids = it["input_ids"].tolist()
             for t in grounded_positions(ids, it["grounded"], tokenizer):
-                for key, lg in (("image", out.logits), ("blank", blank)):
-                    grounded[key][0] += int(lg[b, t - 1].argmax() == ids[t])
+                for key, pred in preds.items():
+                    grounded[key][0] += int(pred[b, t - 1] == ids[t])
                     grounded[key][1] += 1
         for name, v in batch["vision"].items():
             if name not in out.teacher_outputs:  # a student trained without this teacher (baseline)
@@ -98,7 +118,7 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
             c[0] += float(F.cosine_similarity(s["summary"], v["summary"], dim=-1).sum())
             c[1] += float(F.cosine_similarity(s["features"], v["features"], dim=-1).mean(-1).sum())
             c[2] += len(items)
-        feats.append(out.vision_summary.float().numpy())
+        feats.append(model.image_features(batch["pixel_values"]).float().cpu().numpy())
         labels += [f"{it['id'].rsplit('-', 1)[0]}:{it['label']}" for it in items]
 
     metrics = {}
@@ -116,7 +136,8 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         metrics[f"eval/vision/{name}/summary_cos"] = sc / n
         metrics[f"eval/vision/{name}/patch_cos"] = pc / n
     if train_dataset is not None:
-        metrics.update(probes(model, train_dataset, dataset, np.concatenate(feats), labels, stds, pad_id, batch_size))
+        metrics.update(probes(model, train_dataset, dataset, np.concatenate(feats), labels, stds, pad_id, batch_size,
+                              device))
     return metrics
 
 
@@ -129,30 +150,32 @@ def agreement_and_kl(logits, targets: SparseTargets, depth: int = 0) -> tuple[fl
     return float(agree.sum()), float(kl.sum()), int(t.mask.sum())
 
 
-def _features(model, dataset, stds, pad_id, batch_size) -> tuple[dict[str, np.ndarray], list[str]]:
+@torch.no_grad()
+def _features(model, dataset, stds, pad_id, batch_size, device=None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Student pooled features, each teacher's summary and raw pixels (16×16 grey) of every row."""
+    device = _on_device(model, device)
     out: dict[str, list] = {}
     labels = []
-    for items, batch in _batches(dataset, batch_size, pad_id, stds):
+    for items, batch in _batches(dataset, batch_size, pad_id, stds, device):
         px = batch["pixel_values"]
-        hidden, _, _ = model.encode_image(px)
-        out.setdefault("student", []).append(hidden.mean(1).float().numpy())
+        out.setdefault("student", []).append(model.image_features(px).float().cpu().numpy())
         grey = F.adaptive_avg_pool2d(px.mean(1, keepdim=True), 16).flatten(1)
-        out.setdefault("pixels", []).append(grey.numpy())
+        out.setdefault("pixels", []).append(grey.float().cpu().numpy())
         for name, v in batch["vision"].items():
-            out.setdefault(name, []).append(v["summary"].numpy())
+            out.setdefault(name, []).append(v["summary"].cpu().numpy())
         labels += [f"{it['id'].rsplit('-', 1)[0]}:{it['label']}" for it in items]
     return {k: np.concatenate(v) for k, v in out.items()}, labels
 
 
-def probes(model, train_ds, test_ds, test_student, test_labels, stds, pad_id, batch_size) -> dict[str, float]:
+def probes(model, train_ds, test_ds, test_student, test_labels, stds, pad_id, batch_size,
+           device=None) -> dict[str, float]:
     """Linear-probe accuracy of each feature set (logistic regression, standardised inputs)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    train, y_train = _features(model, train_ds, stds, pad_id, batch_size)
-    test, y_test = _features(model, test_ds, stds, pad_id, batch_size)
+    train, y_train = _features(model, train_ds, stds, pad_id, batch_size, device)
+    test, y_test = _features(model, test_ds, stds, pad_id, batch_size, device)
     result = {}
     for name in train:
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
@@ -193,11 +216,18 @@ def resolve_student(ref: str | None, cfg) -> Path:
                                 f"'student' artifact ({str(e).splitlines()[0]})") from None
 
 
-def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: int, new_tokens: int) -> dict:
-    """Self-speculative decoding against plain greedy on test captions' first tokens."""
-    import time
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
+
+def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: int, new_tokens: int,
+                device=None) -> dict:
+    """Self-speculative decoding against plain greedy on test captions' first tokens (on `device`,
+    default: the model's)."""
     from student import speculative_generate
+    device = _on_device(model, device)
     depth = model.config.mtp_depth
     accepted, proposed = [0] * depth, [0] * depth
     produced = forwards = 0
@@ -205,13 +235,13 @@ def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: i
     t_spec = t_greedy = 0.0
     for i in range(min(n_prompts, len(dataset))):
         item = dataset[i]
-        px, ids = item["pixel_values"][None], item["input_ids"][None, :prompt_tokens]
-        start = time.perf_counter()
+        px, ids = to_device((item["pixel_values"][None], item["input_ids"][None, :prompt_tokens]), device)
+        start = _clock(device)
         greedy = model.greedy_generate(px, ids, max_new_tokens=new_tokens)
-        t_greedy += time.perf_counter() - start
-        start = time.perf_counter()
+        t_greedy += _clock(device) - start
+        start = _clock(device)
         tokens, stats = speculative_generate(model, px, ids, max_new_tokens=new_tokens)
-        t_spec += time.perf_counter() - start
+        t_spec += _clock(device) - start
         if not torch.equal(tokens, greedy):
             raise AssertionError(f"speculative decoding differs from greedy on test row {item['id']}")
         for k in range(depth):
@@ -225,6 +255,12 @@ def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: i
     out["mtp/tau"] = sum(rounds) / max(len(rounds), 1)  # mean tokens per verification round
     out["mtp/speedup"] = t_greedy / max(t_spec, 1e-9)
     return out
+
+
+def exported_dtype(folder: str | Path) -> str | None:
+    """The dtype the student had when it was saved (config.json; bf16 training saves "bfloat16")."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype")
 
 
 def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
@@ -241,15 +277,25 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(target_dirs[test.language] / "tokenizer"))
     pad_id = test.targets[test.language]["producer"].get("eos_id") or 0
 
+    try:
+        device = resolve_device(ev.device)
+    except ValueError as err:
+        raise ValueError(f"evaluate.device: {err}") from None
+
     def measure(ref):
         folder = resolve_student(ref, cfg)
-        model = AutoModel.from_pretrained(str(folder)).eval()
-        metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=pad_id, batch_size=ev.batch_size)
+        # fp32 weights on disk; without dtype= transformers would load them as the config's dtype
+        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+        bf16 = device.type == "cuda" and exported_dtype(folder) == "bfloat16"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=pad_id,
+                                       batch_size=ev.batch_size, device=device)
         if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
-            metrics.update(mtp_figures(model, test, ev.mtp_prompts, ev.mtp_prompt_tokens, ev.mtp_new_tokens))
-        return folder, metrics
+            metrics.update(mtp_figures(model, test, ev.mtp_prompts, ev.mtp_prompt_tokens, ev.mtp_new_tokens,
+                                       device))
+        return folder, metrics, "bf16 autocast" if bf16 else "fp32"
 
-    folder, metrics = measure(ev.student)
+    folder, metrics, precision = measure(ev.student)
     baseline_ref = ev.baseline
     if baseline_ref and "/" in baseline_ref and not Path(baseline_ref).expanduser().is_dir():
         log.warning("baseline %s does not exist yet (make baseline trains it); evaluating without", baseline_ref)
@@ -258,6 +304,7 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     out = output_path(cfg, "eval")
     out.mkdir(parents=True, exist_ok=True)
     notes = [f"student: {folder}", f"test rows: {len(test)}; teachers: {', '.join(test.targets)}",
+             f"device: {device}; precision: {precision}",
              "agreement/KL: teacher-forced on test captions, sparse top-k + tail KL(teacher‖student) at T=1",
              "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image"]
     if baseline:

@@ -280,8 +280,10 @@ def vision_kd_loss(student_summary: Tensor | None, student_patches: Tensor | Non
     teacher's standardised features (see distill.standardize), on the summary [B, D] and on the
     patches [B, P, D].
 
-    `patch_mask` [B, P] marks patches hidden from the student (masked-image distillation). All
-    patches count; masked ones weigh `masked_weight` times an unmasked one. Pass None for a part
+    `patch_mask` [B, P] marks what was hidden from the student (masked-image distillation): a bool
+    per patch, or the masked fraction of each teacher cell in [0, 1] (the student's mask pooled to
+    the teacher's grid). All patches count; a patch weighs 1 + (masked_weight - 1) * fraction, so a
+    fully masked one weighs `masked_weight` times a visible one. Pass None for a part
     the teacher does not have. Returns {"loss", "summary/cos", "summary/smooth_l1",
     "patches/cos", "patches/smooth_l1"} for the parts present.
     """
@@ -301,7 +303,7 @@ def vision_kd_loss(student_summary: Tensor | None, student_patches: Tensor | Non
             if patch_mask.shape != student_patches.shape[:-1]:
                 raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)}, expected "
                                  f"{tuple(student_patches.shape[:-1])}")
-            weight = torch.where(patch_mask.bool(), float(masked_weight), 1.0).to(student_patches.device)
+            weight = 1.0 + (float(masked_weight) - 1.0) * patch_mask.float().to(student_patches.device)
         cos, l1 = _feature_terms(student_patches, teacher_patches, weight, beta)
         out["patches/cos"], out["patches/smooth_l1"] = cos, l1
         part = patch_weight * (cos_weight * cos + l1_weight * l1)

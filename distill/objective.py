@@ -5,7 +5,10 @@ optimised and checkpointed with the student, and balancer state (EMA means, Grad
 is saved and restored with every checkpoint.
 
 Terms balanced against each other: `language` (CE mixed with sparse KD on the main head and the
-MTP depths) and one term per vision teacher (cosine + smooth-L1 on standardised features).
+MTP depths, on the clean image) and one term per vision teacher (cosine + smooth-L1 on
+standardised features, on the masked view). The shared trunk is the student's vision tower: the
+only part that every term trains. `taps` measures each term's gradient on it during the training
+backward (see distill.balance.TrunkTaps).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from distill.balance import build_balancer, gradient_norms
+from distill.balance import TrunkTaps, build_balancer
 from distill.losses import LanguageDistillLoss, vision_kd_loss
 from distill.standardize import FeatureStandardizer
 
@@ -51,6 +54,16 @@ def standardize_batch(batch: dict, stds: dict[str, dict[str, FeatureStandardizer
     return batch
 
 
+def balancer_options(loss_cfg) -> dict:
+    """The chosen balancer's options from the loss config."""
+    strategy = getattr(loss_cfg.balance, "value", loss_cfg.balance)
+    if strategy == "static":
+        return {"weights": dict(loss_cfg.static_weights)}
+    if strategy == "gradnorm":
+        return {"alpha": loss_cfg.gradnorm_alpha, "lr": loss_cfg.gradnorm_lr}
+    return {}
+
+
 class DistillObjective(nn.Module):
     def __init__(self, student: nn.Module, loss_cfg, vision: list[str], use_language: bool):
         super().__init__()
@@ -62,17 +75,19 @@ class DistillObjective(nn.Module):
         self.vision = list(vision)
         self.terms = ([LANGUAGE] if use_language else []) + list(vision)
         strategy = getattr(loss_cfg.balance, "value", loss_cfg.balance)
-        opts = {"weights": dict(loss_cfg.static_weights)} if strategy == "static" else {}
-        self.balancer = build_balancer(strategy, self.terms, **opts)
+        self.balancer = build_balancer(strategy, self.terms, **balancer_options(loss_cfg))
         self.masked_patch_weight = loss_cfg.masked_patch_weight
+        self.taps = TrunkTaps()
+        self.measure = True  # read the terms' gradient norms on the tower during backward (bench turns it off)
+        self._graph_terms: list[str] = []
 
-    def forward(self, batch: dict, measure_gradnorm: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and the figures to log: raw losses, weights, and (on request) the gradient norm
-        each term puts on the shared trunk (the vision tower's output) and its ratio to the language term.
-        """
+    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total loss and the figures to log (detached tensors): raw losses, their parts, weights."""
         dtype = next(self.student.parameters()).dtype
-        out = self.student(pixel_values=batch["pixel_values"].to(dtype), input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"], text_logits_only=True)
+        out = self.student(pixel_values=batch["pixel_values"].to(dtype),
+                           input_ids=batch["input_ids"] if self.use_language else None,
+                           attention_mask=batch["attention_mask"], text_logits_only=True,
+                           branch_hook=self.taps if self.training and self.measure else None)
         losses, logs = {}, {}
         if self.use_language:
             parts = self.language(out.logits, batch["lang"], labels=batch["labels"], mtp_logits=out.mtp_logits)
@@ -86,18 +101,17 @@ class DistillObjective(nn.Module):
                                    teacher["features"], mask, masked_weight=self.masked_patch_weight)
             losses[name] = parts.pop("loss")
             logs.update({f"loss/vision/{name}/{k}": v.detach() for k, v in parts.items()})
-        shared = out.vision_hidden_states
-        total, weights = self.balancer(losses, shared)
-        if measure_gradnorm and len(losses) > 1:
-            norms = gradient_norms(losses, shared, weights)  # of each weighted term, on the shared trunk
-            ref = norms.get(LANGUAGE) or sum(norms.values()) / len(norms)
-            logs.update({f"gradnorm/{k}": v for k, v in norms.items()})
-            logs.update({f"gradnorm_ratio/{k}": v / max(ref, 1e-12) for k, v in norms.items() if k != LANGUAGE})
+        total, weights = self.balancer(losses)
+        self._graph_terms = [t for t, v in losses.items() if v.requires_grad and self.measure]
         for k, v in losses.items():
-            logs[f"loss/{k}" if k == LANGUAGE else f"loss/vision/{k}"] = v.detach()
-        logs.update({f"weight/{k}": w for k, w in weights.items()})
+            logs[term_metric(k)] = v.detach()
+        logs.update({f"weight/{k}": torch.tensor(w) for k, w in weights.items()})
         logs["loss/total"] = total.detach()
         return total, logs
+
+    def trunk_norms(self, scale: float = 1.0) -> torch.Tensor:
+        """[T] weighted gradient norms of the terms on the vision tower, from the backward just run."""
+        return self.taps.pop(self.terms, self._graph_terms, scale)
 
     def first_bad_term(self, logs: dict) -> str | None:
         """The name of the first non-finite raw loss in `logs`, for error messages."""
@@ -105,3 +119,8 @@ class DistillObjective(nn.Module):
             if k.startswith("loss/") and not torch.isfinite(torch.as_tensor(v)).all():
                 return k
         return None
+
+
+def term_metric(term: str) -> str:
+    """The MLflow name of a balanced term's raw loss."""
+    return f"loss/{term}" if term == LANGUAGE else f"loss/vision/{term}"

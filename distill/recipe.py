@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 
 import student as student_pkg
 from data.dataset import BlockShuffleSampler, DistillDataset, check_manifests, collate
+from data.devices import to_device
 from data.shards import atomic_write_json
 from distill import engine as ds
+from distill.balance import distributed_mean, gradnorm_ratios
 from distill.config import load_config, output_path, shards_path, teacher_configs
-from distill.objective import DistillObjective, standardize_batch, standardizers
+from distill.objective import LANGUAGE, DistillObjective, standardize_batch, standardizers, term_metric
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ class DistillRecipe:
             raise ValueError(f"{len(self.sampler)} training rows per rank are fewer than one step of "
                              f"{cfg.train.micro_batch_size}×{cfg.train.grad_accum}; lower train.micro_batch_size")
         self.engine = ds.build_engine(self.objective, cfg.train, cfg.train.max_steps)
+        self.device = self.engine.device
         self.ckpt_dir = output_path(cfg, "checkpoints")
         if cfg.train.resume:
             state = ds.load_latest(self.engine, self.ckpt_dir)
@@ -102,26 +105,18 @@ class DistillRecipe:
         bar = tqdm(total=tr.max_steps, initial=self.step, desc="distill", disable=self.rank != 0 or not tr.progress)
         t0, seen = time.perf_counter(), 0
         while self.step < tr.max_steps:
-            # Per-step seeding makes random masking identical after a resume.
+            # Per-step seeding makes random masking identical after a resume (and after a skipped step).
             torch.manual_seed(cfg.seed * 1_000_003 + self.step)
-            measure = tr.gradnorm_every > 0 and self.step % tr.gradnorm_every == 0
-            logs, good = {}, True
-            for _ in range(tr.grad_accum):
-                loss, logs = self.engine(next(batches), measure_gradnorm=measure)
-                if not self._all_finite(loss):
-                    good = False
-                    break
-                self.engine.backward(loss)
-                self.engine.step()
-                seen += tr.micro_batch_size * self.world
-            if not good:
-                self._bad_step(logs)
+            figures, bad = self.train_step(batches)
+            seen += tr.micro_batch_size * tr.grad_accum * self.world
+            if bad is not None:
+                self._bad_step(bad)
                 continue
             self.bad_steps = 0
             self.step += 1
             if self.step % tr.log_every == 0 or self.step == tr.max_steps:
                 rate = seen / (time.perf_counter() - t0)
-                self._log(logs, rate)
+                self._log(figures, rate)
                 if self.history:
                     bar.set_postfix(loss=f"{self.history[-1]['loss/total']:.4f}", samples_s=f"{rate:.1f}")
             bar.update(1)
@@ -131,17 +126,57 @@ class DistillRecipe:
         folder = ds.export_student(self.engine, output_path(cfg, "student"))
         return self._finish(run, folder)
 
+    def train_step(self, batches) -> tuple[dict[str, float], str | None]:
+        """One optimizer step over `train.grad_accum` micro-batches.
+
+        Returns the step's figures (each the mean over its micro-batches and over ranks, with the
+        terms' gradient norms on the vision tower) and None, or ({}, the first non-finite term)
+        when the step was skipped. A non-finite micro-batch still runs a backward, poisoned with
+        NaN, so that every micro-batch keeps DeepSpeed's accumulation and its collectives in phase;
+        the optimizer then finds non-finite gradients and applies nothing, and the balancer is not
+        updated: the next step starts where this one started.
+        """
+        objective, grad_accum = self.objective, self.cfg.train.grad_accum
+        sums, norms, bad = {}, None, None
+        for _ in range(grad_accum):
+            loss, logs = self.engine(to_device(next(batches), self.device))
+            if bad is None and not self._all_finite(loss):
+                bad = objective.first_bad_term(logs) or "loss/total"
+            self.engine.backward(loss if bad is None else loss * math.nan)
+            step_norms = objective.trunk_norms(scale=1.0 / grad_accum)  # engine.backward scales by 1/grad_accum
+            self.engine.step()
+            if bad is None:
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float()
+                norms = step_norms if norms is None else norms + step_norms
+        applied = self.engine.was_step_applied()
+        if bad is not None or not applied:
+            if applied:
+                raise RuntimeError("a step with a non-finite loss was applied by the optimizer")
+            return {}, bad or "gradients (non-finite after a finite loss)"
+        keys = sorted(sums)
+        values = distributed_mean(torch.stack([sums[k].to(self.device) for k in keys] + list(norms.to(self.device)))
+                                  / grad_accum)
+        figures = dict(zip(keys, values[: len(keys)].tolist(), strict=True))
+        grad = values[len(keys):]
+        objective.balancer.update(torch.stack([values[keys.index(term_metric(t))] for t in objective.terms]), grad)
+        norm = dict(zip(objective.terms, grad.tolist(), strict=True))
+        figures.update({f"gradnorm/{t}": v for t, v in norm.items()})
+        if LANGUAGE in norm and len(norm) > 1:
+            figures.update({f"gradnorm_ratio/{t}": r for t, r in gradnorm_ratios(norm, LANGUAGE).items()
+                            if t != LANGUAGE})
+        return figures, None
+
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0])
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
         return bad.item() == 0
 
-    def _bad_step(self, logs: dict) -> None:
-        """Skip the step (no backward, no optimizer update); abort after too many in a row."""
+    def _bad_step(self, term: str) -> None:
+        """Count a skipped step (no update); abort after too many in a row."""
         self.bad_steps += 1
         self.skipped_steps += 1
-        term = self.objective.first_bad_term(logs) or "loss/total"
         log.warning("non-finite loss in %s at step %d: step skipped (%d in a row)", term, self.step, self.bad_steps)
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses, first in {term} at step "
@@ -168,17 +203,12 @@ class DistillRecipe:
             tracking.log_manifest_input(self.dataset.target_dirs[n], m, f"targets/{n}", "train")
         return run
 
-    def _log(self, logs: dict, samples_per_s: float) -> None:
-        """Log the step's figures, averaged over ranks, from rank 0."""
-        keys = sorted(logs)
-        values = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64)
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(values)
-            values /= self.world
+    def _log(self, figures: dict[str, float], samples_per_s: float) -> None:
+        """Log the step's figures (already averaged over micro-batches and ranks) from rank 0."""
         if self.rank != 0:
             return
         import mlflow
-        metrics = dict(zip(keys, values.tolist(), strict=True))
+        metrics = dict(figures)
         metrics.update({"lr": self.engine.get_lr()[0], "throughput/samples_per_s": samples_per_s,
                         "train/skipped_steps": self.skipped_steps})
         self.history.append({"step": self.step, **metrics})

@@ -10,7 +10,7 @@ from .decoder import IGNORE_INDEX, KVCache, mtp_labels, shift_labels
 from .lora import decoder_config_kwargs
 from .modeling_cogvit_mtp import CogViTMTPForDistillation, CogViTMTPOutput, build_student
 from .speculative import speculative_generate
-from .vision import sample_image_mask
+from .vision import sample_image_mask, summary_names
 
 AutoConfig.register(CogViTMTPConfig.model_type, CogViTMTPConfig, exist_ok=True)
 AutoModel.register(CogViTMTPConfig, CogViTMTPForDistillation, exist_ok=True)
@@ -28,4 +28,5 @@ __all__ = [
     "sample_image_mask",
     "shift_labels",
     "speculative_generate",
+    "summary_names",
 ]

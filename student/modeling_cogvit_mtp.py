@@ -19,7 +19,7 @@ from .configuration_cogvit_mtp import CogViTMTPConfig
 from .decoder import IGNORE_INDEX, Decoder, KVCache, MTPModule, shift_labels, shift_left
 from .layers import attention_mask as build_attention_mask
 from .layers import rope_cos_sin
-from .vision import PatchMerger, TeacherHead, VisionTower, resample_mask, sample_image_mask
+from .vision import PatchMerger, TeacherHead, VisionTower, pool_mask, sample_image_mask, summary_names
 
 
 @dataclass
@@ -37,12 +37,15 @@ class CogViTMTPOutput(ModelOutput):
         last_hidden_state: decoder output after the final norm [B, S, d] (what `lm_head` reads).
         mtp_hidden_states: tuple of D tensors [B, S, d], each MTP module's block output (before its norm).
         image_embeds: merged image tokens fed to the decoder [B, N_img, d].
-        vision_hidden_states: vision tower output [B, Ph * Pw, Dv] (row-major patch grid).
-        vision_summary: mean of `vision_hidden_states` over patches [B, Dv].
-        teacher_outputs: `{teacher: {"summary": [B, Ds], "features": [B, Gh * Gw, Df]}}` from the adaptor heads.
-        image_mask: [B, Ph, Pw] bool, the patches replaced by the mask token (None when no masking).
-        mask: `{teacher: [B, Gh * Gw] bool}`, `image_mask` resampled to each teacher's grid (None when no
-            masking).
+        vision_hidden_states: vision tower patch tokens of the clean image [B, Ph * Pw, Dv] (row-major grid).
+        vision_summary: the tower's summary tokens of the clean image [B, n, Dv], named by
+            `summary_names(config)` (`image`, then one per teacher).
+        teacher_outputs: `{teacher: {"summary": [B, Ds], "features": [B, Gh * Gw, Df]}}` from the adaptor heads,
+            on the masked view when there is a mask (masked-image distillation), else on the clean image.
+        image_mask: [B, Ph, Pw] bool, the patches replaced by the mask token in the teachers' view (None when
+            no masking).
+        mask: `{teacher: [B, Gh * Gw] float}`, the masked fraction of each teacher grid cell (area-pooled
+            `image_mask`; None when no masking).
         num_image_tokens: N_img.
     """
 
@@ -111,6 +114,7 @@ class CogViTMTPForDistillation(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, VisionTower):
             init.normal_(module.mask_token, std=std)
+            init.normal_(module.summary_tokens, std=std)
         elif isinstance(module, CogViTMTPForDistillation):
             init.normal_(module.image_token_embedding, std=std)
 
@@ -128,7 +132,7 @@ class CogViTMTPForDistillation(PreTrainedModel):
     def encode_image(self, pixel_values, image_mask=None):
         """Vision tower + merger. Returns (vision_hidden_states [B, P, Dv], grid (Ph, Pw), image_embeds)."""
         self._check_pixels(pixel_values)
-        hidden, grid = self.vision(pixel_values, image_mask)
+        hidden, _, grid = self.vision(pixel_values, image_mask)
         return hidden, grid, self.merger(hidden, grid)
 
     def mtp_token_embeddings(self, input_ids, num_image_tokens: int):
@@ -179,33 +183,74 @@ class CogViTMTPForDistillation(PreTrainedModel):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, pixel_values, input_ids, attention_mask=None, labels=None, image_mask=None,
-                return_dict: bool = True, text_logits_only: bool = False):
+    def image_features(self, pixel_values):
+        """Pooled features of the clean image [B, (n + 1) * Dv], for probes and retrieval: the mean patch
+        token, then each summary token (`summary_names(config)` order)."""
+        self._check_pixels(pixel_values)
+        patches, summary, _ = self.vision(pixel_values)
+        return torch.cat([patches.mean(1), summary.flatten(1)], dim=-1)
+
+    def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, image_mask=None,
+                return_dict: bool = True, text_logits_only: bool = False, branch_hook=None):
         """pixel_values [B, C, H, W] (H, W multiples of patch_size * spatial_merge_size); input_ids [B, T]
-        caption tokens; attention_mask [B, T] (1 = token, right padding only); labels [B, T] caption-aligned
-        targets (usually `input_ids`; IGNORE_INDEX = -100 ignored; padding is ignored anyway); image_mask
-        [B, Ph, Pw] bool patches to replace by the mask token. Without `image_mask`, a random one with
-        `config.mask_ratio` is drawn in training mode. `text_logits_only` computes `logits` and `mtp_logits`
-        at the caption positions only ([B, T, V], entry t aligned with `input_ids[:, t]`); with a large vocab
-        the output head dominates training cost, and distillation needs no logits at image positions.
+        caption tokens (None: the vision part only, no decoder); attention_mask [B, T] (1 = token, right
+        padding only); labels [B, T] caption-aligned targets (usually `input_ids`; IGNORE_INDEX = -100
+        ignored; padding is ignored anyway); image_mask [B, Ph, Pw] bool patches that the teacher heads' view
+        replaces by the mask token. Without `image_mask`, a random one with `config.mask_ratio` is drawn in
+        training mode when there are teacher heads.
+
+        The language path (merger, decoder, MTP) always reads the clean image; only the teacher heads read
+        the masked view (masked-image distillation). With a mask both views pass the tower as one batch.
+
+        `text_logits_only` computes `logits` and `mtp_logits` at the caption positions only ([B, T, V], entry
+        t aligned with `input_ids[:, t]`); with a large vocab the output head dominates training cost, and
+        distillation needs no logits at image positions. `branch_hook(term, tensor) -> tensor`, when given,
+        is applied to the tower's output where each consumer reads it (`"language"` before the merger, a
+        teacher's name before its head), so a trainer can measure what each loss pulls on the shared tower.
         Returns a `CogViTMTPOutput`."""
         if text_logits_only and labels is not None:
             raise ValueError("text_logits_only drops the logits that predict the first caption token; "
                              "compute the loss from the returned logits instead of passing labels")
         batch = pixel_values.shape[0]
-        self._check_text(input_ids, attention_mask, batch)
+        if input_ids is not None:
+            self._check_text(input_ids, attention_mask, batch)
         self._check_pixels(pixel_values)
         p = self.config.patch_size
         grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
-        if image_mask is None and self.training and self.config.mask_ratio > 0:
+        if image_mask is None and self.training and self.config.mask_ratio > 0 and len(self.teacher_heads):
             image_mask = sample_image_mask(batch, *grid, self.config.mask_ratio, pixel_values.device)
         if image_mask is not None and tuple(image_mask.shape) != (batch, *grid):
             raise ValueError(f"image_mask has shape {tuple(image_mask.shape)}, expected {(batch, *grid)} "
                              "(batch, patch rows, patch cols)")
-        if image_mask is not None:
-            image_mask = image_mask.bool()
+        tap = branch_hook or (lambda term, x: x)
 
-        vision_hidden, grid, image_embeds = self.encode_image(pixel_values, image_mask)
+        if image_mask is None:
+            patches, summary, grid = self.vision(pixel_values)
+            masked_patches, masked_summary = patches, summary
+        elif input_ids is None:
+            masked_patches, masked_summary, grid = self.vision(pixel_values, image_mask.bool())
+            patches = summary = None
+        else:
+            views = torch.cat([torch.zeros_like(image_mask, dtype=torch.bool), image_mask.bool()])
+            both, both_summary, grid = self.vision(torch.cat([pixel_values, pixel_values]), views)
+            patches, masked_patches = both[:batch], both[batch:]
+            summary, masked_summary = both_summary[:batch], both_summary[batch:]
+        names = summary_names(self.config)
+        teacher_outputs = {name: head(tap(name, masked_summary[:, names.index(name)]), tap(name, masked_patches), grid)
+                           for name, head in self.teacher_heads.items()}
+        mask = None
+        if image_mask is not None:
+            mask = {name: pool_mask(image_mask.bool(), head.grid) for name, head in self.teacher_heads.items()}
+        language = {} if input_ids is None else self._language(
+            tap("language", patches), grid, input_ids, attention_mask, labels, text_logits_only)
+        out = CogViTMTPOutput(vision_hidden_states=patches, vision_summary=summary, teacher_outputs=teacher_outputs,
+                              image_mask=image_mask, mask=mask, **language)
+        return out if return_dict else out.to_tuple()
+
+    def _language(self, patches, grid, input_ids, attention_mask, labels, text_logits_only) -> dict:
+        """The decoder and MTP part of `forward`: its `CogViTMTPOutput` fields."""
+        batch = input_ids.shape[0]
+        image_embeds = self.merger(patches, grid)
         n_img = image_embeds.shape[1]
         if n_img + input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {n_img} image + {input_ids.shape[1]} text tokens exceeds "
@@ -230,32 +275,18 @@ class CogViTMTPForDistillation(PreTrainedModel):
                 mtp_hidden.append(h)
                 mtp_logits.append(self.logits_from_hidden(h[:, first:], k))
 
-        summary = vision_hidden.mean(dim=1)
-        teacher_outputs = {name: head(summary, vision_hidden, grid) for name, head in self.teacher_heads.items()}
-        mask = None
-        if image_mask is not None:
-            mask = {name: resample_mask(image_mask, head.grid) for name, head in self.teacher_heads.items()}
-
-        loss = lm_loss = mtp_losses = None
+        out = {"logits": logits, "mtp_logits": tuple(mtp_logits), "last_hidden_state": last_hidden,
+               "mtp_hidden_states": tuple(mtp_hidden), "image_embeds": image_embeds, "num_image_tokens": n_img}
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            lm_loss = cross_entropy(logits, shift_labels(labels, n_img, 1, attention_mask))
-            mtp_losses = tuple(
-                cross_entropy(lg, shift_labels(labels, n_img, 1 + k, attention_mask))
-                for k, lg in enumerate(mtp_logits, start=1)
-            )
-            loss = lm_loss
-            if mtp_losses:
-                loss = lm_loss + self.config.mtp_loss_weight * torch.stack(mtp_losses).mean()
-
-        out = CogViTMTPOutput(
-            loss=loss, lm_loss=lm_loss, mtp_losses=mtp_losses, logits=logits, mtp_logits=tuple(mtp_logits),
-            last_hidden_state=last_hidden, mtp_hidden_states=tuple(mtp_hidden), image_embeds=image_embeds,
-            vision_hidden_states=vision_hidden, vision_summary=summary, teacher_outputs=teacher_outputs,
-            image_mask=image_mask, mask=mask, num_image_tokens=n_img,
-        )
-        return out if return_dict else out.to_tuple()
+            out["lm_loss"] = cross_entropy(logits, shift_labels(labels, n_img, 1, attention_mask))
+            out["mtp_losses"] = tuple(cross_entropy(lg, shift_labels(labels, n_img, 1 + k, attention_mask))
+                                      for k, lg in enumerate(mtp_logits, start=1))
+            out["loss"] = out["lm_loss"]
+            if out["mtp_losses"]:
+                out["loss"] = out["lm_loss"] + self.config.mtp_loss_weight * torch.stack(out["mtp_losses"]).mean()
+        return out
 
     # ------------------------------------------------------------ generation and export
 

@@ -18,10 +18,12 @@ def sample_image_mask(batch: int, grid_h: int, grid_w: int, ratio: float, device
 
 
 class VisionTower(nn.Module):
-    """Conv patch embedding -> (optional mask token) -> pre-norm blocks with 2D RoPE and QK-norm -> RMSNorm.
+    """Conv patch embedding -> (optional mask token) -> [summary tokens | patches] -> pre-norm blocks with
+    2D RoPE and QK-norm -> RMSNorm.
 
     There is no absolute position table: positions enter only through the 2D rotary embedding, so any
-    resolution and aspect ratio works.
+    resolution and aspect ratio works. The learned summary (CLS-like) tokens, one per name in
+    `summary_names(config)` as RADIO has one per teacher, sit before the patches and are not rotated.
     """
 
     def __init__(self, config):
@@ -30,6 +32,7 @@ class VisionTower(nn.Module):
         dim = config.vision_hidden_size
         self.patch_embed = nn.Conv2d(config.num_channels, dim, config.patch_size, stride=config.patch_size)
         self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.summary_tokens = nn.Parameter(torch.zeros(len(summary_names(config)), dim))
         self.layers = nn.ModuleList(
             Block(dim, config.vision_num_attention_heads, config.vision_intermediate_size, qk_norm=True,
                   rope_2d=True, eps=config.rms_norm_eps)
@@ -39,18 +42,30 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values, image_mask=None):
         """pixel_values [B, C, H, W]; image_mask [B, Ph, Pw] bool (True = replace by the mask token).
-        Returns the normed patch tokens [B, Ph * Pw, D] (row-major) and the grid (Ph, Pw)."""
+        Returns the normed patch tokens [B, Ph * Pw, D] (row-major), the normed summary tokens [B, n, D]
+        and the grid (Ph, Pw)."""
         x = self.patch_embed(pixel_values)  # [B, D, Ph, Pw]
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         if image_mask is not None:
             keep = ~image_mask.reshape(x.shape[0], -1, 1)
             x = torch.where(keep, x, self.mask_token.to(x.dtype))
+        n = self.summary_tokens.shape[0]
+        x = torch.cat([self.summary_tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         head_dim = self.config.vision_hidden_size // self.config.vision_num_attention_heads
         cos, sin = rope_2d_cos_sin(grid_h, grid_w, head_dim, self.config.vision_rope_theta, x.device)
+        cos = torch.cat([cos.new_ones(n, head_dim), cos])  # summary tokens: identity rotation
+        sin = torch.cat([sin.new_zeros(n, head_dim), sin])
         for layer in self.layers:
             x, _ = layer(x, cos=cos, sin=sin)
-        return self.norm(x), (grid_h, grid_w)
+        x = self.norm(x)
+        return x[:, n:], x[:, :n], (grid_h, grid_w)
+
+
+def summary_names(config) -> list[str]:
+    """Names of the tower's summary tokens: `image` (the student's own, for contrastive training and
+    probes), then one per vision teacher in sorted order (a saved config.json sorts its keys)."""
+    return ["image", *sorted(config.teachers)]
 
 
 class PatchMerger(nn.Module):
@@ -84,17 +99,20 @@ def resample_grid(tokens, grid, target):
     return x.flatten(2).transpose(1, 2)
 
 
-def resample_mask(mask, target):
-    """Nearest (pixel-centre) resample of a patch mask [B, Ph, Pw] to `target` (h, w) -> [B, h * w] bool."""
+def pool_mask(mask, target):
+    """The masked fraction of each cell of a `target` (h, w) grid over a patch mask [B, Ph, Pw] ->
+    [B, h * w] float in [0, 1]: adaptive area pooling, exact when the grids divide (a teacher cell over
+    2 x 2 student patches of which one is masked gets 0.25), overlap-averaged otherwise."""
+    x = mask[:, None].float()
     if tuple(mask.shape[-2:]) != tuple(target):
-        mask = F.interpolate(mask[:, None].float(), size=tuple(target), mode="nearest-exact")[:, 0] > 0.5
-    return mask.flatten(1)
+        x = F.adaptive_avg_pool2d(x, tuple(target))
+    return x.flatten(1)
 
 
 class TeacherHead(nn.Module):
-    """Adaptor for one teacher: an MLP from the student summary (mean of the tower's patch tokens) to the
-    teacher's summary, and an MLP from the student patch tokens, resampled to the teacher's grid, to the
-    teacher's patch features."""
+    """Adaptor for one teacher (RADIO): an MLP from the teacher's own student summary token to the teacher's
+    summary, and an MLP from the student patch tokens, resampled to the teacher's grid, to the teacher's
+    patch features."""
 
     def __init__(self, dim, hidden, summary_dim, feature_dim, grid):
         super().__init__()

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from efficientnet_lite_pytorch import EfficientNet
 
+from data.devices import resolve_device
+
 from .identity import file_sha256
 from .registry import TeacherSourceError, register_teacher, resolve_source, teacher_config, torch_dtype
 from .vision import resize_normalize
@@ -61,6 +63,7 @@ def build_model(image_size: int) -> EfficientNet:
 class EfficientNetLite0Teacher:
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
+        self.device = resolve_device(tc.device)  # once, before any weights load
         self.weights_path = weights_file(tc, cache_dir)
         model = build_model(tc.image_size)
         try:
@@ -69,7 +72,7 @@ class EfficientNetLite0Teacher:
             raise ValueError(f"teacher {tc.name!r}: {self.weights_path} is not an EfficientNet-Lite0 "
                              f"state dict: {str(err).splitlines()[0]}") from err
         self.dtype = torch_dtype(tc.dtype)
-        self.model = model.to(tc.device, self.dtype).eval().requires_grad_(False)
+        self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         fmap = self.forward(torch.zeros(1, 3, tc.image_size, tc.image_size))
         self.feature_dim = self.summary_dim = int(fmap.shape[1])
         self.grid = [int(fmap.shape[2]), int(fmap.shape[3])]
@@ -100,7 +103,7 @@ class EfficientNetLite0Teacher:
             # the convs' 'same' padding is fixed for image_size: another size would run, but wrongly
             raise ValueError(f"teacher {self.cfg.name!r}: pixel_values of shape {tuple(pixel_values.shape)}, "
                              f"expected [B, 3, {size}, {size}]")
-        return self.model.extract_features(pixel_values.to(self.cfg.device, self.dtype))
+        return self.model.extract_features(pixel_values.to(self.device, self.dtype))
 
     @torch.inference_mode()
     def soft_targets(self, pixel_values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

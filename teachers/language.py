@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from data.devices import resolve_device
+
 from .identity import file_sha256, tokenizer_digest, weights_digest
 from .registry import (
     TeacherSourceError,
@@ -100,6 +102,7 @@ def peek_vocab_size(cfg, cache_dir) -> int:
 class LanguageTeacher:
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
+        self.device = resolve_device(tc.device)  # once, before any weights load
         cache_dir = Path(cache_dir).expanduser()
         location, local = resolve_source(tc, cache_dir)
         kwargs = dict(revision=tc.revision, trust_remote_code=tc.trust_remote_code)
@@ -123,7 +126,7 @@ class LanguageTeacher:
             if local:
                 raise
             raise offline_error(tc, err) from err
-        self.model.to(tc.device).eval().requires_grad_(False)
+        self.model.to(self.device).eval().requires_grad_(False)
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         if tc.top_k > self.vocab_size:
             raise ValueError(f"teacher {tc.name!r}: top_k={tc.top_k} exceeds the vocab size {self.vocab_size}")
@@ -175,7 +178,7 @@ class LanguageTeacher:
         for i, row in enumerate(token_ids):  # right padding: real tokens never see the pads
             input_ids[i, : len(row)] = torch.as_tensor(row)
             mask[i, : len(row)] = 1
-        return input_ids.to(self.cfg.device), mask.to(self.cfg.device)
+        return input_ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
     def forward_logits(self, token_ids: list[list[int]]) -> torch.Tensor:

@@ -44,7 +44,7 @@ class TeacherConfig:
     top_k: int = 64  # language: log-probs kept per token (plus the tail mass)
     image_size: int = 224  # vision input resolution
     dtype: str = "float32"  # teacher forward dtype: float32 | bfloat16 | float16
-    device: str = "cpu"  # cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when available, else cpu (at load time)
     trust_remote_code: bool = False  # run code shipped with a hub model; logged as a warning when set
     revision: str | None = None  # hub revision (branch, tag or commit) to pin
     max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
@@ -81,6 +81,12 @@ def teacher_config(cfg) -> TeacherConfig:
             raise ValueError(f"{where}: {key} must be a string, got {value!r}")
     if tc.kind not in known_kinds():
         raise ValueError(f"{where}: unknown kind {tc.kind!r}; known kinds: {known_kinds()}")
+    from data.devices import check_device_name  # here: it imports torch
+
+    try:  # the name only: the config may be checked on a machine without the GPU it will run on
+        check_device_name(tc.device)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     if tc.dtype not in DTYPES:
         raise ValueError(f"{where}: dtype {tc.dtype!r} is not one of {DTYPES}")
     for key, low in (("top_k", 1), ("image_size", 1), ("max_tokens", 2)):

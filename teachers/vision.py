@@ -22,6 +22,8 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from data.devices import resolve_device
+
 from .identity import weights_digest
 from .registry import offline_error, register_teacher, resolve_source, teacher_config, torch_dtype
 
@@ -52,6 +54,7 @@ def _pair(value) -> tuple[int, int]:
 class HFVisionTeacher:
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
+        self.device = resolve_device(tc.device)  # once, before any weights load
         location, local = resolve_source(tc, cache_dir)
         self.location = location
         kwargs = dict(revision=tc.revision, trust_remote_code=tc.trust_remote_code)
@@ -85,7 +88,7 @@ class HFVisionTeacher:
         missing = [k for k in missing if not k.startswith("pooler.")]
         if missing:
             raise ValueError(f"teacher {tc.name!r}: weights missing from {location}: {missing[:5]}")
-        self.model = model.to(tc.device).eval().requires_grad_(False)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.config = model.config
         self.dtype = torch_dtype(tc.dtype)
         native = getattr(self.config, "image_size", tc.image_size)
@@ -147,7 +150,7 @@ class HFVisionTeacher:
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor):
         """The bare model forward (a HF ModelOutput)."""
-        x = pixel_values.to(self.cfg.device, self.dtype)
+        x = pixel_values.to(self.device, self.dtype)
         return self.model(pixel_values=x, **self._forward_kwargs)
 
     @torch.inference_mode()

@@ -25,7 +25,7 @@ def test_output_shapes(make_model, patch, height, width):
     assert all(h.shape == (b, s, 64) for h in out.mtp_hidden_states)
     assert out.image_embeds.shape == (b, n_img, 64)
     assert out.vision_hidden_states.shape == (b, ph * pw, 32)
-    assert out.vision_summary.shape == (b, 32)
+    assert out.vision_summary.shape == (b, 3, 32)  # image + one summary token per teacher
     assert out.teacher_outputs["sig"]["summary"].shape == (b, 12)
     assert out.teacher_outputs["sig"]["features"].shape == (b, 16, 20)
     assert out.teacher_outputs["dino"]["summary"].shape == (b, 8)

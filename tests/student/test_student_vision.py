@@ -4,6 +4,7 @@ import torch
 
 import student
 from student.layers import apply_rope_2d, rope_2d_cos_sin
+from tests.student.conftest import TEACHERS
 
 
 def test_rope_2d_scores_depend_only_on_relative_offset():
@@ -38,8 +39,8 @@ def test_tower_uses_patch_positions(make_model):
     swapped = pixels.clone()
     swapped[..., 0:7, 0:7], swapped[..., 21:28, 21:28] = pixels[..., 21:28, 21:28], pixels[..., 0:7, 0:7]
     with torch.no_grad():
-        out, _ = model.vision(pixels)
-        out_swapped, _ = model.vision(swapped)
+        out, _, _ = model.vision(pixels)
+        out_swapped, _, _ = model.vision(swapped)
     perm = list(range(16))
     perm[0], perm[15] = 15, 0
     assert not torch.allclose(out_swapped[:, perm], out, atol=1e-3)
@@ -49,15 +50,15 @@ def test_qk_norm_makes_attention_invariant_to_q_k_scale(make_model):
     model = make_model(rms_norm_eps=1e-12)
     pixels = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
-        reference, _ = model.vision(pixels)
+        reference, _, _ = model.vision(pixels)
         for layer in model.vision.layers:
             layer.self_attn.q_proj.weight.mul_(100.0)
             layer.self_attn.k_proj.weight.mul_(30.0)
-        scaled, _ = model.vision(pixels)
+        scaled, _, _ = model.vision(pixels)
         assert torch.allclose(scaled, reference, atol=1e-4)
         # Control: the same scaling on v (not normed) does change the output.
         model.vision.layers[0].self_attn.v_proj.weight.mul_(100.0)
-        changed, _ = model.vision(pixels)
+        changed, _, _ = model.vision(pixels)
     assert not torch.allclose(changed, reference, atol=1e-2)
 
 
@@ -70,32 +71,67 @@ def _tower_input(model, pixels, image_mask):
     return seen["x"], out
 
 
+N_SUMMARY = 3  # image + sig + dino summary tokens before the patches
+
+
 def test_masked_patches_become_the_mask_token(make_model):
     model = make_model()
     pixels = torch.randn(1, 3, 28, 28)
     image_mask = torch.zeros(1, 4, 4, dtype=torch.bool)
     image_mask[0, 1, 2] = True  # patch (row 1, col 2) = pixels [7:14, 14:21], flat index 6
     x, out = _tower_input(model, pixels, image_mask)
-    assert torch.equal(x[0, 6], model.vision.mask_token.detach())
+    assert x.shape[0] == 2  # the clean view (row 0) and the teachers' masked view (row 1), one tower batch
+    assert torch.equal(x[1, N_SUMMARY + 6], model.vision.mask_token.detach())
+    assert not torch.equal(x[0, N_SUMMARY + 6], model.vision.mask_token.detach())
     assert torch.equal(out.image_mask, image_mask)
 
     other = pixels.clone()
     other[..., 7:14, 14:21] += 5.0  # change only the masked patch
     x_other, _ = _tower_input(model, other, image_mask)
-    assert torch.equal(x_other, x)
+    assert torch.equal(x_other[1], x[1])
 
     other[..., 0:7, 0:7] += 5.0  # control: an unmasked patch does change the tower input
     x_changed, _ = _tower_input(model, other, image_mask)
-    assert not torch.allclose(x_changed[0, 0], x[0, 0])
+    assert not torch.allclose(x_changed[1, N_SUMMARY], x[1, N_SUMMARY])
 
 
-def test_mask_is_resampled_to_each_teacher_grid(make_model):
+def test_language_reads_the_clean_image(make_model):
+    # Masked-image distillation hides patches from the teacher heads only: captions see the whole image.
     model = make_model()
+    pixels, ids = torch.randn(2, 3, 28, 28), torch.zeros(2, 3, dtype=torch.long)
+    image_mask = student.sample_image_mask(2, 4, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean, masked = model(pixels, ids), model(pixels, ids, image_mask=image_mask)
+    assert torch.allclose(masked.logits, clean.logits, atol=1e-6)
+    assert torch.allclose(masked.vision_hidden_states, clean.vision_hidden_states, atol=1e-6)
+    assert not torch.allclose(masked.teacher_outputs["sig"]["features"], clean.teacher_outputs["sig"]["features"],
+                              atol=1e-4)
+    vision_only = model(pixels, image_mask=image_mask)  # no captions: the tower and heads only
+    assert vision_only.logits is None
+    assert torch.allclose(vision_only.teacher_outputs["sig"]["features"], masked.teacher_outputs["sig"]["features"],
+                          atol=1e-6)
+
+
+def test_mask_is_pooled_to_each_teacher_grid(make_model):
+    model = make_model(teachers={**TEACHERS, "coarse": {"summary_dim": 4, "feature_dim": 4, "grid": [2, 2]}})
     image_mask = student.sample_image_mask(2, 4, 4, 0.5, generator=torch.Generator().manual_seed(0))
     _, out = _tower_input(model, torch.randn(2, 3, 28, 28), image_mask)
-    assert torch.equal(out.mask["sig"], image_mask.flatten(1))  # same 4x4 grid
+    assert torch.equal(out.mask["sig"], image_mask.flatten(1).float())  # same 4x4 grid
     upsampled = image_mask.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # 8x8: 2x2 per patch
-    assert torch.equal(out.mask["dino"], upsampled.flatten(1))
+    assert torch.equal(out.mask["dino"], upsampled.flatten(1).float())
+    # 2x2 teacher cells over 2x2 student patches each: the masked fraction, not one patch's bit.
+    fraction = image_mask.float().view(2, 2, 2, 2, 2).mean((2, 4)).flatten(1)
+    assert torch.equal(out.mask["coarse"], fraction)
+    assert set(fraction.unique().tolist()) - {0.0, 1.0}  # some cells are partly masked
+
+
+def test_branch_hook_sees_each_consumer(make_model):
+    model = make_model()
+    seen = []
+    model(torch.randn(2, 3, 28, 28), torch.zeros(2, 3, dtype=torch.long),
+          branch_hook=lambda term, x: seen.append((term, tuple(x.shape))) or x)
+    assert sorted(seen) == sorted([("dino", (2, 32)), ("dino", (2, 16, 32)), ("sig", (2, 32)), ("sig", (2, 16, 32)),
+                                   ("language", (2, 16, 32))])
 
 
 def test_random_mask_in_training_only(make_model):
@@ -117,12 +153,17 @@ def test_sample_image_mask_counts():
     assert not student.sample_image_mask(2, 2, 2, 0.0).any()
 
 
-def test_teacher_heads_read_the_tower(make_model):
+def test_teacher_heads_read_their_own_summary_token(make_model):
     model = make_model()
+    names = student.summary_names(model.config)
+    assert names == ["image", "dino", "sig"]
     with torch.no_grad():
         out = model(torch.randn(2, 3, 28, 28), torch.zeros(2, 3, dtype=torch.long))
         head = model.teacher_heads["sig"]
-        assert torch.allclose(out.vision_summary, out.vision_hidden_states.mean(1))
-        assert torch.allclose(out.teacher_outputs["sig"]["summary"], head.summary(out.vision_summary))
+        assert torch.allclose(out.teacher_outputs["sig"]["summary"], head.summary(out.vision_summary[:, 2]))
+        dino = model.teacher_heads["dino"].summary(out.vision_summary[:, 1])
+        assert torch.allclose(out.teacher_outputs["dino"]["summary"], dino)
         # Same grid as the student: no resampling, the MLP applies patch by patch.
         assert torch.allclose(out.teacher_outputs["sig"]["features"], head.features(out.vision_hidden_states))
+        features = model.image_features(torch.randn(2, 3, 28, 28))
+    assert features.shape == (2, 4 * 32)  # mean patch + 3 summary tokens

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 import teachers.registry as registry
 from teachers import (
     TEACHER_KINDS,
+    TeacherConfig,
     TeacherSourceError,
     clear_teacher_cache,
     config_digest,
@@ -26,7 +27,7 @@ class LeadConfig:  # the shape of the lead's structured config
     top_k: int = 64
     image_size: int = 224
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = "auto"
     trust_remote_code: bool = False
     revision: str | None = None
     max_tokens: int = 64
@@ -99,3 +100,18 @@ def test_resolve_source(tmp_path, cache_dir):
     assert (hub, local) == ("org/model", False)
     with pytest.raises(ValueError, match="unknown tiny-random arch 'gpt9'"):
         resolve_source(teacher_config(dict(name="e", kind="hf_vision", source="tiny-random:gpt9")), cache_dir)
+
+
+def test_device_defaults_to_auto_and_resolves_here(lm):
+    import torch
+    assert TeacherConfig(name="t", kind="hf_vision").device == "auto"
+    assert lm.cfg.device == "auto"  # the fixture sets no device
+    assert lm.device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert next(lm.model.parameters()).device.type == lm.device.type
+    assert teacher_config(dict(name="v", kind="hf_vision", device="cuda:1")).device == "cuda:1"  # syntax only
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"])
+def test_bad_device_names_are_refused(device):
+    with pytest.raises(ValueError, match=rf"teacher 'v': unknown device '{device}'; expected auto \| cpu \| cuda \| cuda:N"):
+        teacher_config(dict(name="v", kind="hf_vision", device=device))

@@ -13,11 +13,12 @@ import student  # noqa: F401  (registers the Auto classes)
 from data.dataset import ManifestMismatchError
 from distill.recipe import DistillRecipe, NonFiniteLossError
 
-# The first 5 steps of configs/tiny.yaml (seed 0, ema balancing over 3 terms, fp32), recorded from
-# a run of this recipe: loss/total (the EMA-normalised sum, exactly 3 at step 1) and the raw language
-# term. A change here means the numerics of training changed.
-RECORDED = [3.0, 2.87458, 2.94738, 2.44613, 2.56318]
-RECORDED_LANGUAGE = [6.25257, 6.15031, 5.89435, 5.64095, 5.46053]
+# The first 5 steps of configs/tiny.yaml (seed 0, gradnorm balancing over 3 terms, fp32), recorded
+# from a run of this recipe: loss/total (the weighted sum; the weights start at 1) and the raw
+# language term. A change here means the numerics of training changed. The total moves with the
+# gradnorm weights, which follow per-step gradient norms, so it gets a looser tolerance.
+RECORDED = [11.8279, 12.82672, 13.16382, 12.74568, 14.34721]
+RECORDED_LANGUAGE = [6.23385, 6.1262, 5.98003, 5.81363, 5.71225]
 
 
 def run(cfg) -> DistillRecipe:
@@ -34,7 +35,7 @@ def losses(recipe, key="loss/total"):
 def test_recorded_loss_curve_and_learning(train_cfg):
     r = run(train_cfg("train.max_steps=20"))
     curve = losses(r)
-    assert curve[:5] == pytest.approx(RECORDED, abs=2e-4)
+    assert curve[:5] == pytest.approx(RECORDED, abs=2e-3)
     assert losses(r, "loss/language")[:5] == pytest.approx(RECORDED_LANGUAGE, abs=2e-4)
     lang = losses(r, "loss/language")
     assert sum(lang[-5:]) / 5 < 0.8 * sum(lang[:5]) / 5  # the language term really goes down
@@ -113,9 +114,9 @@ def test_non_finite_losses_skip_steps_then_abort(train_cfg, monkeypatch):
     forward = r.objective.forward
     calls = {"n": 0}
 
-    def flaky(batch, measure_gradnorm=False):
+    def flaky(batch):
         calls["n"] += 1
-        total, logs = forward(batch, measure_gradnorm)
+        total, logs = forward(batch)
         if calls["n"] == 2:  # one bad step: skipped, counted, training goes on
             logs["loss/vision/vit"] = torch.tensor(float("nan"))
             return total * float("nan"), logs

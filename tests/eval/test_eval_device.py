@@ -1,0 +1,45 @@
+"""The evaluator runs where it is told: an explicit CPU device gives the default call's metrics."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import student as student_pkg
+from distill.config import shards_path
+from distill.evaluate import evaluate_student, exported_dtype, load_eval_data, mtp_figures
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_collected):
+    """A freshly initialised tiny student on the session's tiny shards, with its eval data."""
+    cfg, collected = tiny_collected
+    dirs = {n: Path(p) for n, p in collected["targets"].items()}
+    test, train, stds = load_eval_data(shards_path(cfg, "samples"), dirs, cfg.student.image_size, True,
+                                       cfg.loss.standardize)
+    heads = {n: {"summary_dim": len(test.targets[n]["feature_stats"]["summary_mean"]),
+                 "feature_dim": test.targets[n]["shape"][1], "grid": test.targets[n]["grid"]} for n in test.vision}
+    config = student_pkg.load_preset(cfg.student.preset, vocab_size=test.targets[test.language]["producer"]["vocab_size"],
+                                     mtp_depth=cfg.student.mtp_depth, teachers=heads)
+    torch.manual_seed(0)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(dirs[test.language] / "tokenizer"))
+    return student_pkg.build_student(config).eval(), test, train, stds, tokenizer
+
+
+def test_explicit_cpu_device_gives_the_default_metrics(untrained):
+    model, test, train, stds, tokenizer = untrained
+    default = evaluate_student(model, test, train, tokenizer, stds=stds, batch_size=16)
+    explicit = evaluate_student(model, test, train, tokenizer, stds=stds, batch_size=16, device=torch.device("cpu"))
+    assert explicit == default
+    assert {"eval/agreement/main", "eval/kl/mtp2", "eval/probe/student", "eval/vision/vit/patch_cos"} <= set(default)
+    assert next(model.parameters()).device.type == "cpu"
+    figures = mtp_figures(model, test, 2, 3, 4, device="cpu")
+    assert 1 <= figures["mtp/tokens_per_forward"] <= 3
+
+
+def test_exported_dtype_is_read_from_the_folder(tmp_path):
+    (tmp_path / "config.json").write_text('{"dtype": "bfloat16"}')
+    assert exported_dtype(tmp_path) == "bfloat16"
+    (tmp_path / "config.json").write_text('{"torch_dtype": "float32"}')
+    assert exported_dtype(tmp_path) == "float32"
