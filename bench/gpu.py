@@ -101,7 +101,7 @@ def measure_training(cfg, device: torch.device, steps: int, warmup: int) -> dict
     import student as student_pkg
     from data.devices import to_device
     from distill import engine as ds
-    from distill.objective import DistillObjective
+    from distill.objective import DistillObjective, term_metric
 
     vision = [t.name for t in cfg.teachers.vision] if cfg.loss.vision else []
     batch = synthetic_batch(cfg, vocab=student_pkg.load_preset(cfg.student.preset).vocab_size,
@@ -125,8 +125,10 @@ def measure_training(cfg, device: torch.device, steps: int, warmup: int) -> dict
     for i in range(warmup + steps):
         sync(device)
         start = time.perf_counter()
-        loss, _ = engine(batch)
+        loss, logs = engine(batch)
         engine.backward(loss)
+        terms = torch.stack([logs[term_metric(t)] for t in objective.terms])  # the trainer's balance update
+        objective.balancer.update(terms, objective.trunk_norms())
         engine.step()
         sync(device)
         if i >= warmup:
