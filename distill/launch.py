@@ -20,8 +20,8 @@ from distill.config import output_path
 from distill.engine import RANK_VARS, _free_port
 
 
-def launcher_command(cfg, config_path, parent_run_id: str | None) -> list[str]:
-    args = ["--config", str(config_path), "--parent-run-id", parent_run_id or ""]
+def launcher_command(cfg, config_path, parent_run_id: str | None, flow_run_id: str | None = None) -> list[str]:
+    args = ["--config", str(config_path), "--parent-run-id", parent_run_id or "", "--flow-run-id", flow_run_id or ""]
     if cfg.train.hostfile:
         return ["deepspeed", "--hostfile", cfg.train.hostfile, "--module", "distill.recipe", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.train.nproc),
@@ -32,7 +32,7 @@ def run_training(cfg, parent_run_id: str | None = None, flow_run_id: str | None 
     """Train as the config says; returns the summary (steps, final loss, student folder, MLflow run id)."""
     if cfg.train.nproc <= 1 and not cfg.train.hostfile:
         from distill.recipe import DistillRecipe
-        recipe = DistillRecipe(cfg, parent_run_id)
+        recipe = DistillRecipe(cfg, parent_run_id, flow_run_id)
         recipe.setup()
         return recipe.train()
     config_path = output_path(cfg, "train_config.yaml")
@@ -40,11 +40,9 @@ def run_training(cfg, parent_run_id: str | None = None, flow_run_id: str | None 
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}  # the launcher sets its own
     # Split the cores between ranks rather than oversubscribing them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(cfg.train.nproc, 1))))
-    if flow_run_id:
-        env["PREFECT__FLOW_RUN_ID"] = str(flow_run_id)
     summary_path = output_path(cfg, "train_summary.json")
     summary_path.unlink(missing_ok=True)
-    proc = subprocess.run(launcher_command(cfg, config_path, parent_run_id), env=env)
+    proc = subprocess.run(launcher_command(cfg, config_path, parent_run_id, flow_run_id), env=env)
     if proc.returncode != 0 or not summary_path.exists():
         raise RuntimeError(f"distributed training failed (exit code {proc.returncode}); see the ranks' output above")
     return json.loads(summary_path.read_text())

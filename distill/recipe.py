@@ -37,8 +37,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class DistillRecipe:
-    def __init__(self, cfg, parent_run_id: str | None = None):
-        self.cfg, self.parent_run_id = cfg, parent_run_id
+    def __init__(self, cfg, parent_run_id: str | None = None, flow_run_id: str | None = None):
+        self.cfg, self.parent_run_id, self.flow_run_id = cfg, parent_run_id, flow_run_id
         self.step, self.epoch, self.position, self.bad_steps, self.skipped_steps = 0, 0, 0, 0, 0
         self.history: list[dict] = []
 
@@ -195,7 +195,7 @@ class DistillRecipe:
         self._tracking = tracking
         tags = {f"teacher.{n}.weights_digest": str(m["producer"].get("weights_digest"))
                 for n, m in self.dataset.targets.items()}
-        ctx = tracking.stage_run(self.cfg, "train", self.parent_run_id, tags)
+        ctx = tracking.stage_run(self.cfg, "train", self.parent_run_id, tags, self.flow_run_id)
         run = ctx.__enter__()
         self._run_ctx = ctx
         tracking.log_manifest_input(self.dataset.samples_dir, self.dataset.samples, "samples", "train")
@@ -242,9 +242,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
     p.add_argument("--parent-run-id", default=None)
+    p.add_argument("--flow-run-id", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    recipe = DistillRecipe(load_config(args.config), args.parent_run_id or None)
+    recipe = DistillRecipe(load_config(args.config), args.parent_run_id or None, args.flow_run_id or None)
     recipe.setup()
     summary = recipe.train()
     if recipe.rank == 0:

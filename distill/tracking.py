@@ -55,19 +55,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _prefect_flow_run_id() -> str | None:
-    try:  # only present when called inside a Prefect flow run
-        from prefect.runtime import flow_run
-        return flow_run.id
-    except Exception:  # noqa: BLE001 - no Prefect context is fine
-        return None
-
-
 @contextlib.contextmanager
-def stage_run(cfg: DictConfig, stage: str, parent_run_id: str | None = None, tags: dict | None = None):
-    """An MLflow run for one stage, a child of `parent_run_id` when given, with params and config."""
+def stage_run(cfg: DictConfig, stage: str, parent_run_id: str | None = None, tags: dict | None = None,
+              flow_run_id: str | None = None):
+    """An MLflow run for one stage, a child of `parent_run_id` when given, with params and config.
+    `flow_run_id` (the Prefect flow run that called it, passed in by the flow) becomes a tag."""
     all_tags = {"mmtp.stage": stage, "mmtp.git_commit": git_commit(), **(tags or {})}
-    if flow_run_id := _prefect_flow_run_id():
+    if flow_run_id:
         all_tags["prefect.flow_run_id"] = str(flow_run_id)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

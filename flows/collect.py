@@ -12,6 +12,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow, task
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from data.samples import build_samples
@@ -101,7 +102,7 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
     `collect/wall_seconds` is the stage's time)."""
     tags = {f"teacher.{n}.{k}": str(m["producer"].get(k)) for n, m in manifests.items()
             for k in ("kind", "source", "weights_digest")}
-    with tracking.stage_run(cfg, "collect", parent_run_id, tags) as run:
+    with tracking.stage_run(cfg, "collect", parent_run_id, tags, flow_run.id) as run:
         tracking.log_manifest_input(shards_path(cfg, "samples"), samples, "samples", "collect")
         metrics = {"collect/wall_seconds": wall_seconds, "collect/rows": samples["rows"], "collect/rows_seen": samples["rows_seen"],
                    "collect/rows_skipped": sum(samples["rows_skipped"].values())}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 from prefect import flow
+from prefect.runtime import flow_run
 
 from distill import tracking
 from distill.config import from_dict, shards_path, teacher_configs, to_container
@@ -17,7 +18,7 @@ from distill.evaluate import evaluate_run
 def evaluate_student(config: dict, parent_run_id: str | None = None) -> dict:
     cfg = from_dict(config)
     names = [t.name for t in teacher_configs(cfg)]
-    with tracking.stage_run(cfg, "evaluate", parent_run_id) as run:
+    with tracking.stage_run(cfg, "evaluate", parent_run_id, flow_run_id=flow_run.id) as run:
         result = evaluate_run(cfg, {n: shards_path(cfg, "targets", n) for n in names})
         mlflow.log_metrics(result["metrics"])
         if result["baseline"]:

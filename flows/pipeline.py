@@ -26,7 +26,7 @@ HEADLINE = ("eval/agreement/main", "eval/kl/main", "eval/perplexity", "eval/grou
 @flow(name="distill-pipeline", log_prints=True)
 def distill_pipeline(config: dict) -> dict:
     cfg = from_dict(config)
-    with run_lock(output_path(cfg)), tracking.stage_run(cfg, "pipeline") as parent:
+    with run_lock(output_path(cfg)), tracking.stage_run(cfg, "pipeline", flow_run_id=flow_run.id) as parent:
         parent_id = parent.info.run_id
         collected = collect_soft_targets(config, parent_id)
         train_run = distill_student(config, parent_id)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from distill.cli import main
 from distill.config import PROJECT_ROOT, ConfigError, flatten, load_config, to_container
+from flows.cli import main
 
 TINY = "configs/tiny.yaml"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.cli import main
 from distill.config import ConfigError, load_config, to_container
+from flows.cli import main
 from flows.deploy import CRON_COLLECT, CRON_DISTILL, build_deployments, resolve
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -128,7 +128,7 @@ def test_served_pipeline_deployment_runs_on_a_real_prefect_server(tmp_path, cach
             expected = to_container(load_config(TINY, overrides))
             assert collect.parameters == pipeline.parameters == {"config": expected, "overrides": []}
 
-            procs.append(_start([sys.executable, "-m", "distill.cli", *deploy_args],
+            procs.append(_start([sys.executable, "-m", "flows.cli", *deploy_args],
                                 _env(tmp_path, "prefect-serve", PREFECT_API_URL=api,
                                      PREFECT_RUNNER_POLL_FREQUENCY="2", PYTHONUNBUFFERED="1"), serve_log))
             run = run_deployment("scheduled-pipeline/weekly-distill", timeout=0,

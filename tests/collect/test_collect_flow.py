@@ -144,7 +144,7 @@ def test_killed_collection_resumes_without_partial_or_duplicate_shards(prefect_h
     cfg = tiny_cfg("collect.batch_size=4")
     out = Path(cfg.output_dir)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or ""}
-    args = [sys.executable, "-m", "distill.cli", "collect", "--config", str(TINY), f"output_dir={out}",
+    args = [sys.executable, "-m", "flows.cli", "collect", "--config", str(TINY), f"output_dir={out}",
             f"cache_dir={cfg.cache_dir}", f"tracking.uri={cfg.tracking.uri}", "collect.batch_size=4"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.cli import main
+from flows.cli import main
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 

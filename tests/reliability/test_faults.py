@@ -85,7 +85,7 @@ def test_servers_listen_on_loopback_only(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ui = subprocess.Popen([sys.executable, "-m", "distill.cli", "ui", "--config", "configs/tiny.yaml",
+    ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--config", "configs/tiny.yaml",
                            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -28,7 +28,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     # The child inherits any process-group variables of an earlier in-process run; it must make its own.
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or ""}
     with open(log, "wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "distill.cli", *args], env=env, stdout=f,
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     proc.log = log
     return proc
