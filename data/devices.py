@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported inside the functions: config validation checks device names in well under a second.
 DEVICE_NAMES = "auto | cpu | cuda | cuda:N"
 _DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -25,6 +28,8 @@ def check_device_name(name: str | None) -> str:
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     """`auto` (or None): cuda when available, else cpu; otherwise the named device, checked."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     name = check_device_name(name)
@@ -41,6 +46,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 def pin(batch):
     """The batch with every CPU tensor in pinned memory (for non-blocking copies to CUDA)."""
+    import torch
+
     if isinstance(batch, torch.Tensor):
         return batch.pin_memory() if batch.device.type == "cpu" else batch
     if isinstance(batch, Mapping):
@@ -56,6 +63,8 @@ def to_device(batch, device: torch.device | str):
     On CUDA the batch is pinned first, so a single call per micro-batch overlaps the copy with
     the previous step's compute. Non-tensors pass through unchanged.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         batch = pin(batch)
@@ -63,6 +72,8 @@ def to_device(batch, device: torch.device | str):
 
 
 def _move(batch, device):
+    import torch
+
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=batch.is_pinned())
     if isinstance(batch, Mapping):

@@ -1,8 +1,8 @@
 """Image helpers shared by the source adapters, the shard writer, the teachers and the student.
 
 Samples carry their image as PNG bytes (RGB). `encode_png` makes those bytes, `decode_image`
-turns them back into an RGB PIL image and fails loudly on bad data, `image_to_tensor` makes the
-[3, size, size] float tensor in [0, 1] that models take.
+turns them back into an RGB PIL image and fails loudly on bad data. The student's pixel tensors are
+made by its image processor (`data.dataset.image_tensor`), the teachers' by each teacher.
 """
 
 from __future__ import annotations
@@ -61,13 +61,3 @@ def decode_image(data: bytes) -> Image.Image:
     if img.width == 0 or img.height == 0:
         raise ValueError(f"image has zero size ({img.width}×{img.height})")
     return img.convert("RGB")
-
-
-def image_to_tensor(img: Image.Image | np.ndarray | bytes, size: int):
-    """A torch.FloatTensor [3, size, size] in [0, 1]: decode if bytes, RGB, plain bilinear resize."""
-    import torch  # imported here so the data adapters do not pay for torch
-
-    if isinstance(img, (bytes, bytearray, memoryview)):
-        img = decode_image(img)
-    arr = np.asarray(resize(to_pil(img), size), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

@@ -32,6 +32,7 @@ def shard_name(index: int) -> str:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex of a file, read in chunks (never whole)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -342,25 +342,6 @@ def iter_source(cfg: Mapping) -> Iterator[dict]:
     return SOURCES[kind](**cfg)
 
 
-_HF_LOADERS = {"hf_disk": load_hf_disk, "parquet": load_parquet, "imagefolder": load_imagefolder}
-
-
-def label_names(cfg: Mapping) -> list[str] | None:
-    """Class names indexed by `label`, or None where the source has none (HF without a ClassLabel)."""
-    cfg = dict(cfg)
-    kind = cfg.pop("kind", None)
-    if kind in ("digits", "scenes", "fashion_mnist"):
-        return list({"digits": DIGIT_WORDS, "scenes": scenes.LABEL_NAMES, "fashion_mnist": FASHION_CLASSES}[kind])
-    if kind not in _HF_LOADERS:
-        raise ValueError(f"source kind {kind!r} is unknown; known kinds: {sorted(SOURCES)}")
-    from datasets import ClassLabel
-
-    loader = _HF_LOADERS[kind]
-    ds = loader(**{k: v for k, v in cfg.items() if k in inspect.signature(loader).parameters})
-    feature = ds.features.get(cfg.get("label_column") or "label")
-    return list(feature.names) if isinstance(feature, ClassLabel) else None
-
-
 def caption_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """Deterministic captions in the digits, scenes and fashion caption language (no images drawn).
 

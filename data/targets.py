@@ -9,8 +9,16 @@ Fixed-size lists keep every value buffer flat, so decoding is a zero-copy numpy 
 
 from __future__ import annotations
 
+from enum import Enum
+
 import numpy as np
 import pyarrow as pa
+
+
+class Modality(str, Enum):
+    """Which rows a teacher writes; target manifests record it (teachers/contract.py)."""
+    language = "language"  # token_ids, topk_ids, topk_logprobs, tail_logprob
+    vision = "vision"  # summary, features
 
 SAMPLES_SCHEMA = pa.schema([
     ("id", pa.string()),

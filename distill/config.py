@@ -1,6 +1,7 @@
 """Typed run configuration: YAML files in configs/ merged onto these dataclasses, then
-omegaconf `key=value` overrides. Unknown keys, wrong types and missing files raise `ConfigError`
-with one line naming the key; the CLI turns that into exit code 2.
+omegaconf `key=value` overrides. Unknown keys, wrong types, unknown choices and missing files raise
+`ConfigError` with one line naming the key (and, for a choice, the allowed values); the CLI turns that
+into exit code 2. Loading never imports torch, so a typo is reported in well under a second.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from teachers.registry import TeacherConfig
+from data.devices import check_device_name
+from data.images import RESAMPLE
+from data.sources import SOURCES
+from teachers.registry import TeacherConfig, check_kind
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STUDENT_PRESETS = PROJECT_ROOT / "configs" / "student"  # student.preset names a <preset>.yaml here
 
 
 class ConfigError(ValueError):
@@ -29,23 +34,50 @@ class Runner(str, Enum):
     dask = "dask"
 
 
+# Every field that names a choice is an enum (or is checked in `_check`). Where the registry lives in a
+# module that imports torch, the names are listed here and tests/test_config.py checks them against it
+# (distill.losses.DIVERGENCES, distill.balance.BALANCERS, distill.standardize.MODES).
+SourceKind = Enum("SourceKind", {kind: kind for kind in SOURCES}, type=str)  # data.sources.SOURCES
+Resample = Enum("Resample", {name: name for name in RESAMPLE}, type=str)  # data.images.RESAMPLE
+
+
+class Compression(str, Enum):
+    zstd = "zstd"
+    lz4 = "lz4"
+    none = "none"
+
+
+class KDKind(str, Enum):
+    forward_kl = "forward_kl"  # KL(teacher || student)
+    reverse_kl = "reverse_kl"  # KL(student || teacher)
+    jsd = "jsd"
+
+
+class Standardize(str, Enum):
+    phis = "phis"
+    zscore = "zscore"
+
+
 @dataclass
 class TrackingConfig:
     """Where runs are logged."""
     # MLflow URI. null: $MLFLOW_TRACKING_URI if set, else a sqlite store in the project folder.
     uri: str | None = None
     experiment: str = "mmtp-distill"  # MLflow experiment name
+    registered_model: str | None = None  # Model Registry name of the evaluated student; null: the experiment name
+    # A new version gets the alias `champion` when it beats the baseline on this metric (`candidate` always).
+    champion_metric: str = "eval/agreement/main"
 
 
 @dataclass
 class SourceConfig:
     """One raw data source. Unset (null) keys take the adapter's default; see data/sources.py."""
-    kind: str = "digits"  # digits | scenes | hf_disk | parquet | imagefolder | fashion_mnist
+    kind: SourceKind = SourceKind.digits  # the adapter (data/sources.py)
     n: int | None = None  # scenes: how many to draw
     limit: int | None = None  # keep the first `limit` samples
     seed: int | None = None
     image_size: int | None = None  # default: data.image_size
-    resample: str | None = None  # digits: bilinear | nearest
+    resample: Resample | None = None  # digits: the resize filter
     max_noise: int | None = None  # scenes: background noise amplitude
     path: str | None = None  # hf_disk: a save_to_disk folder
     data_files: str | None = None  # parquet: file or glob
@@ -86,7 +118,7 @@ class CollectConfig:
     dask_workers: int = 2  # LocalCluster size
     batch_size: int = 32  # teacher forward batch
     retries: int = 1  # Prefect retries of a failed shard task
-    compression: str = "zstd"  # Arrow IPC buffer compression of target shards: zstd | lz4 | none
+    compression: Compression = Compression.zstd  # Arrow IPC buffer compression of target shards
     progress: bool = True  # tqdm bars
 
 
@@ -98,6 +130,7 @@ class StudentConfig:
     mtp_depth: int = 1  # multi-token-prediction modules: the student also predicts tokens t+2 .. t+1+depth
     image_size: int = 56  # the student's input side in pixels (a multiple of patch_size * 2)
     mask_ratio: float = 0.0  # masked-image distillation: fraction of patches replaced by the mask token
+    contrastive_dim: int = 128  # image-text embedding width, when a stage has the contrastive term
     overrides: dict[str, Any] = field(default_factory=dict)  # extra CogViTMTPConfig keywords
 
 
@@ -111,19 +144,53 @@ class Balance(str, Enum):
 @dataclass
 class LossConfig:
     """The dual-teacher objective and its balancing (docs/losses.md)."""
-    kd_kind: str = "forward_kl"  # forward_kl = KL(teacher||student) | reverse_kl | jsd
+    kd_kind: KDKind = KDKind.forward_kl  # forward_kl = KL(teacher||student) | reverse_kl | jsd
     temperature: float = 1.0  # softens teacher and student alike (the teacher tail at T != 1: docs/losses.md)
     ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
     mtp_weight: float = 0.5  # weight of each MTP depth's term relative to the main head
     language: bool = True  # false: no language term at all (vision-only)
     vision: bool = True  # false: ignore the vision teachers (a CE-only baseline sets this and ce_weight=1)
-    standardize: str = "phis"  # phis | zscore: how teacher features are standardised
+    contrastive: bool = True  # false: drop the contrastive term from every stage (the CE-only baseline)
+    standardize: Standardize = Standardize.phis  # phis | zscore: how teacher features are standardised
     # Weight of a masked patch relative to a visible one in the vision loss (masked-image distillation).
     masked_patch_weight: float = 3.0
     balance: Balance = Balance.gradnorm  # how the vision and language terms are weighted against each other
     gradnorm_alpha: float = 0.0  # gradnorm: 0 equalises the terms' gradient norms on the vision tower
     gradnorm_lr: float = 0.2  # gradnorm: step of the log-weights per optimizer step, in (0, 1]
     static_weights: dict[str, float] = field(default_factory=dict)  # static: weight per term (default 1)
+
+
+class Term(str, Enum):
+    """A loss term a training stage can switch on."""
+    language = "language"  # CE + sparse KD on the main head and every MTP depth (clean image)
+    vision = "vision"  # one term per vision teacher: masked-image feature distillation
+    contrastive = "contrastive"  # SigLIP sigmoid loss: image summary token vs pooled caption embedding
+
+
+class Part(str, Enum):
+    """A parameter group of the student that a training stage can train (the rest is frozen)."""
+    all = "all"
+    vision = "vision"  # the ViT tower (patch embedding, blocks, mask and summary tokens)
+    heads = "heads"  # the teachers' adaptor heads
+    merger = "merger"  # the 2x2 patch merger into the LM width
+    decoder = "decoder"  # the decoder LM: embedding (tied head), blocks, final norm, <|image|> token
+    mtp = "mtp"  # the MTP modules
+    contrastive = "contrastive"  # the contrastive projections, scale and bias
+
+
+@dataclass
+class StageConfig:
+    """One stage of the training recipe (docs/training.md). Stages run in list order, each with its own
+    optimizer, LR schedule, checkpoints and MLflow child run; a resume continues the unfinished stage."""
+    name: str = "joint"  # unique in the recipe: names the MLflow child run and the stage's export folder
+    steps: int = 100  # optimizer steps of this stage
+    # the loss terms of this stage, less those loss.language/vision/contrastive switch off
+    losses: list[Term] = field(default_factory=lambda: [Term.language, Term.vision])
+    # the parameter groups trained; the rest is frozen, and so is any part that no active term reaches
+    trainable: list[Part] = field(default_factory=lambda: [Part.all])
+    lr: float | None = None  # null: train.lr
+    micro_batch_size: int | None = None  # null: train.micro_batch_size
+    warmup_steps: int | None = None  # null: train.warmup_steps
 
 
 class Precision(str, Enum):
@@ -140,7 +207,11 @@ class TrainConfig:
     hostfile: str | None = None  # multi-node: passed to the deepspeed launcher
     resume: bool = False  # continue from the latest complete checkpoint in output_dir/checkpoints
     precision: Precision = Precision.auto  # bf16: DeepSpeed bf16 with fp32 master weights
-    max_steps: int = 100  # optimizer steps
+    # Steps of the one `joint` stage when `train.stages` is empty (null: 100); with stages, a cap on the
+    # recipe's total steps (the stage that reaches it is cut short, later ones dropped).
+    max_steps: int | None = None
+    # The recipe: a list of stages; empty = one stage `joint` of max_steps with the language and vision terms.
+    stages: list[StageConfig] = field(default_factory=list)
     micro_batch_size: int = 8  # per process
     grad_accum: int = 1
     lr: float = 1e-3
@@ -194,11 +265,15 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key and key not in msg else msg
 
 
-def load_config(path: str | Path | list | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
-    """Merge YAML files (later ones win) and `key=value` overrides onto the schema, and validate them."""
+def load_config(path: str | Path | dict | list | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
+    """Merge YAML files or config dicts (later ones win) and `key=value` overrides onto the schema, and
+    validate them. A dict is a config as `to_container` gives it (a deployment's parameter)."""
     try:
         cfg = OmegaConf.structured(Config)
         for one in [] if path is None else path if isinstance(path, list | tuple) else [path]:
+            if isinstance(one, dict):
+                cfg = OmegaConf.merge(cfg, one)
+                continue
             one = Path(one)
             if not one.is_file():
                 raise ConfigError(f"config file not found: {one}")
@@ -230,9 +305,34 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'train.zero_stage': must be 0, 1, 2 or 3, got {cfg.train.zero_stage}")
     if not 0 <= cfg.data.val_fraction + cfg.data.test_fraction < 1:
         raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' must be in [0, 1)")
-    for t in teachers:
+    stages = [s.name for s in cfg.train.stages]
+    if len(set(stages)) != len(stages):
+        raise ConfigError(f"config key 'train.stages': stage names must be unique, got {stages}")
+    for i, stage in enumerate(cfg.train.stages):
+        if stage.steps < 1 or not stage.losses or not stage.trainable:
+            raise ConfigError(f"config key 'train.stages.{i}' ({stage.name}): needs steps >= 1 and at least "
+                              "one loss and one trainable part")
+    for key, t in _teacher_keys(cfg):
         if _looks_local(t.source) and not Path(t.source).expanduser().exists():
-            raise ConfigError(f"config key 'teachers' ({t.name}.source): path does not exist: {t.source}")
+            raise ConfigError(f"config key '{key}.source' ({t.name}): path does not exist: {t.source}")
+        for field_name, check in (("kind", check_kind), ("device", check_device_name)):
+            try:
+                check(t[field_name])
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"config key '{key}.{field_name}' ({t.name}): {e}") from None
+    try:
+        check_device_name(cfg.evaluate.device)
+    except ValueError as e:
+        raise ConfigError(f"config key 'evaluate.device': {e}") from None
+    if not (STUDENT_PRESETS / f"{cfg.student.preset}.yaml").is_file():
+        known = sorted(p.stem for p in STUDENT_PRESETS.glob("*.yaml"))
+        raise ConfigError(f"config key 'student.preset': {cfg.student.preset!r} is not a preset; expected one of "
+                          f"{known} (files in {STUDENT_PRESETS.relative_to(PROJECT_ROOT)})")
+
+
+def _teacher_keys(cfg: DictConfig) -> list[tuple[str, Any]]:
+    language = [("teachers.language", cfg.teachers.language)] if cfg.teachers.language else []
+    return language + [(f"teachers.vision.{i}", t) for i, t in enumerate(cfg.teachers.vision)]
 
 
 def _looks_local(source: str) -> bool:

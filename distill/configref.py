@@ -13,15 +13,16 @@ import tokenize
 from enum import Enum
 
 from distill import config as schema
-from teachers.registry import TeacherConfig
+from teachers import registry
 
 HEADER = """# Config reference
 
 Generated from the typed schema (`distill/config.py`, `teachers/registry.py`) by
 `python -m distill.configref > docs/config.md` (`make docs`); a test fails when this file is stale.
 Set keys in a YAML file (`--config`, repeatable: later files win) or on the command line as
-`key=value` (`train.lr=3e-4`, `teachers.vision.0.image_size=112`). An unknown key or a wrong type
-exits with code 2 and one line naming the key.
+`key=value` (`train.lr=3e-4`, `teachers.vision.0.image_size=112`). An unknown key, a wrong type or
+an unknown choice exits with code 2 and one line naming the key (and the allowed values);
+`mmtp <command> --print-config` prints the resolved config without running anything.
 """
 
 
@@ -49,14 +50,35 @@ def field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
+def _classes(kind: type) -> dict[str, type]:
+    """The schema's dataclasses (kind=object) or enums (kind=Enum), by name."""
+    return {name: obj for module in (schema, registry) for name, obj in vars(module).items()
+            if isinstance(obj, type) and issubclass(obj, kind) and obj is not kind
+            and (kind is Enum or dataclasses.is_dataclass(obj))}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return f.type.__name__ if isinstance(f.type, type) else str(f.type)
+
+
 def _nested(f: dataclasses.Field) -> type | None:
     """The dataclass a field holds (directly or as list items), if any."""
-    for cls in (schema.TrackingConfig, schema.SourceConfig, schema.DataConfig, schema.TeachersConfig,
-                schema.CollectConfig, schema.StudentConfig, schema.LossConfig, schema.TrainConfig,
-                schema.EvalConfig, TeacherConfig):
-        if cls.__name__ in str(f.type):
+    for name, cls in _classes(object).items():
+        if _type_name(f) in (name, f"list[{name}]", f"{name} | None"):
             return cls
     return None
+
+
+def top_level_keys() -> list[tuple[str, str]]:
+    """(key, one-line meaning) of every top-level config key: the comment beside it, else the first
+    line of its section's docstring (for `mmtp --help`)."""
+    comments = field_comments(schema.Config)
+    out = []
+    for f in dataclasses.fields(schema.Config):
+        nested = _nested(f)
+        doc = (inspect.getdoc(nested) or "").split("\n")[0] if nested else ""
+        out.append((f.name, comments.get(f.name) or doc))
+    return out
 
 
 def _default(f: dataclasses.Field) -> str:
@@ -72,15 +94,19 @@ def _default(f: dataclasses.Field) -> str:
         return ""
     if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
         return f"{len(value)} entry" + ("" if len(value) == 1 else "s")
+    if isinstance(value, list):
+        value = [v.value if isinstance(v, Enum) else v for v in value]
     return "null" if value is None else f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
 
 
 def _type(f: dataclasses.Field) -> str:
-    for enum in (schema.Runner, schema.Balance, schema.Precision):
-        if f.type == enum.__name__:
-            return " \\| ".join(e.value for e in enum)
-    name = f.type.__name__ if isinstance(f.type, type) else str(f.type)
-    return name.replace("|", "\\|")
+    enums = _classes(Enum)
+    name = _type_name(f)
+    if name in enums:
+        return " \\| ".join(e.value for e in enums[name])
+    if name.startswith("list[") and name[5:-1] in enums:
+        return "list of " + " \\| ".join(e.value for e in enums[name[5:-1]])
+    return _type_name(f).replace("|", "\\|")
 
 
 def render() -> str:

@@ -146,13 +146,14 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
 
 
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int) -> str:
-    """Save a checkpoint, mark it complete (rank 0), and drop all but the newest `keep` tags."""
+    """Save a checkpoint, mark it complete (rank 0), and drop all but the newest `keep` tags. The marker
+    holds the step and the recipe stage, so a resume knows which stage's engine to build before loading."""
     ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     if dist.is_initialized():
         dist.barrier()
     if engine.global_rank == 0:
-        atomic_write_json(ckpt_dir / tag / MARKER, {"step": step})
+        atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "stage": client_state.get("stage")})
         for old in complete_tags(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     if dist.is_initialized():
@@ -186,6 +187,12 @@ def verify_checkpoint(tag_dir: str | Path) -> None:
             reason = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
             raise UnsafeCheckpointError(f"{path}: refused to load: it holds more than tensors and DeepSpeed "
                                         f"state ({reason}); delete this checkpoint if you did not write it") from None
+
+
+def latest_marker(ckpt_dir: str | Path) -> dict | None:
+    """The completion marker of the newest complete checkpoint ({"step", "stage"}), or None."""
+    tags = complete_tags(ckpt_dir)
+    return json.loads((Path(ckpt_dir) / tags[-1] / MARKER).read_text()) if tags else None
 
 
 def load_latest(engine, ckpt_dir: str | Path) -> dict | None:

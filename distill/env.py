@@ -1,4 +1,5 @@
-"""Environment defaults applied before Prefect, MLflow or DeepSpeed are imported.
+"""Environment defaults, the one place they are written: applied by the CLI (`mmtp`), the flows, the
+tests' conftest, the bench scripts and each training rank, before Prefect, MLflow or torch is imported.
 
 A value the user already set wins, so a user's PREFECT_API_URL or MLFLOW_TRACKING_URI is respected.
 """
@@ -14,6 +15,10 @@ DEFAULTS = {
     "PREFECT_SERVER_API_HOST": "127.0.0.1",
     # The embedded server needs more than Prefect's 20 s default on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # The library packages' log records (a skipped row, a trust_remote_code teacher) also go to the Prefect
+    # flow or task run they happen in, so they show in the Prefect UI; outside any run they only print.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "data,teachers,student,distill",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "mmtp-distill" / "torch_extensions"),
     "TOKENIZERS_PARALLELISM": "false",

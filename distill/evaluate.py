@@ -271,6 +271,7 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     from data.shards import atomic_write_bytes
     from distill.config import output_path, shards_path
     from distill.report import eval_plots, report
+    from student.portable import saved_image_size
     ev = cfg.evaluate
     test, train, stds = load_eval_data(shards_path(cfg, "samples"), target_dirs, cfg.student.image_size,
                                        ev.probe, cfg.loss.standardize)
@@ -284,6 +285,10 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
 
     def measure(ref):
         folder = resolve_student(ref, cfg)
+        size = saved_image_size(folder)  # the student's own preprocessing must be the one evaluated
+        if size is not None and size != cfg.student.image_size:
+            raise ValueError(f"{folder}: its image processor resizes to {size} px but student.image_size="
+                             f"{cfg.student.image_size}; evaluate it at the size it was trained at")
         # fp32 weights on disk; without dtype= transformers would load them as the config's dtype
         model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
         bf16 = device.type == "cuda" and exported_dtype(folder) == "bfloat16"

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KINDS = ("forward_kl", "reverse_kl", "jsd")
 # Teacher log-probs are clamped here. A real softmax never gives exactly zero mass, so -inf in a
 # non-empty bucket is a storage rounding artefact; left alone it would make reverse KL infinite.
 LOGPROB_FLOOR = -100.0
@@ -150,16 +149,30 @@ def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tens
     return log_p, log_q, valid
 
 
+def _forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:  # KL(teacher || student)
+    return log_p.exp() * (log_p - log_q)
+
+
+def _reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:  # KL(student || teacher)
+    return log_q.exp() * (log_q - log_p)
+
+
+def _jsd(log_p: Tensor, log_q: Tensor) -> Tensor:  # (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    return 0.5 * (log_p.exp() * (log_p - log_m) + log_q.exp() * (log_q - log_m))
+
+
+# The KD kinds: per-bucket divergence terms of teacher p and student q (log-probs). The config's
+# loss.kd_kind enum (distill/config.py KDKind) is checked against these names by tests/test_config.py.
+DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd}
+KINDS = tuple(DIVERGENCES)
+
+
 def _divergence(log_p: Tensor, log_q: Tensor, valid: Tensor, kind: str) -> Tensor:
     """Per-position divergence between teacher p and student q over the valid buckets."""
-    if kind == "forward_kl":  # KL(teacher || student)
-        d = log_p.exp() * (log_p - log_q)
-    elif kind == "reverse_kl":  # KL(student || teacher)
-        d = log_q.exp() * (log_q - log_p)
-    else:  # jsd: (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2
-        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-        d = 0.5 * (log_p.exp() * (log_p - log_m) + log_q.exp() * (log_q - log_m))
-    return torch.where(valid, d, 0.0).sum(-1)
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown KD kind {kind!r}; expected one of {KINDS}")
+    return torch.where(valid, DIVERGENCES[kind](log_p, log_q), 0.0).sum(-1)
 
 
 def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
@@ -312,3 +325,29 @@ def vision_kd_loss(student_summary: Tensor | None, student_patches: Tensor | Non
         raise ValueError("vision_kd_loss needs the summary, the patches, or both")
     out["loss"] = loss
     return out
+
+
+def siglip_loss(image: Tensor, text: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+                positives: Tensor | None = None) -> dict[str, Tensor]:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023) over a batch of L2-normalised image [B, C] and
+    caption [B, C] embeddings: -1/B sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)), t = exp(logit_scale),
+    z_ij = +1 for a matching pair and -1 otherwise. `positives` [B, B] bool marks the matching pairs
+    (default: the diagonal); templated captions repeat, so pairs with identical captions should count as
+    matches rather than as negatives. Returns {"loss", "accuracy"}: accuracy is the share of images whose
+    highest-scoring caption in the batch is a match."""
+    if image.shape != text.shape or image.dim() != 2:
+        raise ValueError(f"image {tuple(image.shape)} and caption {tuple(text.shape)} embeddings must both be [B, C]")
+    n = image.shape[0]
+    if positives is None:
+        positives = torch.eye(n, dtype=torch.bool, device=image.device)
+    logits = image.float() @ text.float().T * logit_scale.float().exp() + logit_bias.float()
+    z = positives.float() * 2 - 1
+    loss = -F.logsigmoid(z * logits).sum() / n
+    accuracy = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
+    return {"loss": loss, "accuracy": accuracy.detach()}
+
+
+def same_caption(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[B, B] bool: rows i, j hold the same caption (the same tokens over the same length)."""
+    ids = input_ids.masked_fill(attention_mask == 0, -1)
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)

@@ -4,10 +4,11 @@ DeepSpeed wraps this module, so learned balancing parameters (uncertainty's log-
 optimised and checkpointed with the student, and balancer state (EMA means, GradNorm weights)
 is saved and restored with every checkpoint.
 
-Terms balanced against each other: `language` (CE mixed with sparse KD on the main head and the
-MTP depths, on the clean image) and one term per vision teacher (cosine + smooth-L1 on
-standardised features, on the masked view). The shared trunk is the student's vision tower: the
-only part that every term trains. `taps` measures each term's gradient on it during the training
+Terms balanced against each other (a training stage switches each on or off): `language` (CE
+mixed with sparse KD on the main head and the MTP depths, on the clean image), one term per vision
+teacher (cosine + smooth-L1 on standardised features, on the masked view) and `contrastive`
+(SigLIP's sigmoid loss between the clean image's `image` summary token and the caption pooled by
+the decoder). The shared trunk is the student's vision tower: the only part that every term trains. `taps` measures each term's gradient on it during the training
 backward (see distill.balance.TrunkTaps).
 """
 
@@ -20,10 +21,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distill.balance import TrunkTaps, build_balancer
-from distill.losses import LanguageDistillLoss, vision_kd_loss
+from distill.losses import LanguageDistillLoss, same_caption, siglip_loss, vision_kd_loss
+from distill.stages import CONTRASTIVE, LANGUAGE
 from distill.standardize import FeatureStandardizer
-
-LANGUAGE = "language"
 
 
 def standardizers(manifest: dict, folder: str | Path, mode: str) -> dict[str, FeatureStandardizer]:
@@ -65,15 +65,16 @@ def balancer_options(loss_cfg) -> dict:
 
 
 class DistillObjective(nn.Module):
-    def __init__(self, student: nn.Module, loss_cfg, vision: list[str], use_language: bool):
+    def __init__(self, student: nn.Module, loss_cfg, vision: list[str], use_language: bool,
+                 use_contrastive: bool = False):
         super().__init__()
         self.student = student
         depth = student.config.mtp_depth
         self.language = LanguageDistillLoss(loss_cfg.kd_kind, loss_cfg.temperature,
                                             alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth)
-        self.use_language = use_language
+        self.use_language, self.use_contrastive = use_language, use_contrastive
         self.vision = list(vision)
-        self.terms = ([LANGUAGE] if use_language else []) + list(vision)
+        self.terms = ([LANGUAGE] if use_language else []) + list(vision) + ([CONTRASTIVE] if use_contrastive else [])
         strategy = getattr(loss_cfg.balance, "value", loss_cfg.balance)
         self.balancer = build_balancer(strategy, self.terms, **balancer_options(loss_cfg))
         self.masked_patch_weight = loss_cfg.masked_patch_weight
@@ -84,10 +85,12 @@ class DistillObjective(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and the figures to log (detached tensors): raw losses, their parts, weights."""
         dtype = next(self.student.parameters()).dtype
+        text = self.use_language or self.use_contrastive
         out = self.student(pixel_values=batch["pixel_values"].to(dtype),
-                           input_ids=batch["input_ids"] if self.use_language else None,
+                           input_ids=batch["input_ids"] if text else None,
                            attention_mask=batch["attention_mask"], text_logits_only=True,
-                           branch_hook=self.taps if self.training and self.measure else None)
+                           branch_hook=self.taps if self.training and self.measure else None,
+                           language=self.use_language, contrastive=self.use_contrastive)
         losses, logs = {}, {}
         if self.use_language:
             parts = self.language(out.logits, batch["lang"], labels=batch["labels"], mtp_logits=out.mtp_logits)
@@ -101,6 +104,13 @@ class DistillObjective(nn.Module):
                                    teacher["features"], mask, masked_weight=self.masked_patch_weight)
             losses[name] = parts.pop("loss")
             logs.update({f"loss/vision/{name}/{k}": v.detach() for k, v in parts.items()})
+        if self.use_contrastive:
+            head = self.student.contrastive
+            parts = siglip_loss(*out.image_text_embeds, head.logit_scale, head.logit_bias,
+                                same_caption(batch["input_ids"], batch["attention_mask"]))
+            losses[CONTRASTIVE] = parts.pop("loss")
+            logs["contrastive/accuracy"] = parts["accuracy"]
+            logs["contrastive/logit_scale"] = head.logit_scale.detach().exp().squeeze()
         total, weights = self.balancer(losses)
         self._graph_terms = [t for t, v in losses.items() if v.requires_grad and self.measure]
         for k, v in losses.items():
@@ -123,4 +133,4 @@ class DistillObjective(nn.Module):
 
 def term_metric(term: str) -> str:
     """The MLflow name of a balanced term's raw loss."""
-    return f"loss/{term}" if term == LANGUAGE else f"loss/vision/{term}"
+    return f"loss/{term}" if term in (LANGUAGE, CONTRASTIVE) else f"loss/vision/{term}"

@@ -10,24 +10,30 @@ No teacher model is loaded here: teachers reach training only through their shar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import student as student_pkg
 from data.dataset import BlockShuffleSampler, DistillDataset, check_manifests, collate
 from data.devices import to_device
+from data.prefetch import Prefetch
 from data.shards import atomic_write_json
 from distill import engine as ds
 from distill.balance import distributed_mean, gradnorm_ratios
 from distill.config import load_config, output_path, shards_path, teacher_configs
-from distill.objective import LANGUAGE, DistillObjective, standardize_batch, standardizers, term_metric
+from distill.objective import DistillObjective, standardize_batch, standardizers, term_metric
+from distill.stages import CONTRASTIVE, LANGUAGE, VISION, Stage, freeze_for, resolve_stages
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +42,25 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a NaN/inf loss."""
 
 
+class CheckpointsExistError(RuntimeError):
+    """A fresh (non-resume) run was pointed at an output_dir that holds another run's checkpoints."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGINT or SIGTERM: training stopped after a checkpoint of the last finished step."""
+
+
 class DistillRecipe:
     def __init__(self, cfg, parent_run_id: str | None = None, flow_run_id: str | None = None):
         self.cfg, self.parent_run_id, self.flow_run_id = cfg, parent_run_id, flow_run_id
         self.step, self.epoch, self.position, self.bad_steps, self.skipped_steps = 0, 0, 0, 0, 0
         self.history: list[dict] = []
+        self.run_ids: dict[str, str] = {}  # MLflow run ids: "train" and one per stage name
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """Read and check the shards, resolve the stages, and build the engine of the stage to run first
+        (the first, or on `train.resume` the one of the newest complete checkpoint)."""
         cfg = self.cfg
         self.rank, self.world = ds.init_distributed()
         names = [t.name for t in teacher_configs(cfg)]
@@ -55,76 +72,143 @@ class DistillRecipe:
         where = {"samples": shards_path(cfg, "samples"), **target_dirs}
         check_manifests(self.dataset.samples, self.dataset.targets, student_vocab=cfg.student.vocab_size,
                         expected_digests={t.name: t.weights_digest for t in teacher_configs(cfg)}, where=where)
-        vision = self.dataset.vision if cfg.loss.vision else []
+        self.vision = self.dataset.vision if cfg.loss.vision else []
+        self.stages = resolve_stages(cfg, bool(self.vision))
         heads = {n: {"summary_dim": len(self.dataset.targets[n]["feature_stats"]["summary_mean"]),
                      "feature_dim": self.dataset.targets[n]["shape"][1], "grid": self.dataset.targets[n]["grid"]}
-                 for n in vision}
-        config = student_pkg.load_preset(cfg.student.preset, vocab_size=self.dataset.targets[lang]["producer"]["vocab_size"],
-                                         mtp_depth=cfg.student.mtp_depth, teachers=heads,
-                                         mask_ratio=cfg.student.mask_ratio, **dict(cfg.student.overrides))
+                 for n in self.vision}
+        contrastive = any(CONTRASTIVE in s.terms for s in self.stages)
+        self.student_config = student_pkg.load_preset(
+            cfg.student.preset, vocab_size=self.dataset.targets[lang]["producer"]["vocab_size"],
+            mtp_depth=cfg.student.mtp_depth, teachers=heads, mask_ratio=cfg.student.mask_ratio,
+            contrastive_dim=cfg.student.contrastive_dim if contrastive else 0, **dict(cfg.student.overrides))
+        self.pad_id = self.dataset.targets[lang]["producer"].get("eos_id") or 0
+        self.stds = {n: standardizers(self.dataset.targets[n], target_dirs[n], cfg.loss.standardize)
+                     for n in self.vision}
+        self.ckpt_dir = output_path(cfg, "checkpoints")
+        marker = ds.latest_marker(self.ckpt_dir)
+        if marker is not None and not cfg.train.resume:
+            raise CheckpointsExistError(
+                f"{self.ckpt_dir} holds the checkpoints of an earlier run (up to step {marker['step']}, stage "
+                f"{marker.get('stage')}); pass train.resume=true to continue it, or choose a new output_dir")
+        first = self.stages[0]
+        if marker is not None:
+            by_name = {s.name: s for s in self.stages}
+            if marker.get("stage", "joint") not in by_name:
+                raise ValueError(f"{self.ckpt_dir}: the newest checkpoint is of stage {marker.get('stage')!r}, "
+                                 f"which this recipe does not have ({list(by_name)}); resume with the config that "
+                                 "wrote it, or start in a new output_dir")
+            first = by_name[marker.get("stage", "joint")]
+        self._build_stage(first, resume=marker is not None)
+
+    def _build_stage(self, stage: Stage, resume: bool = False) -> None:
+        """The stage's student (fresh for the first stage, else the previous stage's export), objective,
+        sampler and engine; on `resume`, the newest checkpoint loaded into it."""
+        cfg = self.cfg
+        self.stage = stage
         torch.manual_seed(cfg.seed)
-        model = student_pkg.build_student(config)
+        if stage.index == 0:
+            model = student_pkg.build_student(self.student_config)
+        else:
+            previous = self.stage_dir(self.stages[stage.index - 1])
+            model = student_pkg.CogViTMTPForDistillation.from_pretrained(str(previous), dtype=torch.float32)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.pad_id = self.dataset.targets[lang]["producer"].get("eos_id") or 0
-        self.stds = {n: standardizers(self.dataset.targets[n], target_dirs[n], cfg.loss.standardize) for n in vision}
-        self.objective = DistillObjective(model, cfg.loss, vision, use_language=cfg.loss.language)
-        self.sampler = BlockShuffleSampler(self.dataset, cfg.seed, self.rank, self.world)
-        self.steps_per_epoch = len(self.sampler) // (cfg.train.micro_batch_size * cfg.train.grad_accum)
-        if self.steps_per_epoch == 0:
+        self.trainable = freeze_for(model, stage)
+        self.objective = DistillObjective(model, cfg.loss, self.vision if VISION in stage.terms else [],
+                                          use_language=LANGUAGE in stage.terms,
+                                          use_contrastive=CONTRASTIVE in stage.terms)
+        self.sampler = BlockShuffleSampler(self.dataset, cfg.seed + stage.index, self.rank, self.world)
+        self.micro_batch_size = stage.micro_batch_size
+        if len(self.sampler) // (self.micro_batch_size * cfg.train.grad_accum) == 0:
             raise ValueError(f"{len(self.sampler)} training rows per rank are fewer than one step of "
-                             f"{cfg.train.micro_batch_size}×{cfg.train.grad_accum}; lower train.micro_batch_size")
-        self.engine = ds.build_engine(self.objective, cfg.train, cfg.train.max_steps)
+                             f"{self.micro_batch_size}×{cfg.train.grad_accum}; lower the micro-batch size")
+        train = OmegaConf.merge(cfg.train, {"lr": stage.lr, "micro_batch_size": stage.micro_batch_size,
+                                            "warmup_steps": stage.warmup_steps})
+        self.engine = ds.build_engine(self.objective, train, stage.steps)
         self.device = self.engine.device
-        self.ckpt_dir = output_path(cfg, "checkpoints")
-        if cfg.train.resume:
-            state = ds.load_latest(self.engine, self.ckpt_dir)
-            if state is not None:
-                self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-                self.skipped_steps = state.get("skipped_steps", 0)
-                log.info("resumed from step %d (epoch %d, micro-batch %d)", self.step, self.epoch, self.position)
+        self.step, self.epoch, self.position = stage.start, 0, 0
+        state = ds.load_latest(self.engine, self.ckpt_dir) if resume else None
+        if state is not None:
+            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.skipped_steps = state.get("skipped_steps", 0)
+            self.run_ids = dict(state.get("mlflow_run_ids", {}))
+            log.info("resumed stage %s at step %d (epoch %d, micro-batch %d)", stage.name, self.step, self.epoch,
+                     self.position)
+
+    def stage_dir(self, stage: Stage) -> Path:
+        """Where a stage's student is exported (the last stage's is the run's `student/`)."""
+        if stage.index == len(self.stages) - 1:
+            return output_path(self.cfg, "student")
+        return output_path(self.cfg, "stages", stage.name)
 
     def micro_batches(self):
-        """Micro-batches from the saved data position on, epoch after epoch."""
-        mb = self.cfg.train.micro_batch_size
+        """Micro-batches from the saved data position on, epoch after epoch, read ahead in a thread;
+        `self.epoch` and `self.position` follow the batches handed out (what a checkpoint records)."""
+        source = Prefetch(self._batches(self.epoch, self.position), depth=2)
+        try:
+            while True:
+                self.epoch, self.position, batch = next(source)
+                yield batch
+        finally:
+            source.close()
+
+    def _batches(self, epoch: int, position: int):
+        """(epoch, position after the batch, batch) from (epoch, position) on."""
+        mb = self.micro_batch_size
         while True:
-            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_epoch(epoch)
             order = list(self.sampler)
-            n_batches = len(order) // mb
-            while self.position < n_batches:
-                items = [self.dataset[i] for i in order[self.position * mb:(self.position + 1) * mb]]
-                self.position += 1
-                yield standardize_batch(collate(items, self.pad_id), self.stds)
-            self.epoch, self.position = self.epoch + 1, 0
+            while position < len(order) // mb:
+                items = [self.dataset[i] for i in order[position * mb:(position + 1) * mb]]
+                position += 1
+                yield epoch, position, standardize_batch(collate(items, self.pad_id), self.stds)
+            epoch, position = epoch + 1, 0
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
-        cfg, tr = self.cfg, self.cfg.train
-        run = self._start_tracking()
-        batches = self.micro_batches()
-        bar = tqdm(total=tr.max_steps, initial=self.step, desc="distill", disable=self.rank != 0 or not tr.progress)
-        t0, seen = time.perf_counter(), 0
-        while self.step < tr.max_steps:
-            # Per-step seeding makes random masking identical after a resume (and after a skipped step).
-            torch.manual_seed(cfg.seed * 1_000_003 + self.step)
-            figures, bad = self.train_step(batches)
-            seen += tr.micro_batch_size * tr.grad_accum * self.world
-            if bad is not None:
-                self._bad_step(bad)
-                continue
-            self.bad_steps = 0
-            self.step += 1
-            if self.step % tr.log_every == 0 or self.step == tr.max_steps:
-                rate = seen / (time.perf_counter() - t0)
-                self._log(figures, rate)
-                if self.history:
-                    bar.set_postfix(loss=f"{self.history[-1]['loss/total']:.4f}", samples_s=f"{rate:.1f}")
-            bar.update(1)
-            if self.step % tr.checkpoint_every == 0 or self.step == tr.max_steps:
-                self._checkpoint()
-        bar.close()
-        folder = ds.export_student(self.engine, output_path(cfg, "student"))
-        return self._finish(run, folder)
+        """Run every stage from where setup() left off; returns the summary. The MLflow runs (training and
+        the current stage's) end FAILED when an exception escapes, FINISHED otherwise."""
+        with self._tracking("train", self.parent_run_id), stop_signals() as stop:
+            self._log_inputs()
+            while True:
+                self._run_stage(stop)
+                if self.stage.index == len(self.stages) - 1:
+                    break
+                self._build_stage(self.stages[self.stage.index + 1])
+            return self._finish()
+
+    def _run_stage(self, stop: threading.Event | None = None) -> None:
+        cfg, tr, stage = self.cfg, self.cfg.train, self.stage
+        with self._tracking(f"stage/{stage.name}", self.run_ids.get("train"), stage):
+            batches = self.micro_batches()
+            bar = tqdm(total=stage.steps, initial=self.step - stage.start, desc=f"distill {stage.name}",
+                       disable=self.rank != 0 or not tr.progress)
+            t0, seen = time.perf_counter(), 0
+            while self.step < stage.end:
+                # Per-step seeding makes random masking identical after a resume (and after a skipped step).
+                torch.manual_seed(cfg.seed * 1_000_003 + self.step)
+                figures, bad = self.train_step(batches)
+                seen += self.micro_batch_size * tr.grad_accum * self.world
+                if bad is not None:
+                    self._bad_step(bad)
+                    continue
+                self.bad_steps = 0
+                self.step += 1
+                if self.step % tr.log_every == 0 or self.step == stage.end:
+                    rate = seen / (time.perf_counter() - t0)
+                    self._log(figures, rate)
+                    if self.history:
+                        bar.set_postfix(loss=f"{self.history[-1]['loss/total']:.4f}", samples_s=f"{rate:.1f}")
+                bar.update(1)
+                stopping = self._any_rank(stop is not None and stop.is_set())
+                if (self.step - stage.start) % tr.checkpoint_every == 0 or self.step == stage.end or stopping:
+                    self._checkpoint()
+                if stopping:
+                    raise TrainingStopped(f"stopped by a signal after step {self.step} (checkpointed); "
+                                          "continue with train.resume=true")
+            bar.close()
+            ds.export_student(self.engine, self.stage_dir(stage))
 
     def train_step(self, batches) -> tuple[dict[str, float], str | None]:
         """One optimizer step over `train.grad_accum` micro-batches.
@@ -168,10 +252,15 @@ class DistillRecipe:
         return figures, None
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips together
-        return bad.item() == 0
+        return not self._any_rank(not bool(torch.isfinite(loss.detach()).all()))  # every rank skips together
+
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` or'ed over the ranks (on the engine's device), so that every rank takes the same branch."""
+        if not (dist.is_initialized() and self.world > 1):
+            return flag
+        x = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return bool(x.item())
 
     def _bad_step(self, term: str) -> None:
         """Count a skipped step (no update); abort after too many in a row."""
@@ -183,56 +272,96 @@ class DistillRecipe:
                                      f"{self.step}; lower train.lr or check the data (train.max_bad_steps)")
 
     def _checkpoint(self) -> None:
-        state = {"step": self.step, "epoch": self.epoch, "position": self.position,
-                 "skipped_steps": self.skipped_steps}
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position, "stage": self.stage.name,
+                 "skipped_steps": self.skipped_steps, "mlflow_run_ids": self.run_ids}
         ds.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
 
     # --------------------------------------------------------------- tracking
-    def _start_tracking(self):
+    @contextlib.contextmanager
+    def _tracking(self, name: str, parent: str | None, stage: Stage | None = None):
+        """The MLflow run `name` (rank 0 only): the one a checkpoint recorded when resuming, else a new
+        child of `parent`. It ends FAILED if an exception leaves the block."""
         if self.rank != 0:
-            return None
+            yield None
+            return
         from distill import tracking
-        self._tracking = tracking
+        key = stage.name if stage else "train"
         tags = {f"teacher.{n}.weights_digest": str(m["producer"].get("weights_digest"))
                 for n, m in self.dataset.targets.items()}
-        ctx = tracking.stage_run(self.cfg, "train", self.parent_run_id, tags, self.flow_run_id)
-        run = ctx.__enter__()
-        self._run_ctx = ctx
+        if stage:
+            tags.update({"mmtp.train_stage": stage.name})
+        with tracking.stage_run(self.cfg, name, parent, tags, self.flow_run_id, run_id=self.run_ids.get(key)) as run:
+            if stage and key not in self.run_ids:
+                import mlflow
+                mlflow.log_params({"stage.steps": stage.steps, "stage.terms": ",".join(stage.terms),
+                                   "stage.parts": ",".join(stage.parts), "stage.lr": stage.lr,
+                                   "stage.micro_batch_size": stage.micro_batch_size,
+                                   **{f"stage.trainable_params.{p}": n for p, n in self.trainable.items()}})
+            self.run_ids[key] = run.info.run_id
+            yield run
+
+    def _log_inputs(self) -> None:
+        if self.rank != 0:
+            return
+        from distill import tracking
         tracking.log_manifest_input(self.dataset.samples_dir, self.dataset.samples, "samples", "train")
         for n, m in self.dataset.targets.items():
             tracking.log_manifest_input(self.dataset.target_dirs[n], m, f"targets/{n}", "train")
-        return run
 
     def _log(self, figures: dict[str, float], samples_per_s: float) -> None:
-        """Log the step's figures (already averaged over micro-batches and ranks) from rank 0."""
+        """Log the step's figures (already averaged over micro-batches and ranks) from rank 0, to the stage's
+        run and to the training run (whose curves then span every stage)."""
         if self.rank != 0:
             return
         import mlflow
+        from mlflow.entities import Metric
         metrics = dict(figures)
         metrics.update({"lr": self.engine.get_lr()[0], "throughput/samples_per_s": samples_per_s,
                         "train/skipped_steps": self.skipped_steps})
-        self.history.append({"step": self.step, **metrics})
+        self.history.append({"step": self.step, "stage": self.stage.name, **metrics})
         mlflow.log_metrics(metrics, step=self.step)
+        now = int(time.time() * 1000)
+        mlflow.MlflowClient().log_batch(self.run_ids["train"], [Metric(k, float(v), now, self.step)
+                                                                for k, v in metrics.items()])
 
-    def _finish(self, run, folder: Path | None) -> dict:
-        summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "student_dir": str(folder) if folder else None,
+    def _finish(self) -> dict:
+        folder = self.stage_dir(self.stage)
+        summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "student_dir": str(folder),
+                   "stages": [s.name for s in self.stages],
                    "final_loss": self.history[-1]["loss/total"] if self.history else math.nan}
         if self.rank == 0:
-            import shutil
-
             import mlflow
 
+            from distill.card import finish_student
             from distill.plots import training_plots
-            tokenizer = self.dataset.target_dirs[self.dataset.language] / "tokenizer"
-            if tokenizer.is_dir():  # the student speaks the language teacher's tokens
-                shutil.copytree(tokenizer, folder, dirs_exist_ok=True)
+            for stage in self.stages:  # tokenizer, processor, LoRA adapter, model card
+                finish_student(self.cfg, self.stage_dir(stage))
             for path in training_plots(self.history, output_path(self.cfg, "plots")):
                 mlflow.log_artifact(str(path), artifact_path="plots")
             mlflow.log_artifacts(str(folder), artifact_path="student")
-            summary["mlflow_run_id"] = run.info.run_id
-            self._run_ctx.__exit__(None, None, None)
+            summary["mlflow_run_id"] = self.run_ids["train"]
             atomic_write_json(output_path(self.cfg, "train_summary.json"), summary)
         return summary
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """An Event set by SIGINT/SIGTERM while training runs (main thread only; elsewhere never set): the
+    loop finishes its step, checkpoints it and stops, so no half-written checkpoint is left behind."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+        stop.set()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main() -> None:

@@ -21,11 +21,20 @@ from distill.config import PROJECT_ROOT, flatten, to_container
 log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key|private_?key|credential)s?$", re.I)
 REDACTED = "***"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mmtp ui` serves a local store (its default --port)
 
 
 def tracking_uri(cfg: DictConfig) -> str:
     """The config's URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the project folder."""
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def run_url(cfg: DictConfig, run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server's for an http(s) URI, else `mmtp ui`'s."""
+    uri = tracking_uri(cfg)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    experiment_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def setup(cfg: DictConfig) -> str:
@@ -57,17 +66,22 @@ def git_commit() -> str:
 
 @contextlib.contextmanager
 def stage_run(cfg: DictConfig, stage: str, parent_run_id: str | None = None, tags: dict | None = None,
-              flow_run_id: str | None = None):
+              flow_run_id: str | None = None, run_id: str | None = None):
     """An MLflow run for one stage, a child of `parent_run_id` when given, with params and config.
-    `flow_run_id` (the Prefect flow run that called it, passed in by the flow) becomes a tag."""
+    `flow_run_id` (the Prefect flow run that called it, passed in by the flow) becomes a tag. `run_id`
+    reopens that run instead (a resumed stage continues its run). The run ends FAILED on an exception."""
     all_tags = {"mmtp.stage": stage, "mmtp.git_commit": git_commit(), **(tags or {})}
     if flow_run_id:
         all_tags["prefect.flow_run_id"] = str(flow_run_id)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     experiment_id = setup(cfg)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags,
-                          nested=mlflow.active_run() is not None) as run:
+    nested = mlflow.active_run() is not None
+    if run_id:
+        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+            yield run
+        return
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags, nested=nested) as run:
         log_config(cfg)
         yield run
 

@@ -6,8 +6,9 @@
     mmtp ui       --config configs/default.yaml
     mmtp deploy   --config configs/default.yaml key=value ... [--cron-collect CRON] [--register-only]
 
-Config problems exit with code 2 and one line naming the key; data problems exit with 1 and one
-line naming the file.
+Config problems exit with code 2 and one line naming the key (and, for a choice, the allowed
+values), before anything runs; data problems exit with 1 and one line naming the file.
+`--print-config` prints the resolved config (files merged, overrides applied) and exits.
 """
 
 from __future__ import annotations
@@ -20,11 +21,23 @@ import sys
 from distill.env import apply_env_defaults
 
 DATA_ERRORS = ("ShardError", "BadRowsError", "VocabMismatchError", "TeacherSourceError", "ManifestMismatchError",
-               "NonFiniteLossError", "UnsafeCheckpointError", "FileNotFoundError")
+               "NonFiniteLossError", "UnsafeCheckpointError", "FileNotFoundError", "CheckpointsExistError",
+               "TrainingStopped")
+
+
+def _keys_help() -> str:
+    """The top-level config keys and their meaning, from the schema (distill/configref.py)."""
+    from distill.configref import top_level_keys
+    keys = top_level_keys()
+    width = max(len(k) for k, _ in keys)
+    lines = [f"  {k:<{width}}  {meaning}" for k, meaning in keys]
+    return "top-level config keys (every key: docs/config.md):\n" + "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmtp", description=__doc__.splitlines()[0])
+    epilog = _keys_help()
+    p = argparse.ArgumentParser(prog="mmtp", description=__doc__.splitlines()[0], epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in [("collect", "run the teachers over the data and write soft-target shards"),
                        ("train", "distil the student on the collected shards with DeepSpeed"),
@@ -33,9 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                        ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store"),
                        ("deploy", "register the scheduled Prefect deployments (the config is their default "
                         "parameter) and serve them")]:
-        s = sub.add_parser(name, help=text, description=text)
+        s = sub.add_parser(name, help=text, description=text, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--config", action="append", help="YAML config, repeatable: later files override "
                        "earlier ones (default: configs/default.yaml)")
+        s.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML and exit without running")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="omegaconf overrides")
         if name == "ui":
             s.add_argument("--port", type=int, default=5000)
@@ -61,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mmtp: error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        from omegaconf import OmegaConf
+
+        from distill.config import to_container
+        print(OmegaConf.to_yaml(to_container(cfg)), end="")
+        return 0
     try:
         return COMMANDS[args.command](cfg, args)
     except ConfigError as e:

@@ -19,6 +19,7 @@ from data.samples import build_samples
 from data.shards import clean_temp_files, digest, run_lock
 from distill import tracking
 from distill.config import (
+    ConfigError,
     Runner,
     cache_path,
     from_dict,
@@ -28,7 +29,9 @@ from distill.config import (
     teacher_configs,
     to_container,
 )
+from flows.artifacts import link_mlflow_run
 from teachers.collect import check_vocab, collect_shard, finalize_targets
+from teachers.contract import Modality, check_teacher
 from teachers.registry import load_teacher
 
 
@@ -42,6 +45,13 @@ def _collect_options(cfg, tcfg) -> dict:
 def _teacher(cfg, name: str):
     tcfg = teacher_config(cfg, name)
     teacher = load_teacher(tcfg, cache_path(cfg, "teachers"))
+    slot = Modality.language if cfg.teachers.language is not None and name == cfg.teachers.language.name \
+        else Modality.vision
+    got = check_teacher(teacher)
+    if got != slot:
+        where = "teachers.language" if slot == Modality.language else "teachers.vision"
+        raise ConfigError(f"config key '{where}' ({name}.kind={tcfg.kind}): a {got.value} "
+                          f"teacher, but {where} takes {slot.value} teachers")
     return tcfg, teacher, digest([teacher.identity(), _collect_options(cfg, tcfg)])
 
 
@@ -51,7 +61,7 @@ def build_samples_task(config: dict) -> dict:
     return build_samples(to_container(cfg)["data"], shards_path(cfg, "samples"), cfg.seed, cfg.collect.progress)
 
 
-@task(name="teacher-shard")
+@task(name="teacher-shard", task_run_name="{teacher_name}/{shard_file}")
 def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict:
     cfg = from_dict(config)
     tcfg, teacher, producer = _teacher(cfg, teacher_name)
@@ -60,13 +70,12 @@ def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict
                          compression=cfg.collect.compression, progress=cfg.collect.progress)
 
 
-@task(name="finalize-targets")
+@task(name="finalize-targets", task_run_name="{teacher_name}/finalize")
 def finalize_task(config: dict, teacher_name: str, samples: dict, entries: list[dict]) -> dict:
     cfg = from_dict(config)
     tcfg, teacher, producer = _teacher(cfg, teacher_name)
-    return finalize_targets(teacher.identity(), shards_path(cfg, "targets", teacher_name), samples, entries,
-                            config_digest=producer, collect_options=_collect_options(cfg, tcfg),
-                            tokenizer=getattr(teacher, "tokenizer", None))
+    return finalize_targets(teacher, shards_path(cfg, "targets", teacher_name), samples, entries,
+                            config_digest=producer, collect_options=_collect_options(cfg, tcfg))
 
 
 @flow(name="collect-soft-targets", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -87,6 +96,7 @@ def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict
         entries = {n: [futures[n, s["file"]].result() for s in samples["shards"]] for n in names}
         manifests = {n: finalize_task(config, n, samples, entries[n]) for n in names}
         run_id = log_collection(cfg, samples, manifests, entries, parent_run_id, time.perf_counter() - started)
+    link_mlflow_run(cfg, "collect", run_id)
     summary = {"samples_dir": str(shards_path(cfg, "samples")), "mlflow_run_id": run_id,
                "targets": {n: str(shards_path(cfg, "targets", n)) for n in names},
                "forwards": {n: sum(e["forwards"] for e in entries[n]) for n in names},
@@ -116,9 +126,9 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
             metrics[f"collect/{name}/teacher_forwards"] = sum(e["forwards"] for e in done)
             if seconds > 0:
                 metrics[f"collect/{name}/samples_per_s"] = sum(e["rows"] for e in done) / seconds
-                if "tokens" in manifest:
+                if manifest["modality"] == Modality.language:
                     metrics[f"collect/{name}/tokens_per_s"] = sum(e["tokens"] for e in done) / seconds
-            if "bytes_per_token" in manifest:
+            if manifest["modality"] == Modality.language:
                 metrics[f"collect/{name}/bytes_per_token"] = manifest["bytes_per_token"]
                 metrics[f"collect/{name}/truncated_captions"] = manifest["truncated_captions"]
         mlflow.log_metrics(metrics)

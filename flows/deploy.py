@@ -15,10 +15,7 @@ so the collect stage still picks the Dask task runner when `collect.runner=dask`
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
-import yaml
 from prefect import flow, serve
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL
@@ -34,10 +31,7 @@ CRON_DISTILL = "0 3 * * 0"  # Sundays at 03:00
 
 def resolve(config: dict, overrides: list[str] | None = None):
     """`config` plus `key=value` overrides, validated exactly as `mmtp --config FILE key=value` is."""
-    with tempfile.TemporaryDirectory(prefix="mmtp-deploy-") as tmp:
-        path = Path(tmp, "config.yaml")
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return load_config(path, list(overrides or []))
+    return load_config(config, list(overrides or []))
 
 
 @flow(name="scheduled-collect", log_prints=True)

@@ -11,7 +11,9 @@ from prefect.runtime import flow_run
 
 from distill import tracking
 from distill.config import from_dict, shards_path, teacher_configs, to_container
-from distill.evaluate import evaluate_run
+from distill.evaluate import evaluate_run, resolve_student
+from distill.registry import publish_student
+from flows.artifacts import link_mlflow_run, metrics_table
 
 
 @flow(name="evaluate-student", log_prints=True)
@@ -26,9 +28,13 @@ def evaluate_student(config: dict, parent_run_id: str | None = None) -> dict:
         for path in result["plots"]:
             mlflow.log_artifact(str(path), artifact_path="plots")
         mlflow.log_artifact(str(result["report"]))
+        registered = publish_student(cfg, resolve_student(cfg.evaluate.student, cfg), result["metrics"],
+                                     result["baseline"])
+    link_mlflow_run(cfg, "evaluate", run.info.run_id)
+    metrics_table(result["metrics"], result["baseline"])
     print(Path(result["report"]).read_text())
     return {"mlflow_run_id": run.info.run_id, "report": str(result["report"]), "metrics": result["metrics"],
-            "baseline": result["baseline"]}
+            "baseline": result["baseline"], "registered_model": registered}
 
 
 def run_evaluate(cfg, parent_run_id: str | None = None) -> dict:

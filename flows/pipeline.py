@@ -5,8 +5,6 @@ ids, never tensors. The parent run carries the headline metrics.
 
 from __future__ import annotations
 
-import json
-
 import mlflow
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -14,7 +12,8 @@ from prefect.runtime import flow_run
 
 from data.shards import run_lock
 from distill import tracking
-from distill.config import from_dict, output_path, to_container
+from distill.config import from_dict, output_path, teacher_configs, to_container
+from flows.artifacts import link_mlflow_run
 from flows.collect import collect_soft_targets
 from flows.evaluate import evaluate_student
 from flows.train import distill_student
@@ -29,25 +28,26 @@ def distill_pipeline(config: dict) -> dict:
     with run_lock(output_path(cfg)), tracking.stage_run(cfg, "pipeline", flow_run_id=flow_run.id) as parent:
         parent_id = parent.info.run_id
         collected = collect_soft_targets(config, parent_id)
-        train_run = distill_student(config, parent_id)
-        summary = json.loads(output_path(cfg, "train_summary.json").read_text())
+        summary = distill_student(config, parent_id)
         evaluated = evaluate_student(config, parent_id)
         headline = {k: v for k, v in evaluated["metrics"].items() if k in HEADLINE}
         mlflow.log_metrics({"train/final_loss": summary["final_loss"], "train/steps": summary["steps"], **headline})
-    result = {"mlflow_run_id": parent_id, "collect_run_id": collected["mlflow_run_id"], "train_run_id": train_run,
-              "evaluate_run_id": evaluated["mlflow_run_id"], "student_dir": summary["student_dir"],
-              "final_loss": summary["final_loss"], "steps": summary["steps"], "headline": headline,
+    result = {"mlflow_run_id": parent_id, "collect_run_id": collected["mlflow_run_id"],
+              "train_run_id": summary["mlflow_run_id"], "evaluate_run_id": evaluated["mlflow_run_id"],
+              "student_dir": summary["student_dir"], "final_loss": summary["final_loss"], "steps": summary["steps"],
+              "headline": headline,
               "baseline": {k: v for k, v in (evaluated.get("baseline") or {}).items() if k in HEADLINE},
               "report": evaluated["report"], "tracking_uri": tracking.tracking_uri(cfg)}
-    create_markdown_artifact(key="distill-pipeline", markdown=report(cfg, result),
-                             description=f"pipeline run {flow_run.id}")
-    print(report(cfg, result))
+    link_mlflow_run(cfg, "pipeline", parent_id)
+    text = report(cfg, result)
+    create_markdown_artifact(key="distill-pipeline", markdown=text, description=f"pipeline run {flow_run.id}")
+    print(text)
     return result
 
 
 def report(cfg, result: dict) -> str:
     rows = [("student", f"{cfg.student.preset} preset, MTP depth {cfg.student.mtp_depth}, ZeRO {cfg.train.zero_stage}"),
-            ("teachers", ", ".join([cfg.teachers.language.name] + [t.name for t in cfg.teachers.vision])),
+            ("teachers", ", ".join(t.name for t in teacher_configs(cfg))),
             ("steps / final loss", f"{result['steps']} / {result['final_loss']:.4f}"),
             *[(k, f"{v:.4f}" + (f"  (CE-only baseline {result['baseline'][k]:.4f})" if k in result["baseline"] else ""))
               for k, v in sorted(result["headline"].items())],

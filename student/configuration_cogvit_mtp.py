@@ -61,6 +61,8 @@ class CogViTMTPConfig(PreTrainedConfig):
         mtp_loss_weight (`float`, defaults to 0.3): lambda in `loss = lm_loss + lambda * mean(mtp_losses)`.
         teachers (`dict`, defaults to `{}`): `{teacher_name: {"summary_dim": int, "feature_dim": int,
             "grid": [h, w]}}`; one adaptor head per entry.
+        contrastive_dim (`int`, defaults to 0): width of the image-text embedding space of the SigLIP-style
+            contrastive head (the `image` summary token and the pooled caption); 0 = no contrastive head.
         adaptor_hidden_size (`int`, *optional*): hidden width of the adaptor MLPs; `None` means
             `vision_hidden_size`.
         decoder_init_path (`str`, *optional*): folder of a Llama-family causal LM (config.json + safetensors)
@@ -108,6 +110,7 @@ class CogViTMTPConfig(PreTrainedConfig):
     # vision teachers
     teachers: dict = field(default_factory=dict)
     adaptor_hidden_size: int | None = None
+    contrastive_dim: int = 0
     # pretrained decoder and LoRA
     decoder_init_path: str | None = None
     use_lora: bool = False
@@ -149,6 +152,7 @@ class CogViTMTPConfig(PreTrainedConfig):
         need(self.mtp_depth >= 0, f"mtp_depth={self.mtp_depth} must be >= 0")
         need(self.image_attention in ("bidirectional", "causal"),
              f"image_attention={self.image_attention!r} must be 'bidirectional' or 'causal'")
+        need(self.contrastive_dim >= 0, f"contrastive_dim={self.contrastive_dim} must be >= 0")
         need(self.vocab_size >= 1, f"vocab_size={self.vocab_size} must be >= 1")
 
     def num_image_tokens(self, height: int, width: int) -> int:

@@ -14,12 +14,21 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from . import lora
 from .configuration_cogvit_mtp import CogViTMTPConfig
 from .decoder import IGNORE_INDEX, Decoder, KVCache, MTPModule, shift_labels, shift_left
+from .generation import CogViTMTPGenerationMixin, generation_forward
 from .layers import attention_mask as build_attention_mask
 from .layers import rope_cos_sin
-from .vision import PatchMerger, TeacherHead, VisionTower, pool_mask, sample_image_mask, summary_names
+from .lora import inject_lora, load_pretrained_decoder, mark_lora_trainable, merged_state_dict
+from .vision import (
+    ContrastiveHead,
+    PatchMerger,
+    TeacherHead,
+    VisionTower,
+    pool_mask,
+    sample_image_mask,
+    summary_names,
+)
 
 
 @dataclass
@@ -46,6 +55,8 @@ class CogViTMTPOutput(ModelOutput):
             no masking).
         mask: `{teacher: [B, Gh * Gw] float}`, the masked fraction of each teacher grid cell (area-pooled
             `image_mask`; None when no masking).
+        image_text_embeds: `(image [B, C], caption [B, C])`, L2-normalised, from the contrastive head (only
+            when `forward(..., contrastive=True)`).
         num_image_tokens: N_img.
     """
 
@@ -62,6 +73,7 @@ class CogViTMTPOutput(ModelOutput):
     teacher_outputs: dict | None = None
     image_mask: torch.BoolTensor | None = None
     mask: dict | None = None
+    image_text_embeds: tuple | None = None
     num_image_tokens: int | None = None
 
 
@@ -73,11 +85,11 @@ def cross_entropy(logits, targets):
     return F.cross_entropy(logits[valid].float(), targets[valid])
 
 
-class CogViTMTPForDistillation(PreTrainedModel):
+class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
     config_class = CogViTMTPConfig
     config: CogViTMTPConfig
     base_model_prefix = "student"
-    main_input_name = "pixel_values"
+    main_input_name = "input_ids"  # what `generate` decodes; the image comes as `pixel_values`
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["Block"]
@@ -97,16 +109,17 @@ class CogViTMTPForDistillation(PreTrainedModel):
                               spec["feature_dim"], spec["grid"])
             for name, spec in config.teachers.items()
         })
+        self.contrastive = ContrastiveHead(config) if config.contrastive_dim else None
         self.post_init()
         if config.use_lora:  # after post_init, so PEFT's own init (B = 0) is kept
-            lora.inject_lora(self)
-            lora.mark_lora_trainable(self)
+            inject_lora(self)
+            mark_lora_trainable(self)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
         if model.config.use_lora:  # loading re-creates the parameters, which resets requires_grad
-            lora.mark_lora_trainable(model)
+            mark_lora_trainable(model)
         return model
 
     def _init_weights(self, module):
@@ -190,8 +203,21 @@ class CogViTMTPForDistillation(PreTrainedModel):
         patches, summary, _ = self.vision(pixel_values)
         return torch.cat([patches.mean(1), summary.flatten(1)], dim=-1)
 
+    def caption_embedding(self, input_ids, attention_mask=None):
+        """The caption alone through the decoder (no image tokens), final-normed and mean-pooled over its
+        tokens [B, d]: the text side of the contrastive head."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        hidden, _ = self.forward_decoder(self.decoder.embed_tokens(input_ids), mask)
+        hidden = self.decoder.norm(hidden)
+        if attention_mask is None:
+            return hidden.mean(1)
+        m = attention_mask[..., None].to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+    @generation_forward
     def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, image_mask=None,
-                return_dict: bool = True, text_logits_only: bool = False, branch_hook=None):
+                return_dict: bool = True, text_logits_only: bool = False, branch_hook=None, language: bool = True,
+                contrastive: bool = False):
         """pixel_values [B, C, H, W] (H, W multiples of patch_size * spatial_merge_size); input_ids [B, T]
         caption tokens (None: the vision part only, no decoder); attention_mask [B, T] (1 = token, right
         padding only); labels [B, T] caption-aligned targets (usually `input_ids`; IGNORE_INDEX = -100
@@ -206,12 +232,18 @@ class CogViTMTPForDistillation(PreTrainedModel):
         t aligned with `input_ids[:, t]`); with a large vocab the output head dominates training cost, and
         distillation needs no logits at image positions. `branch_hook(term, tensor) -> tensor`, when given,
         is applied to the tower's output where each consumer reads it (`"language"` before the merger, a
-        teacher's name before its head), so a trainer can measure what each loss pulls on the shared tower.
-        Returns a `CogViTMTPOutput`."""
+        teacher's name before its head, `"contrastive"` before the contrastive head), so a trainer can
+        measure what each loss pulls on the shared tower. `language=False` skips the decoder's image-text
+        pass (a vision-only or contrastive-only step); `contrastive=True` (needs `input_ids` and a model with
+        `contrastive_dim > 0`) returns `image_text_embeds` from the clean image's `image` summary token and
+        the caption alone. Returns a `CogViTMTPOutput`."""
         if text_logits_only and labels is not None:
             raise ValueError("text_logits_only drops the logits that predict the first caption token; "
                              "compute the loss from the returned logits instead of passing labels")
         batch = pixel_values.shape[0]
+        if contrastive and (self.contrastive is None or input_ids is None):
+            raise ValueError("contrastive=True needs input_ids and a model built with contrastive_dim > 0")
+        language = language and input_ids is not None
         if input_ids is not None:
             self._check_text(input_ids, attention_mask, batch)
         self._check_pixels(pixel_values)
@@ -227,7 +259,7 @@ class CogViTMTPForDistillation(PreTrainedModel):
         if image_mask is None:
             patches, summary, grid = self.vision(pixel_values)
             masked_patches, masked_summary = patches, summary
-        elif input_ids is None:
+        elif not (language or contrastive):
             masked_patches, masked_summary, grid = self.vision(pixel_values, image_mask.bool())
             patches = summary = None
         else:
@@ -241,10 +273,13 @@ class CogViTMTPForDistillation(PreTrainedModel):
         mask = None
         if image_mask is not None:
             mask = {name: pool_mask(image_mask.bool(), head.grid) for name, head in self.teacher_heads.items()}
-        language = {} if input_ids is None else self._language(
+        text = {} if not language else self._language(
             tap("language", patches), grid, input_ids, attention_mask, labels, text_logits_only)
+        if contrastive:
+            image_summary = tap("contrastive", summary[:, names.index("image")])
+            text["image_text_embeds"] = self.contrastive(image_summary, self.caption_embedding(input_ids, attention_mask))
         out = CogViTMTPOutput(vision_hidden_states=patches, vision_summary=summary, teacher_outputs=teacher_outputs,
-                              image_mask=image_mask, mask=mask, **language)
+                              image_mask=image_mask, mask=mask, **text)
         return out if return_dict else out.to_tuple()
 
     def _language(self, patches, grid, input_ids, attention_mask, labels, text_logits_only) -> dict:
@@ -288,45 +323,7 @@ class CogViTMTPForDistillation(PreTrainedModel):
                 out["loss"] = out["lm_loss"] + self.config.mtp_loss_weight * torch.stack(out["mtp_losses"]).mean()
         return out
 
-    # ------------------------------------------------------------ generation and export
-
-    @torch.no_grad()
-    def greedy_generate(self, pixel_values, input_ids=None, max_new_tokens: int = 32, eos_token_id=None,
-                        attention_mask=None):
-        """Greedy decoding with a KV cache: image + prompt -> text. Prompts in a batch must have the same
-        length (no padding). Returns [B, T_prompt + n_new] (prompt then new tokens); after a sequence emits
-        `eos_token_id` (default `config.eos_token_id`) it is filled with eos, and decoding stops once all are
-        done."""
-        batch = pixel_values.shape[0]
-        if input_ids is None:
-            input_ids = torch.zeros(batch, 0, dtype=torch.long, device=pixel_values.device)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("greedy_generate: prompts must not be padded (attention_mask has zeros); "
-                             "generate padded prompts one by one")
-        if input_ids.shape[1] > 0:
-            self._check_text(input_ids, None, batch)
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        _, _, image_embeds = self.encode_image(pixel_values)
-        n_img = image_embeds.shape[1]
-        if n_img + input_ids.shape[1] + max_new_tokens > self.config.max_position_embeddings:
-            raise ValueError(f"{n_img} image + {input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
-        text_embeds = self.decoder.embed_tokens(input_ids)
-        embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)
-        cache = KVCache(len(self.decoder.layers))
-        hidden, cache = self.forward_decoder(embeds, num_image_tokens=n_img, cache=cache)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            token = self.logits_from_hidden(hidden[:, -1:]).argmax(dim=-1)  # [B, 1]
-            if eos is not None:
-                token = token.masked_fill(finished[:, None], eos)
-                finished |= token[:, 0] == eos
-            new_tokens.append(token)
-            if step == max_new_tokens - 1 or bool(finished.all()):
-                break
-            hidden, cache = self.forward_decoder(self.decoder.embed_tokens(token), cache=cache)
-        return torch.cat([input_ids, *new_tokens], dim=1)
+    # ------------------------------------------------------------ export
 
     def merge_and_unload(self) -> "CogViTMTPForDistillation":
         """A plain copy of this model with the LoRA deltas merged into the decoder weights
@@ -336,7 +333,7 @@ class CogViTMTPForDistillation(PreTrainedModel):
         config = copy.deepcopy(self.config)
         config.use_lora = False
         plain = type(self)(config)
-        plain.load_state_dict(lora.merged_state_dict(self), strict=True)
+        plain.load_state_dict(merged_state_dict(self), strict=True)
         return plain.to(device=self.device, dtype=self.dtype)
 
     # ------------------------------------------------------------ input checks
@@ -371,5 +368,5 @@ def build_student(config: CogViTMTPConfig) -> CogViTMTPForDistillation:
     set (into the LoRA base weights when `config.use_lora`). Use `from_pretrained` to resume a saved one."""
     model = CogViTMTPForDistillation(config)
     if config.decoder_init_path:
-        lora.load_pretrained_decoder(model, config.decoder_init_path)
+        load_pretrained_decoder(model, config.decoder_init_path)
     return model

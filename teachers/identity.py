@@ -1,31 +1,27 @@
 """Digests that identify a teacher: its weight files and its tokenizer.
 
-Digests are sha256 hex strings. Files are hashed streamed (never read whole), and a
-file's digest is memoised per (path, size, mtime) so a process hashes each file once.
+Digests are sha256 hex strings, made by data/shards.py's helpers (the one place they are written;
+`json_sha256` is its `digest`). A file's digest is memoised per (path, size, mtime) so a process hashes
+each weight file once.
 """
 import hashlib
 import json
 from pathlib import Path
 
-_CHUNK = 1 << 20
-_FILE_DIGESTS: dict[tuple, str] = {}
+from data.shards import digest as json_sha256  # noqa: F401  (re-exported: teachers/registry.py, tiny.py)
+from data.shards import sha256_file
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")
+_FILE_DIGESTS: dict[tuple, str] = {}
 
 
 def file_sha256(path) -> str:
-    """sha256 of one file, streamed."""
+    """sha256 of one file, streamed, memoised."""
     path = Path(path).resolve()
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
-    digest = _FILE_DIGESTS.get(key)
-    if digest is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        digest = _FILE_DIGESTS[key] = h.hexdigest()
-    return digest
+    if key not in _FILE_DIGESTS:
+        _FILE_DIGESTS[key] = sha256_file(path)
+    return _FILE_DIGESTS[key]
 
 
 def files_sha256(paths) -> str:
@@ -66,8 +62,3 @@ def tokenizer_digest(tokenizer) -> str:
     h = hashlib.sha256(body.encode())
     h.update(json.dumps(specials, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def json_sha256(obj) -> str:
-    """sha256 of a JSON-serialisable object, key order independent."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -22,15 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufCo
 
 from data.devices import resolve_device
 
+from .contract import Modality
 from .identity import file_sha256, tokenizer_digest, weights_digest
-from .registry import (
-    TeacherSourceError,
-    offline_error,
-    register_teacher,
-    resolve_source,
-    teacher_config,
-    torch_dtype,
-)
+from .registry import TeacherSourceError, offline_error, resolve_source, teacher_config, torch_dtype
 
 log = logging.getLogger(__name__)
 GGUF_INFO = "gguf_source.json"
@@ -98,8 +92,10 @@ def peek_vocab_size(cfg, cache_dir) -> int:
     return int(config.get_text_config().vocab_size)
 
 
-@register_teacher("hf_causal_lm")
-class LanguageTeacher:
+class HFCausalLMTeacher:
+    """A `LanguageTeacher` (teachers/contract.py) over any AutoModelForCausalLM."""
+    modality = Modality.language
+
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
         self.device = resolve_device(tc.device)  # once, before any weights load
@@ -151,18 +147,34 @@ class LanguageTeacher:
             }
         return dict(self._identity)
 
+    @classmethod
+    def peek_vocab_size(cls, cfg, cache_dir) -> int:
+        return peek_vocab_size(cfg, cache_dir)
+
+    def rows(self, samples: list[dict]) -> list[dict]:
+        """Target rows of a batch of samples rows: soft targets over each caption (teachers/contract.py)."""
+        token_ids, cut = self._encode([s["caption"] for s in samples])
+        rows = self.soft_targets(token_ids)
+        for row, was_cut in zip(rows, cut, strict=True):
+            row["truncated"] = was_cut
+        return rows
+
     def encode(self, captions: list[str]) -> tuple[list[list[int]], int]:
         """[bos] + tokens + [eos] per caption, cut to max_tokens; also the number of rows cut."""
+        rows, cut = self._encode(captions)
+        return rows, sum(cut)
+
+    def _encode(self, captions: list[str]) -> tuple[list[list[int]], list[bool]]:
         for i, caption in enumerate(captions):
             if not isinstance(caption, str):
                 raise TypeError(f"teacher {self.cfg.name!r}: caption {i} is {type(caption).__name__}, not str")
         encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"] if captions else []
-        rows, truncated = [], 0
+        rows, cut = [], []
         for ids in encoded:
             row = [self.bos_id] + list(ids) + ([self.eos_id] if self.eos_id is not None else [])
-            truncated += len(row) > self.cfg.max_tokens
+            cut.append(len(row) > self.cfg.max_tokens)
             rows.append(row[: self.cfg.max_tokens])
-        return rows, truncated
+        return rows, cut
 
     def _batch(self, token_ids: list[list[int]]):
         if not token_ids:

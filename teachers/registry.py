@@ -1,7 +1,11 @@
 """Teacher kinds, teacher configs, where a teacher's files come from, and the per-process cache.
 
-    @register_teacher("my_kind")
+A teacher `kind` is a built-in name (BUILTIN_KINDS), a name registered with `register_teacher`, or a
+dotted path `package.module:Class` to any class that implements the contract in teachers/contract.py
+(docs/teachers.md):
+
     class MyTeacher:
+        modality = Modality.vision
         def __init__(self, cfg: TeacherConfig, cache_dir: Path): ...
 
     teacher = load_teacher(cfg, cache_dir)   # built once per process per (config, cache_dir)
@@ -11,22 +15,35 @@ import importlib
 import importlib.util
 import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
+from data.devices import check_device_name
+
+from .contract import declared_modality
 from .identity import json_sha256
 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("~/.cache/mmtp-distill/teachers").expanduser()
-DTYPES = ("float32", "bfloat16", "float16")
 
-TEACHER_KINDS: dict[str, type] = {}
-# kinds shipped here, imported on first use so that `import teachers.registry` stays light
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DTYPES = tuple(d.value for d in Dtype)
+
+TEACHER_KINDS: dict[str, type] = {}  # names registered at run time (register_teacher)
+# The kinds shipped here, as dotted paths imported on first use, so `import teachers.registry` stays light.
 BUILTIN_KINDS = {
-    "hf_causal_lm": "teachers.language",
-    "hf_vision": "teachers.vision",
-    "efficientnet_lite0": "teachers.efficientnet",
+    "hf_causal_lm": "teachers.language:HFCausalLMTeacher",
+    "hf_vision": "teachers.vision:HFVisionTeacher",
+    "efficientnet_lite0": "teachers.efficientnet:EfficientNetLite0Teacher",
 }
 
 
@@ -38,18 +55,20 @@ class TeacherSourceError(OSError):
 class TeacherConfig:
     """One teacher; also the `teachers:` entries of the run config schema (distill/config.py)."""
     name: str  # unique, used as a key everywhere
-    kind: str  # "hf_causal_lm" | "hf_vision" | "efficientnet_lite0"
+    kind: str  # hf_causal_lm | hf_vision | efficientnet_lite0 | a dotted path package.module:Class (docs/teachers.md)
     source: str = ""  # local folder | hub id | "pkg:<python_package>" | "tiny-random:<arch>"
     gguf_file: str | None = None  # GGUF file inside source; converted to safetensors once, in cache_dir
     top_k: int = 64  # language: log-probs kept per token (plus the tail mass)
     image_size: int = 224  # vision input resolution
-    dtype: str = "float32"  # teacher forward dtype: float32 | bfloat16 | float16
+    dtype: Dtype = Dtype.float32  # teacher forward dtype
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when available, else cpu (at load time)
     trust_remote_code: bool = False  # run code shipped with a hub model; logged as a warning when set
     revision: str | None = None  # hub revision (branch, tag or commit) to pin
     max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
     # The weights digest a run expects; training refuses shards made by other weights.
     weights_digest: str | None = None
+    # Settings of a teacher kind beyond these keys, read by its class (docs/teachers.md).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TeacherConfig))
@@ -61,6 +80,17 @@ def _get(cfg, key, default=None):
     return getattr(cfg, key, default)
 
 
+def _plain(value):
+    """Enums to their values, mappings to dicts and sequences to lists (omegaconf nodes included)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [_plain(v) for v in value]
+    return value
+
+
 def teacher_config(cfg) -> TeacherConfig:
     """Normalise a mapping (dict, omegaconf DictConfig) or an object with attributes, and validate it."""
     if isinstance(cfg, TeacherConfig):
@@ -70,6 +100,7 @@ def teacher_config(cfg) -> TeacherConfig:
         if unknown:
             raise ValueError(f"unknown teacher config key(s) {unknown}; known keys: {list(FIELDS)}")
     values = {k: _get(cfg, k) for k in FIELDS if _get(cfg, k) is not None}
+    values = {k: _plain(v) for k, v in values.items()}
     for key in ("name", "kind"):
         if not isinstance(values.get(key), str) or not values[key]:
             raise ValueError(f"teacher config needs a non-empty string {key!r}, got {values.get(key)!r}")
@@ -79,16 +110,19 @@ def teacher_config(cfg) -> TeacherConfig:
         value = getattr(tc, key)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{where}: {key} must be a string, got {value!r}")
-    if tc.kind not in known_kinds():
-        raise ValueError(f"{where}: unknown kind {tc.kind!r}; known kinds: {known_kinds()}")
-    from data.devices import check_device_name  # here: it imports torch
-
+    if not isinstance(tc.options, dict):
+        raise ValueError(f"{where}: options must be a mapping, got {tc.options!r}")
+    try:
+        check_kind(tc.kind)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from None
     try:  # the name only: the config may be checked on a machine without the GPU it will run on
         check_device_name(tc.device)
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     if tc.dtype not in DTYPES:
         raise ValueError(f"{where}: dtype {tc.dtype!r} is not one of {DTYPES}")
+    tc.dtype = Dtype(tc.dtype).value  # a plain str, as in every manifest and digest
     for key, low in (("top_k", 1), ("image_size", 1), ("max_tokens", 2)):
         value = getattr(tc, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -101,9 +135,10 @@ def config_digest(cfg) -> str:
 
 
 def register_teacher(kind: str):
-    """Class decorator: make `kind` loadable by `load_teacher`."""
+    """Class decorator: make `kind` loadable by `load_teacher`. The class must declare its `modality`."""
 
     def wrap(cls):
+        declared_modality(cls)
         if TEACHER_KINDS.get(kind, cls) is not cls:
             raise ValueError(f"teacher kind {kind!r} is already registered by {TEACHER_KINDS[kind]}")
         TEACHER_KINDS[kind] = cls
@@ -116,12 +151,31 @@ def known_kinds() -> list[str]:
     return sorted(set(TEACHER_KINDS) | set(BUILTIN_KINDS))
 
 
+def check_kind(kind: str) -> None:
+    """A built-in or registered name passes as is (no import); a dotted path must import to a teacher class."""
+    if kind not in TEACHER_KINDS and kind not in BUILTIN_KINDS:
+        teacher_class(kind)
+
+
 def teacher_class(kind: str) -> type:
-    if kind not in TEACHER_KINDS and kind in BUILTIN_KINDS:
-        importlib.import_module(BUILTIN_KINDS[kind])
-    if kind not in TEACHER_KINDS:
-        raise ValueError(f"unknown teacher kind {kind!r}; known kinds: {known_kinds()}")
-    return TEACHER_KINDS[kind]
+    """The class of a kind: a registered name, a built-in name or a dotted path `package.module:Class`."""
+    if kind in TEACHER_KINDS:
+        return TEACHER_KINDS[kind]
+    path = BUILTIN_KINDS.get(kind, kind)
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"unknown teacher kind {kind!r}; expected one of {known_kinds()} or a dotted path "
+                         "'package.module:Class'")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except ImportError as err:
+        raise ValueError(f"teacher kind {kind!r}: cannot import module {module!r} ({err})") from None
+    except AttributeError:
+        raise ValueError(f"teacher kind {kind!r}: module {module!r} has no attribute {attr!r}") from None
+    if not isinstance(cls, type):
+        raise ValueError(f"teacher kind {kind!r}: {path} is a {type(cls).__name__}, not a class")
+    declared_modality(cls)
+    return cls
 
 
 _LOADED: dict[str, object] = {}

@@ -23,9 +23,11 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from data.devices import resolve_device
+from data.images import decode_image
 
+from .contract import Modality
 from .identity import weights_digest
-from .registry import offline_error, register_teacher, resolve_source, teacher_config, torch_dtype
+from .registry import offline_error, resolve_source, teacher_config, torch_dtype
 
 
 def as_rgb(images) -> list:
@@ -46,12 +48,18 @@ def resize_normalize(images, size: int, mean, std) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
+def vision_rows(summary: np.ndarray, features: np.ndarray) -> list[dict]:
+    return [{"summary": s, "features": f} for s, f in zip(summary, features, strict=True)]
+
+
 def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-@register_teacher("hf_vision")
 class HFVisionTeacher:
+    """A `VisionTeacher` (teachers/contract.py) over any AutoModel vision encoder."""
+    modality = Modality.vision
+
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
         self.device = resolve_device(tc.device)  # once, before any weights load
@@ -131,6 +139,10 @@ class HFVisionTeacher:
                 "model_type": self.config.model_type,
             }
         return dict(self._identity)
+
+    def rows(self, samples: list[dict]) -> list[dict]:
+        """Target rows of a batch of samples rows (teachers/contract.py)."""
+        return vision_rows(*self.soft_targets(self.preprocess([decode_image(s["image"]) for s in samples])))
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> float32 pixel values [B, 3, image_size, image_size]."""

@@ -4,17 +4,18 @@ import os
 import tempfile
 from pathlib import Path
 
-# Before anything imports prefect, mlflow or transformers.
+# Before anything imports prefect, mlflow or transformers: the tests' own settings, then the project's
+# defaults (distill/env.py) for the rest.
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="mmtp-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect"))
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # tests that read run logs back turn it on
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # reproducible shard bytes across processes (distill/env.py)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+from distill.env import apply_env_defaults  # noqa: E402
+
+apply_env_defaults()
 
 import pytest  # noqa: E402
 

@@ -54,3 +54,107 @@ def test_config_reference_is_generated_from_the_schema_and_current():
     assert "| `train.zero_stage` | int | `2` | DeepSpeed ZeRO stage 0-3 |" in text
     assert "| `trust_remote_code` | bool | `False` |" in text and "## data.sources.N" in text
     assert (PROJECT_ROOT / "docs" / "config.md").read_text() == text, "run `make docs` to regenerate docs/config.md"
+
+
+# Every choice field: (override, key, allowed values the one-line error must list).
+CHOICES = [
+    ("loss.kd_kind=forward_kll", "loss.kd_kind", ["forward_kl", "reverse_kl", "jsd"]),
+    ("loss.standardize=pca", "loss.standardize", ["phis", "zscore"]),
+    ("loss.balance=equal", "loss.balance", ["static", "ema", "uncertainty", "gradnorm"]),
+    ("collect.compression=gzip", "collect.compression", ["zstd", "lz4", "none"]),
+    ("collect.runner=spark", "collect.runner", ["local", "dask"]),
+    ("train.precision=fp8", "train.precision", ["auto", "fp32", "bf16"]),
+    ("teachers.language.dtype=fp16", "teachers.language.dtype", ["float32", "bfloat16", "float16"]),
+    ("teachers.vision.1.kind=hf_visoin", "teachers.vision.1.kind", ["hf_causal_lm", "hf_vision", "efficientnet_lite0",
+                                                                  "package.module:Class"]),
+    ("teachers.vision.0.kind=no_such_module_xyz:Teacher", "teachers.vision.0.kind", ["no_such_module_xyz"]),
+    ("teachers.language.device=tpu", "teachers.language.device", ["auto", "cpu", "cuda", "cuda:N"]),
+    ("evaluate.device=gpu", "evaluate.device", ["auto", "cpu", "cuda", "cuda:N"]),
+    ("data.sources.0.kind=mnist", "data.sources.0.kind", ["digits", "scenes", "fashion_mnist", "hf_disk"]),
+    ("student.preset=huge", "student.preset", ["base", "small", "tiny"]),
+    ("data.sources.0.resample=bicubic", "data.sources.0.resample", ["nearest", "bilinear"]),
+]
+
+
+@pytest.mark.parametrize("override, key, allowed", CHOICES, ids=[c[1] for c in CHOICES])
+def test_a_bad_choice_exits_2_at_once_naming_the_key_and_the_allowed_values(override, key, allowed, capsys,
+                                                                             monkeypatch, tmp_path):
+    import time
+
+    import flows.collect
+    monkeypatch.setattr(flows.collect, "run_collect", lambda *a, **k: pytest.fail("collection started"))
+    start = time.perf_counter()
+    assert main(["collect", "--config", TINY, f"output_dir={tmp_path / 'out'}", override]) == 2
+    assert time.perf_counter() - start < 1.0  # about 0.1 s here; no teacher, torch or Prefect import
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mmtp: error: config key '{key}'") and "\n" not in err, err
+    assert all(value in err for value in allowed), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_reports_a_typo_without_importing_torch():
+    import subprocess
+    import sys
+    import time
+    code = ("import sys; from flows.cli import main; rc = main(['collect', '--config', 'configs/tiny.yaml', "
+            "'loss.kd_kind=forward_kll']); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("mmtp: error: config key 'loss.kd_kind': Invalid value 'forward_kll', "
+                                   "expected one of [forward_kl, reverse_kl, jsd]")
+    assert seconds < 3  # about 0.6 s on an idle 2-core machine; torch alone would take 2.5 s
+
+
+def test_config_enums_are_the_registries():
+    import torch
+
+    from data.images import RESAMPLE
+    from data.sources import SOURCES
+    from distill import config
+    from distill.balance import BALANCERS
+    from distill.losses import DIVERGENCES, _divergence
+    from distill.standardize import MODES
+    from teachers.registry import DTYPES, TeacherConfig
+    assert [e.value for e in config.KDKind] == list(DIVERGENCES)
+    assert [e.value for e in config.Resample] == list(RESAMPLE)
+    x = torch.zeros(1, 3)
+    with pytest.raises(ValueError, match=r"unknown KD kind 'kl'; expected one of \('forward_kl', 'reverse_kl', 'jsd'\)"):
+        _divergence(x, x, x.bool(), "kl")  # no silent fallback to any kind
+    assert [e.value for e in config.Balance] == list(BALANCERS)
+    assert {e.value for e in config.Standardize} == set(MODES)
+    assert [e.value for e in config.SourceKind] == list(SOURCES)
+    assert TeacherConfig.__dataclass_fields__["dtype"].default.value == DTYPES[0]
+
+
+def test_print_config_prints_the_resolved_yaml_and_runs_nothing(capsys, monkeypatch, tmp_path):
+    import yaml
+
+    import flows.collect
+    monkeypatch.setattr(flows.collect, "run_collect", lambda *a, **k: pytest.fail("collection started"))
+    assert main(["collect", "--config", TINY, "--print-config", f"output_dir={tmp_path / 'out'}",
+                 "train.lr=0.25", "teachers.vision.0.image_size=56"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_container(load_config(TINY, [f"output_dir={tmp_path / 'out'}", "train.lr=0.25",
+                                                      "teachers.vision.0.image_size=56"]))
+    assert printed["train"]["lr"] == 0.25 and printed["loss"]["kd_kind"] == "forward_kl"
+    assert printed["teachers"]["vision"][0]["image_size"] == 56 and printed["collect"]["compression"] == "zstd"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["collect", "--help"], ["train", "--help"]])
+def test_help_lists_the_top_level_config_keys(argv, capsys):
+    from distill.config import Config
+    from distill.configref import top_level_keys
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    keys = dict(top_level_keys())
+    assert list(keys) == list(Config.__dataclass_fields__)
+    assert keys["output_dir"] == "root of every output of a run" and keys["loss"].startswith("The dual-teacher")
+    for key, meaning in keys.items():
+        assert meaning and any(line.split() == [key, *meaning.split()] for line in out.splitlines()), key
+    if argv != ["--help"]:
+        assert "--print-config" in out

@@ -98,3 +98,80 @@ def test_two_pipeline_runs_compare_on_a_real_mlflow_server(prefect_harness, tiny
         assert metrics["static"] == metrics["uncertainty"], (stage, metrics["static"] ^ metrics["uncertainty"])
         assert metrics["static"], stage
     assert Path(results["static"]["student_dir"]).is_dir()
+
+    # Each evaluate run logged the student as an MLflow model, registered under the experiment's name.
+    model = _api(mlflow_server, "/api/2.0/mlflow/registered-models/get?name=mmtp-distill")["registered_model"]
+    aliases = {a["alias"]: a["version"] for a in model.get("aliases", [])}
+    assert aliases["candidate"] == "2"  # the newest version (no baseline configured: no champion)
+    versions = _api(mlflow_server, "/api/2.0/mlflow/model-versions/search?filter=name%3D%27mmtp-distill%27")
+    assert sorted(v["run_id"] for v in versions["model_versions"]) == sorted(
+        family[b]["evaluate"]["info"]["run_id"] for b in family)
+
+
+def _tiny_student(tmp_path):
+    """A tiny exported student, finished as the training export finishes it (processor, tokenizer)."""
+    import torch
+
+    import student
+    from student.portable import make_portable
+    from teachers.tiny import make_tiny_tokenizer
+    make_tiny_tokenizer(["a red circle", "three blue squares"] * 20, vocab_size=256).save_pretrained(tmp_path / "tok")
+    torch.manual_seed(0)
+    config = student.load_preset("tiny", initializer_range=0.2, bos_token_id=2, eos_token_id=3)
+    model = student.CogViTMTPForDistillation(config).eval()
+    model.save_pretrained(tmp_path / "student")
+    make_portable(tmp_path / "student", 28, tmp_path / "tok")
+    return model, tmp_path / "student"
+
+
+@pytest.mark.slow
+def test_student_registered_with_aliases_on_a_real_mlflow_server(tiny_cfg, tmp_path, mlflow_server):
+    import io
+
+    import mlflow
+    import torch
+    from PIL import Image
+
+    from distill import tracking
+    from distill.registry import input_example, publish_student
+    cfg = tiny_cfg(f"tracking.uri={mlflow_server}", "tracking.experiment=registry-test",
+                   "tracking.registered_model=captioner", "tracking.champion_metric=eval/kl/main")
+    model, folder = _tiny_student(tmp_path)
+    tracking.setup(cfg)
+    published, run_ids = [], []
+    # v1 beats the baseline on the champion metric (KL: lower is better), v2 does not.
+    for kl in (0.5, 0.9):
+        with mlflow.start_run() as run:
+            metrics = {"eval/kl/main": kl, "eval/agreement/main": 0.6}
+            mlflow.log_metrics(metrics)
+            published.append(publish_student(cfg, folder, metrics, {"eval/kl/main": 0.7, "eval/agreement/main": 0.5}))
+            run_ids.append(run.info.run_id)
+    assert [p["version"] for p in published] == ["1", "2"]
+    assert [p["aliases"] for p in published] == [["candidate", "champion"], ["candidate"]]
+
+    registered = _api(mlflow_server, "/api/2.0/mlflow/registered-models/get?name=captioner")["registered_model"]
+    assert {a["alias"]: a["version"] for a in registered["aliases"]} == {"candidate": "2", "champion": "1"}
+    for p, run_id in zip(published, run_ids, strict=True):
+        logged = mlflow.get_logged_model(p["model_id"])
+        assert logged.source_run_id == run_id
+        assert {m.key: m.value for m in logged.metrics}["eval/kl/main"] in (0.5, 0.9)
+    info = mlflow.models.get_model_info("models:/captioner@champion")
+    assert info.signature.inputs.input_names() == ["image", "prompt"]
+    assert {p.name for p in info.signature.params.params} == {"max_new_tokens", "num_beams", "do_sample",
+                                                               "mtp_speculative"}
+    assert info.saved_input_example_info is not None
+
+    # The registered model predicts captions, the same as the student decoded in this process.
+    pyfunc = mlflow.pyfunc.load_model("models:/captioner@champion")
+    example = input_example(28)
+    got = pyfunc.predict(example, params={"max_new_tokens": 6})
+    processor = __import__("student").CogViTMTPProcessor.from_pretrained(folder)
+    inputs = processor(images=Image.open(io.BytesIO(example["image"][0])))
+    with torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=6)
+    assert list(got["caption"]) == processor.batch_decode(tokens[:, 1:], skip_special_tokens=True)
+    assert got["caption"][0]  # a non-empty caption, so the comparison means something
+    spec = pyfunc.predict(example, params={"max_new_tokens": 6, "mtp_speculative": True})
+    assert list(spec["caption"]) == list(got["caption"])
+    card = (folder / "README.md").read_text()
+    assert "# captioner:" in card and "| eval/kl/main | 0.9000 | 0.7000 | **no** |" in card

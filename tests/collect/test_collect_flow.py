@@ -42,6 +42,7 @@ def test_manifests_and_shards_follow_the_contract(collected):
     assert lm["producer"]["vocab_size"] > 0 and lm["producer"]["tokenizer_digest"] and lm["producer"]["top_k"] == 16
     assert lm["tokens"] > samples["rows"] and lm["bytes_per_token"] > 0
     vit = load_manifest(summary["targets"]["vit"])
+    assert lm["modality"] == "language" and vit["modality"] == "vision"  # recorded from the teacher's class
     p, d = vit["shape"]
     assert p == vit["grid"][0] * vit["grid"][1] and len(vit["feature_stats"]["features_mean"]) == d
 

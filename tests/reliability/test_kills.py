@@ -105,9 +105,10 @@ def _arrow_temp_files(out: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, mid_write", [(0, False), (1, False), (2, True)])
+@pytest.mark.parametrize("seed, mid_write, sigterm", [(0, False, False), (1, False, False), (2, True, False),
+                                                     (3, False, True)])
 def test_killed_collection_resumes_to_the_uninterrupted_shards(prefect_harness, tiny_collected, tiny_cfg,
-                                                               seed, mid_write):
+                                                               seed, mid_write, sigterm):
     from flows.collect import run_collect
     rng = random.Random(seed)
     cfg = tiny_cfg()  # the same tiny config as `tiny_collected`, in this test's folder
@@ -119,6 +120,13 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(prefect_harness, 
     if mid_write:
         _kill_when(proc, lambda: bool(_arrow_temp_files(out)))
         assert _arrow_temp_files(out), "the kill did not land while a shard was being written"
+    elif sigterm:  # a polite stop: the process must be gone within 10 s, leaving no partial shard
+        time.sleep(delay)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        assert time.time() - sent <= 10, f"collection still ran {time.time() - sent:.1f} s after SIGTERM"
+        assert not _arrow_temp_files(out)
     else:
         time.sleep(delay)
         _kill(proc)
@@ -215,7 +223,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(train_cfg, re
         assert not (ckpt / partial[-1] / MARKER).exists() and any((ckpt / partial[-1]).glob("*.pt"))
     else:
         assert not partial, "the kill landed during a save"
-    last = _step(done[-1])
+    assert 0 < _step(done[-1]) < 8  # killed part-way
     assert not (out / "train_summary.json").exists()
 
     loaded, verify = [], engine.verify_checkpoint
@@ -224,16 +232,73 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(train_cfg, re
         loaded.append(Path(tag_dir).name)
         verify(tag_dir)
     monkeypatch.setattr(engine, "verify_checkpoint", spy)
-    run_id = run_train(train_cfg(*TRAIN, "train.resume=true"))
+    run_id = run_train(train_cfg(*TRAIN, "train.resume=true"))["mlflow_run_id"]
 
     assert loaded == [done[-1]]  # the last complete checkpoint, never the half-written one
     mlflow.set_tracking_uri(cfg.tracking.uri)
     history = MlflowClient().get_metric_history(run_id, "loss/total")
     resumed = {m.step: m.value for m in history}
-    assert sorted(resumed) == list(range(last + 1, 9))
+    assert sorted(resumed) == list(range(1, 9))  # the resume continued the same MLflow run
     # The checkpoint was written by another process: equal to float32 rounding, not always to the last bit
     # (the in-process resume tests in tests/train are bit-exact).
     assert resumed == pytest.approx({s: reference_losses[s] for s in resumed}, rel=1e-6, abs=0)
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 8
     assert complete_tags(ckpt)[-1] == "step-00000008" and not _tags(ckpt)[1]
     assert not (out / ".mmtp.lock").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_within_10s_with_no_partial_checkpoint(train_cfg):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from distill.recipe import DistillRecipe
+    args = ["train.max_steps=400", "train.checkpoint_every=100"]
+    cfg = train_cfg(*args)
+    out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
+    proc = _start(_cli_args("train", cfg, "train.progress=false", "train.log_every=1", *args), out.parent / "term.log")
+    db = cfg.tracking.uri.removeprefix("sqlite:///")
+    deadline = time.time() + 240
+    while time.time() < deadline and not _logged_steps(db):  # training is in its loop
+        assert proc.poll() is None, _died(proc)
+        time.sleep(0.2)
+    time.sleep(1.0)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    assert time.time() - sent <= 10, f"still running {time.time() - sent:.1f} s after SIGTERM"
+    assert code == 1, proc.log.read_text()[-2000:]
+    assert "stopped by a signal after step" in proc.log.read_text()
+    done, partial = _tags(ckpt)
+    assert done and not partial  # the stop checkpointed its last step; nothing half-written
+    stopped_at = _step(done[-1])
+    assert 0 < stopped_at < 400
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    client = MlflowClient()
+    run_id = _train_run(client, cfg)
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    recipe = DistillRecipe(train_cfg("train.max_steps=" + str(stopped_at + 2), "train.checkpoint_every=100",
+                                     "train.resume=true"))
+    recipe.setup()
+    summary = recipe.train()
+    assert [h["step"] for h in recipe.history] == [stopped_at + 1, stopped_at + 2]
+    assert summary["mlflow_run_id"] == run_id and client.get_run(run_id).info.status == "FINISHED"
+
+
+def _logged_steps(db: str) -> int:
+    import sqlite3
+    if not Path(db).exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as c:
+            return c.execute("select count(*) from metrics where key = 'loss/total'").fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
+def _train_run(client, cfg) -> str:
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                              "tags.`mmtp.stage` = 'train'")
+    assert len(runs) == 1
+    return runs[0].info.run_id

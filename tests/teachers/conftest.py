@@ -1,6 +1,6 @@
 import pytest
 
-from teachers.language import LanguageTeacher
+from teachers.language import HFCausalLMTeacher
 from teachers.tiny import ensure_tiny_teacher
 
 
@@ -16,4 +16,4 @@ def llama_dir(cache_dir):
 
 @pytest.fixture(scope="session")
 def lm(llama_dir, cache_dir):
-    return LanguageTeacher(dict(name="lm", kind="hf_causal_lm", source=str(llama_dir), top_k=8), cache_dir)
+    return HFCausalLMTeacher(dict(name="lm", kind="hf_causal_lm", source=str(llama_dir), top_k=8), cache_dir)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import teachers.language as language
 from teachers import TeacherSourceError, load_teacher, peek_vocab_size
 from teachers.identity import file_sha256
-from teachers.language import LanguageTeacher
+from teachers.language import HFCausalLMTeacher
 from teachers.tiny import ensure_tiny_teacher
 
 CAPTIONS = [
@@ -56,7 +56,7 @@ def test_topk_logprobs_are_the_log_softmax_at_the_top_ids(lm):
 
 
 def test_tail_is_stable_when_the_top_k_holds_almost_all_mass(llama_dir, cache_dir):
-    lm = LanguageTeacher(config(llama_dir), cache_dir)
+    lm = HFCausalLMTeacher(config(llama_dir), cache_dir)
     with torch.no_grad():
         lm.model.lm_head.weight.mul_(300.0)  # very peaked: the tail mass underflows 1 - sum(p)
     rows, _ = lm.encode(CAPTIONS[:2])
@@ -70,7 +70,7 @@ def test_tail_is_stable_when_the_top_k_holds_almost_all_mass(llama_dir, cache_di
 
 
 def test_top_k_equal_to_vocab_gives_minus_inf_tail(llama_dir, cache_dir):
-    lm = LanguageTeacher(config(llama_dir, top_k=512), cache_dir)
+    lm = HFCausalLMTeacher(config(llama_dir, top_k=512), cache_dir)
     assert lm.vocab_size == 512
     rows, _ = lm.encode(CAPTIONS[:2])
     for t in lm.soft_targets(rows):
@@ -78,7 +78,7 @@ def test_top_k_equal_to_vocab_gives_minus_inf_tail(llama_dir, cache_dir):
         assert np.isneginf(t["tail_logprob"]).all()
         np.testing.assert_allclose(np.logaddexp.reduce(t["topk_logprobs"].astype(np.float64), axis=1), 0, atol=1e-5)
     with pytest.raises(ValueError, match="top_k=513"):
-        LanguageTeacher(config(llama_dir, top_k=513), cache_dir)
+        HFCausalLMTeacher(config(llama_dir, top_k=513), cache_dir)
 
 
 def test_targets_do_not_depend_on_batching_or_padding(lm):
@@ -109,7 +109,7 @@ def test_encode_adds_bos_eos_and_truncates(llama_dir, cache_dir, lm):
     for caption, row in zip(CAPTIONS, rows, strict=True):
         assert row[0] == tok.convert_tokens_to_ids("<s>") and row[-1] == tok.convert_tokens_to_ids("</s>")
         assert tok.decode(row[1:-1]) == caption
-    short = LanguageTeacher(config(llama_dir, max_tokens=6), cache_dir)
+    short = HFCausalLMTeacher(config(llama_dir, max_tokens=6), cache_dir)
     cut, truncated = short.encode(CAPTIONS)
     assert truncated == sum(len(r) > 6 for r in rows) > 0
     assert all(c == r[:6] for c, r in zip(cut, rows, strict=True))
@@ -132,22 +132,22 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch, cache_dir):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = config("no-such-owner/no-such-model")
     with pytest.raises(TeacherSourceError, match=r"no-such-owner/no-such-model.*offline.*local folder"):
-        LanguageTeacher(cfg, cache_dir)
+        HFCausalLMTeacher(cfg, cache_dir)
     with pytest.raises(TeacherSourceError, match="offline"):
         peek_vocab_size(cfg, cache_dir)
     with pytest.raises(TeacherSourceError, match="does not exist"):
-        LanguageTeacher(config("./no/such/folder"), cache_dir)
+        HFCausalLMTeacher(config("./no/such/folder"), cache_dir)
 
 
 def test_identity_digests(llama_dir, cache_dir, lm):
-    again = LanguageTeacher(config(llama_dir), cache_dir)
+    again = HFCausalLMTeacher(config(llama_dir), cache_dir)
     assert again.identity() == lm.identity()
     ident = lm.identity()
     assert ident["vocab_size"] == 512 and ident["top_k"] == 8 and ident["kind"] == "hf_causal_lm"
-    other_weights = LanguageTeacher(config(ensure_tiny_teacher("llama", cache_dir, seed=1)), cache_dir).identity()
+    other_weights = HFCausalLMTeacher(config(ensure_tiny_teacher("llama", cache_dir, seed=1)), cache_dir).identity()
     assert other_weights["weights_digest"] != ident["weights_digest"]
     assert other_weights["tokenizer_digest"] == ident["tokenizer_digest"]
-    other_vocab = LanguageTeacher(config(ensure_tiny_teacher("llama", cache_dir, vocab_size=384)), cache_dir)
+    other_vocab = HFCausalLMTeacher(config(ensure_tiny_teacher("llama", cache_dir, vocab_size=384)), cache_dir)
     assert other_vocab.vocab_size == 384
     assert other_vocab.identity()["tokenizer_digest"] != ident["tokenizer_digest"]
 
@@ -172,9 +172,9 @@ def test_gguf_is_converted_once_then_loaded_from_the_cache(monkeypatch, llama_di
     monkeypatch.setattr(language.AutoTokenizer, "from_pretrained", fake(real_tok))
     cache = tmp_path / "cache"
     cfg = config(gguf_dir, gguf_file="model.gguf")
-    first = LanguageTeacher(cfg, cache)
+    first = HFCausalLMTeacher(cfg, cache)
     assert calls == ["model.gguf", "model.gguf"]  # tokenizer + model, converted once
-    second = LanguageTeacher(cfg, cache)
+    second = HFCausalLMTeacher(cfg, cache)
     assert len(calls) == 2  # the second load reads the converted folder
     digest = file_sha256(gguf_dir / "model.gguf")
     assert (cache / f"gguf-{digest[:16]}" / "model.safetensors").is_file()
@@ -182,7 +182,7 @@ def test_gguf_is_converted_once_then_loaded_from_the_cache(monkeypatch, llama_di
     rows, _ = first.encode(CAPTIONS[:2])
     np.testing.assert_allclose(first.forward_logits(rows), second.forward_logits(rows))
     with pytest.raises(TeacherSourceError, match="missing.gguf"):
-        LanguageTeacher(config(gguf_dir, gguf_file="missing.gguf"), cache)
+        HFCausalLMTeacher(config(gguf_dir, gguf_file="missing.gguf"), cache)
 
 
 def test_trust_remote_code_is_off_by_default_and_warned_about(llama_dir, cache_dir, lm, caplog):

@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 import teachers.registry as registry
 from teachers import (
     TEACHER_KINDS,
+    Modality,
     TeacherConfig,
     TeacherSourceError,
     clear_teacher_cache,
@@ -60,7 +61,7 @@ def test_config_forms_and_validation():
     assert config_digest(as_dict) != config_digest(dict(as_dict, image_size=224))
     with pytest.raises(ValueError, match="unknown teacher config key.*'topk'"):
         teacher_config(dict(as_dict, topk=3))
-    with pytest.raises(ValueError, match="unknown kind 'hf_visoin'"):
+    with pytest.raises(ValueError, match="unknown teacher kind 'hf_visoin'"):
         teacher_config(dict(as_dict, kind="hf_visoin"))
     with pytest.raises(ValueError, match="dtype 'fp16'"):
         teacher_config(dict(as_dict, dtype="fp16"))
@@ -75,6 +76,8 @@ def test_config_forms_and_validation():
 def test_register_a_new_kind(cache_dir):
     @register_teacher("test_constant")
     class Constant:
+        modality = Modality.vision
+
         def __init__(self, cfg, cache):
             self.cfg, self.cache = cfg, cache
 
@@ -82,7 +85,9 @@ def test_register_a_new_kind(cache_dir):
         t = load_teacher(dict(name="c", kind="test_constant"), cache_dir)
         assert isinstance(t, Constant) and t.cache == Path(cache_dir).resolve()
         with pytest.raises(ValueError, match="already registered"):
-            register_teacher("test_constant")(type("Other", (), {}))
+            register_teacher("test_constant")(type("Other", (), {"modality": Modality.vision}))
+        with pytest.raises(TypeError, match="must declare `modality`"):
+            register_teacher("test_no_modality")(type("Bare", (), {}))
     finally:
         TEACHER_KINDS.pop("test_constant")
         clear_teacher_cache()

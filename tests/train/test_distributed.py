@@ -35,6 +35,7 @@ def test_two_ranks_match_one_rank_and_resume(train_cfg, stage):
 
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     resumed = run_training(train_cfg(*two_cfg, "train.resume=true"))
+    assert resumed["mlflow_run_id"] == two["mlflow_run_id"]  # the resume continues the run
     again = client.get_metric_history(resumed["mlflow_run_id"], "loss/total")
-    assert [m.step for m in again] == [3, 4]
-    assert [m.value for m in again] == pytest.approx(double[2:], abs=1e-6)
+    assert [m.step for m in again] == [1, 2, 3, 4, 3, 4]
+    assert [m.value for m in again[4:]] == pytest.approx(double[2:], abs=1e-6)
