@@ -2,6 +2,10 @@
 
     python bench/collect.py [--config configs/default.yaml] [--rows 256] [key=value ...]
 
+With `--targets <folder>` it only re-encodes an existing language target folder (no teacher, no
+timing). Otherwise it prints, for the language teacher, `bytes_per_token` and `kl_error_nats` (max and
+mean KL(float32 top-k+tail || decoded), over the k+1 buckets) of every `LogprobEncoding`.
+
 Prints one JSON object. Both timings run in this process over the same batches of one samples
 shard: `bare` is the teacher's forward alone on already tokenised / preprocessed batches;
 `collect` is the whole `collect_shard` (tokenise or decode, forward, top-k and tail, Arrow
@@ -20,14 +24,63 @@ from distill.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data.images import decode_image  # noqa: E402
 from data.samples import build_samples  # noqa: E402
-from data.shards import read_shard, write_shard  # noqa: E402
+from data.shards import load_manifest, read_shard, write_shard  # noqa: E402
+from data.targets import LogprobEncoding, decode_language_row, language_table  # noqa: E402
 from distill.config import cache_path, load_config, shards_path, teacher_configs, to_container  # noqa: E402
+from distill.losses import LOGPROB_FLOOR  # noqa: E402
 from teachers.collect import collect_shard  # noqa: E402
 from teachers.registry import load_teacher  # noqa: E402
+
+
+def bucket_log_probs(ids: np.ndarray, top: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """[N, k+1] log-probs of the top-k (in id order) and the tail, renormalised as the loss does."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    top = np.take_along_axis(np.asarray(top, np.float64), order, 1)
+    x = np.concatenate([top, np.asarray(tail, np.float64)[:, None]], 1).clip(LOGPROB_FLOOR, None)
+    return x - np.logaddexp.reduce(x, axis=1, keepdims=True)
+
+
+def encoding_figures(shards: list[tuple[list[str], list[dict]]], vocab: int, k: int, tmp: Path,
+                     compression: str, batch_rows: int) -> dict:
+    """Per `LogprobEncoding`: bytes per token on disk and KL(reference || decoded) in nats per position,
+    over the k+1 buckets, for rows holding float32 (or stored fp16) reference values."""
+    compression = getattr(compression, "value", compression)  # the config's enum -> pyarrow's str
+    tokens = sum(len(r["token_ids"]) for _, rows in shards for r in rows)
+    ref = [bucket_log_probs(np.concatenate([r["topk_ids"] for r in rows]),
+                            np.concatenate([r["topk_logprobs"] for r in rows]),
+                            np.concatenate([r["tail_logprob"] for r in rows])) for _, rows in shards]
+    out = {}
+    for encoding in LogprobEncoding:
+        size, kl = 0, []
+        for (ids, rows), p in zip(shards, ref, strict=True):
+            path = tmp / f"{encoding.value}.arrow"
+            size += write_shard(path, language_table(ids, rows, vocab, k, encoding), compression, batch_rows)["bytes"]
+            table = read_shard(path)
+            dec = [decode_language_row(table, i) for i in range(table.num_rows)]
+            q = bucket_log_probs(*(np.concatenate([d[n] for d in dec]) for n in ("topk_ids", "topk_logprobs",
+                                                                                 "tail_logprob")))
+            kl.append((np.exp(p) * (p - q)).sum(1))
+        kl = np.concatenate(kl)
+        out[encoding.value] = {"bytes_per_token": round(size / tokens, 1),
+                               "kl_error_nats": {"max": float(f"{kl.max():.3g}"), "mean": float(f"{kl.mean():.3g}")}}
+    return out
+
+
+def stored_rows(folder: Path) -> tuple[dict, list[tuple[list[str], list[dict]]]]:
+    """The manifest and every shard's (ids, decoded rows) of an existing language target folder."""
+    manifest = load_manifest(folder)
+    shards = []
+    for entry in manifest["shards"]:
+        table = read_shard(folder / entry["file"])
+        rows = [{n: v.astype(np.float32) if v.dtype == np.float16 else v for n, v in
+                 decode_language_row(table, i).items()} for i in range(table.num_rows)]
+        shards.append((table.column("id").to_pylist(), rows))
+    return manifest, shards
 
 
 def best_of(fn, repeats: int) -> float:
@@ -67,9 +120,21 @@ def main() -> None:
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--rows", type=int, default=256, help="rows of the first samples shard to time")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--targets", type=Path, help="only re-encode this existing language target folder (no teacher): "
+                   "bytes_per_token and kl_error_nats of every encoding against its stored values")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     cfg = load_config(args.config, args.overrides)
+    if args.targets:
+        manifest, shards = stored_rows(args.targets)
+        producer = manifest["producer"]
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = encoding_figures(shards, producer["vocab_size"], producer["top_k"], Path(tmp),
+                                       cfg.collect.compression, max(len(ids) for ids, _ in shards))
+        print(json.dumps({"targets": str(args.targets), "rows": manifest["rows"], "tokens": manifest["tokens"],
+                          "top_k": producer["top_k"], "stored_encoding": producer.get("logprob_encoding", "fp16"),
+                          "encodings": figures}, indent=1))
+        return
     samples_dir = shards_path(cfg, "samples")
     build_samples(to_container(cfg)["data"], samples_dir, cfg.seed, progress=False)
     shard = read_shard(samples_dir / "shard-00000.arrow").slice(0, args.rows)
@@ -88,8 +153,11 @@ def main() -> None:
                 t_bare, t_collect = best_of(bare, args.repeats), best_of(collect, args.repeats)
             entry = collect()
             fig = {"bare_s": round(t_bare, 3), "collect_s": round(t_collect, 3),
-                   "throughput_ratio": round(t_bare / t_collect, 3), "samples_per_s": round(shard.num_rows / t_collect, 1)}
+                   "throughput_ratio": round(t_bare / t_collect, 3),
+                   "samples_per_s": round(shard.num_rows / t_collect, 1)}
             if language:
+                float32_rows = [r for lo in range(0, shard.num_rows, bs)
+                                for r in teacher.rows(shard.slice(lo, bs).to_pylist())]
                 out = Path(tmp) / tcfg.name
                 vocab, k, tokens = teacher.vocab_size, tcfg.top_k, entry["tokens"]
                 raw = read_shard(out / "shard-00000.arrow")
@@ -100,6 +168,10 @@ def main() -> None:
                            bytes_per_token_uncompressed=round(plain.stat().st_size / tokens, 1),
                            dense_fp16_bytes_per_token=2 * vocab,
                            ratio_vs_dense_fp16=round(entry["bytes"] / tokens / (2 * vocab), 5),
+                           logprob_encoding=tcfg.logprob_encoding,
+                           # every encoding against the teacher's float32 top-k + tail, one record batch
+                           encodings=encoding_figures([(shard.column("id").to_pylist(), float32_rows)],
+                                                      vocab, k, Path(tmp), cfg.collect.compression, shard.num_rows),
                            compression=cfg.collect.compression)
             result["teachers"][tcfg.name] = fig
     print(json.dumps(result, indent=1))

@@ -6,10 +6,13 @@
 
 Collects the config's shards once (finished shards are reused), then for every seed trains
 - `kd`: the config as it is (the staged recipe with both teachers), and
-- `ce`: the same config with configs/baseline_ce.yaml on top (cross-entropy on the ground-truth
-  captions only: no teacher term, no contrastive term; stages left without a term are dropped),
+- `ce`: the same config with configs/baseline_ce.yaml on top: no teacher term (cross-entropy on the
+  ground-truth captions, `loss.vision=false`); a stage left without a term is dropped, and the
+  contrastive stage, which needs no teacher, stays, so the two arms differ by the teachers alone,
 evaluates every student on the test split with the metrics of `mmtp evaluate`, and evaluates the kd
-arm's stage exports too (the ablation: what each stage adds, cumulatively). Prints one JSON object
+arm's stage exports of --ablation-seeds too (the ablation: what each stage adds, cumulatively). A killed
+benchmark resumes: finished arms and seeds are read back from their bench_row.json, a half-trained run
+continues from its last checkpoint. Prints one JSON object
 (mean, std and values of every metric per arm, the teacher and pixel references, training wall time,
 the goals and whether each is reached) and writes it to --out. Runs are logged to MLflow under the
 experiment `mmtp-kd-vs-ce`.
@@ -54,20 +57,27 @@ def evaluate(cfg, folder: Path, out_dir: Path, mtp: bool) -> dict[str, float]:
     return evaluate_run(ecfg, targets)["metrics"]
 
 
-def train_and_evaluate(cfg, arm: str, seed: int) -> dict:
+def train_and_evaluate(cfg, arm: str, seed: int, ablation: bool) -> dict:
+    """Train (resuming a killed run of the same arm and seed), evaluate, and keep the figures in
+    <output_dir>/bench_row.json, so that a re-run of the benchmark skips finished arms and seeds."""
     from distill.launch import run_training
+    done = output_path(cfg, "bench_row.json")
+    if done.exists():
+        return json.loads(done.read_text())
     start = time.perf_counter()
     summary = run_training(cfg)
     seconds = time.perf_counter() - start
     folder = Path(summary["student_dir"])
     rows = {arm: evaluate(cfg, folder, output_path(cfg), mtp=True)}
-    if arm == "kd":  # the stage exports before the last: what the earlier stages alone give
+    if ablation:  # the stage exports before the last: what the earlier stages alone give
         for stage in summary["stages"][:-1]:
             stage_dir = output_path(cfg, "stages", stage)
-            rows[f"kd after {stage}"] = evaluate(cfg, stage_dir, stage_dir, mtp=False)
+            rows[f"{arm} after {stage}"] = evaluate(cfg, stage_dir, stage_dir, mtp=False)
     print(json.dumps({"arm": arm, "seed": seed, "train_seconds": round(seconds, 1),
                       "probe": rows[arm].get("eval/probe/student")}), flush=True)
-    return {"seconds": seconds, "rows": rows}
+    result = {"seconds": seconds, "rows": rows}
+    done.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def goals(arms: dict, refs: dict, teacher_probe: str) -> dict:
@@ -110,10 +120,11 @@ def training_figures(tracking_uri: str | None, experiment: str, work: str) -> di
     out: dict[str, dict] = {}
     if exp is None:
         return out
-    work = str(Path(work).resolve())
-    for train in client.search_runs([exp.experiment_id], "tags.`mmtp.stage` = 'train'"):
+    work = Path(work).name
+    finished = "tags.`mmtp.stage` = 'train' and attributes.status = 'FINISHED'"
+    for train in client.search_runs([exp.experiment_id], finished, order_by=["attributes.start_time ASC"]):
         folder = train.data.params.get("output_dir", "")
-        if str(Path(folder).resolve().parent) != work:
+        if Path(folder).parent.name != work:
             continue
         figures: dict = {"balance": {}, "max_jump": {}}
         for stage in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{train.info.run_id}'"):
@@ -146,9 +157,9 @@ def run(args) -> dict:
     for seed in args.seeds:
         for arm, extra in (("kd", []), ("ce", ["configs/baseline_ce.yaml"])):
             cfg = load_config([*args.config, *extra],
-                              [*overrides, f"seed={seed}", f"shards_dir={shards_path(base)}",
+                              [*overrides, f"seed={seed}", f"shards_dir={shards_path(base)}", "train.resume=true",
                                f"output_dir={Path(args.work) / f'{arm}-seed{seed}'}"])
-            result = train_and_evaluate(cfg, arm, seed)
+            result = train_and_evaluate(cfg, arm, seed, ablation=arm == "kd" and seed in args.ablation_seeds)
             seconds.setdefault(arm, []).append(result["seconds"])
             for name, metrics in result["rows"].items():
                 per_arm.setdefault(name, []).append(metrics)
@@ -174,7 +185,9 @@ TABLE_METRICS = ["eval/probe/student", "eval/grounded_acc", "eval/grounded_acc_b
 def table(result: dict) -> str:
     """Markdown: one column per arm (mean ± std over the seeds), the references, the goals."""
     arms = list(result["arms"])
-    lines = ["| metric | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    n = {a: len(next(iter(result["arms"][a].values()))["values"]) for a in arms}
+    lines = ["| metric (mean ± std over seeds) | " + " | ".join(f"{a} (n={n[a]})" for a in arms) + " |",
+             "|---" * (len(arms) + 1) + "|"]
     vision = sorted({k for a in arms for k in result["arms"][a] if k.startswith("eval/vision/")})
     for metric in TABLE_METRICS + vision:
         cells = []
@@ -206,6 +219,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="repeatable (default: default.yaml + full.yaml)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0],
+                   help="seeds whose kd stage exports are evaluated too (the per-stage ablation rows)")
     p.add_argument("--work", default="outputs/kd_vs_ce", help="where each arm and seed trains")
     p.add_argument("--out", default="docs/results/kd_vs_ce.json")
     p.add_argument("--machine", default="2-core CPU, no GPU")

@@ -1,48 +1,67 @@
-"""MTP self-speculative decoding vs plain greedy decoding for a trained student.
+"""MTP self-speculative decoding vs plain greedy decoding, in wall-clock and tokens per forward.
 
     python bench/mtp.py --student outputs/default/student [--samples outputs/default/samples]
-        [--targets outputs/default/targets/smollm2] [--n 32] [--prompt-tokens 2] [--max-new-tokens 32]
-        [--depths 1 2] [--image-size 112]
+        [--targets outputs/default/targets/smollm2] [--n 16] [--prompt-tokens 2] [--max-new-tokens 32 128]
+        [--depths 1 2] [--top-k 1 2] [--draft-vocab captions] [--image-size 112] [--out docs/results/mtp.json]
+    python bench/mtp.py --preset small --mtp-depth 3 --accept both ...   # untrained: the mechanics only
 
 Prompts: the test split's images with the first `--prompt-tokens` caption token ids of the language teacher
-(bos + first word by default). Both decoders run in this process, on CPU in fp32, one sample at a time
-(speculative decoding is batch size 1). Prints JSON: per drafting depth D, tokens per main-model forward,
-mean accepted length tau, acceptance per depth (accepted / proposed, see student/speculative.py), the
-wall-clock speed-up (greedy seconds / speculative seconds) and how many outputs differ from greedy.
+(bos + first word by default). Greedy and speculative decoding run in this process, on CPU in fp32, one
+sample at a time (speculative decoding is batch size 1), interleaved prompt by prompt. For every number of
+new tokens and drafting depth D, with the full-vocab draft head and with the draft vocabulary, it reports:
+tokens per main-model forward with the prefill counted and without it (= tau, the mean tokens per
+verification round), acceptance per depth (accepted / proposed, see student/speculative.py), the wall-clock
+speed-up (greedy seconds / speculative seconds) and how many outputs differ from greedy.
+
+Draft vocabulary (`--draft-vocab`): `captions` = every token id of the train split's captions (the language
+teacher's `token_ids`), `topk` = those and every id in the teacher's top-k targets of the train split,
+`config` = the student's `config.draft_vocab`, `none` = full vocab only.
+
+`--preset NAME` builds an untrained student from configs/student/NAME.yaml. `--accept forced` zeroes the
+output norms, so every head's logits are 0 and every head (main and drafts) picks token 0, which is added to
+the draft vocabulary: every draft is accepted, which measures the decoding mechanics at acceptance 1 (an
+upper bound); with `--accept model` (default) an untrained student's drafts are almost never accepted (a
+lower bound); `both` runs the two. Each result row says which (`accept`).
+`--top-k 1 2` runs a chain of drafts and a tree (top-k candidates per depth, see student/speculative.py).
+Writes the JSON to `--out` (atomically) and prints it.
 """
 
 import argparse
+import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import student  # noqa: E402,F401  (registers the model with AutoModel)
+import student  # noqa: E402
 from data.dataset import image_tensor  # noqa: E402
 from data.shards import load_manifest, read_shard  # noqa: E402
 from data.targets import decode_language_row  # noqa: E402
 from student import speculative_generate  # noqa: E402
 
 
+def shard_pairs(samples_dir: Path, targets_dir: Path):
+    for entry in load_manifest(samples_dir, verify=False)["shards"]:
+        samples, targets = read_shard(samples_dir / entry["file"]), read_shard(targets_dir / entry["file"])
+        if samples.column("id").to_pylist() != targets.column("id").to_pylist():
+            raise SystemExit(f"{targets_dir}/{entry['file']}: rows do not match {samples_dir}/{entry['file']}")
+        yield samples, targets
+
+
 def test_prompts(samples_dir: Path, targets_dir: Path, n: int, prompt_tokens: int, image_size: int):
     """Up to n (id, pixel_values [1, 3, S, S], prompt ids [1, prompt_tokens]) from the test split."""
     out = []
-    for entry in load_manifest(samples_dir, verify=False)["shards"]:
-        samples = read_shard(samples_dir / entry["file"])
-        targets = read_shard(targets_dir / entry["file"])
+    for samples, targets in shard_pairs(samples_dir, targets_dir):
         for row in np.flatnonzero(samples.column("split").to_numpy(zero_copy_only=False) == "test"):
             row = int(row)
-            sample_id = samples.column("id")[row].as_py()
-            if targets.column("id")[row].as_py() != sample_id:
-                raise SystemExit(f"{targets_dir}/{entry['file']}: row {row} is not sample {sample_id!r}")
             ids = decode_language_row(targets, row)["token_ids"][:prompt_tokens].astype(np.int64)
             pixels = image_tensor(samples.column("image")[row].as_py(), image_size)[None]
-            out.append((sample_id, pixels, torch.from_numpy(ids)[None]))
+            out.append((samples.column("id")[row].as_py(), pixels, torch.from_numpy(ids)[None]))
             if len(out) == n:
                 return out
     if not out:
@@ -50,66 +69,136 @@ def test_prompts(samples_dir: Path, targets_dir: Path, n: int, prompt_tokens: in
     return out
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - start
+def train_vocab(samples_dir: Path, targets_dir: Path, topk: bool) -> list[int]:
+    """Sorted token ids of the train split's captions (and of the teacher's top-k targets with `topk`)."""
+    ids = set()
+    for samples, targets in shard_pairs(samples_dir, targets_dir):
+        for row in np.flatnonzero(samples.column("split").to_numpy(zero_copy_only=False) == "train"):
+            row = decode_language_row(targets, int(row))
+            ids.update(row["token_ids"].tolist())
+            if topk:
+                ids.update(row["topk_ids"].reshape(-1).tolist())
+    if not ids:
+        raise SystemExit(f"{samples_dir}: no train rows to take a draft vocabulary from")
+    return sorted(int(i) for i in ids)
 
 
-def run(model, prompts, depth, max_new_tokens, eos):
-    d = depth
-    totals = {"new_tokens": 0, "main_forwards": 0, "verify_forwards": 0, "proposed": [0] * d, "accepted": [0] * d}
+def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model", top_k=1):
+    totals = {"new_tokens": 0, "main_forwards": 0, "verify_forwards": 0, "proposed": [0] * depth,
+              "accepted": [0] * depth, "sibling_accepted": 0}
     greedy_s = spec_s = 0.0
-    mismatches = []
+    differing = []
     for sample_id, pixels, ids in prompts:
-        expected, t_greedy = timed(model.greedy_generate, pixels, ids, max_new_tokens, eos_token_id=eos)
-        (tokens, stats), t_spec = timed(speculative_generate, model, pixels, ids, max_new_tokens, eos, depth=depth)
-        greedy_s, spec_s = greedy_s + t_greedy, spec_s + t_spec
+        start = time.perf_counter()
+        expected = model.greedy_generate(pixels, ids, max_new_tokens, eos_token_id=eos)
+        mid = time.perf_counter()
+        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens, eos, depth=depth,
+                                             draft_vocab=draft_vocab, top_k=top_k)
+        greedy_s, spec_s = greedy_s + mid - start, spec_s + time.perf_counter() - mid
         if not torch.equal(tokens, expected):
-            mismatches.append(sample_id)
-        for key in ("new_tokens", "main_forwards", "verify_forwards"):
+            differing.append(sample_id)
+        for key in ("new_tokens", "main_forwards", "verify_forwards", "sibling_accepted"):
             totals[key] += stats[key]
-        for k in range(d):
+        for k in range(depth):
             totals["proposed"][k] += stats["proposed"][k]
             totals["accepted"][k] += stats["accepted"][k]
     return {
+        "accept": accept,
+        "max_new_tokens": max_new_tokens,
         "depth": depth,
+        "draft_vocab_size": model.config.vocab_size if draft_vocab is None else len(draft_vocab),
+        "top_k": top_k,
+        "tree": top_k > 1,
+        "sibling_accepted": totals["sibling_accepted"],
         "tokens_per_forward": totals["new_tokens"] / totals["main_forwards"],
+        "tokens_per_forward_without_prefill": (totals["new_tokens"] - len(prompts)) / max(totals["verify_forwards"], 1),
         "tau": (totals["new_tokens"] - len(prompts)) / max(totals["verify_forwards"], 1),
         "acceptance": [a / p if p else None for a, p in zip(totals["accepted"], totals["proposed"], strict=True)],
-        "proposed": totals["proposed"],
-        "accepted": totals["accepted"],
         "new_tokens": totals["new_tokens"],
         "main_forwards": totals["main_forwards"],
         "greedy_seconds": round(greedy_s, 3),
         "speculative_seconds": round(spec_s, 3),
         "speedup": greedy_s / spec_s,
-        "mismatches_vs_greedy": mismatches,
+        # per verification round and per greedy token (the prefills included): the speed-up at another tau is
+        # about tau * greedy_ms_per_token / speculative_ms_per_round, a round costing the same whatever it accepts
+        "speculative_ms_per_round": 1000 * spec_s / max(totals["verify_forwards"], 1),
+        "greedy_ms_per_token": 1000 * greedy_s / totals["new_tokens"],
+        "outputs_differing_from_greedy": len(differing),
+        "differing_ids": differing,
     }
+
+
+def load_model(args):
+    if args.preset:
+        torch.manual_seed(0)
+        overrides = {} if args.mtp_depth is None else {"mtp_depth": args.mtp_depth}
+        model = student.CogViTMTPForDistillation(student.load_preset(args.preset, **overrides))
+    else:
+        model = student.CogViTMTPForDistillation.from_pretrained(args.student)
+    return model.float().eval()
+
+
+def forced(model):
+    """A copy whose output norms are zero: every head's logits are 0, so every head picks token 0."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.decoder.norm.weight.zero_()
+        for m in model.mtp:
+            m.norm.weight.zero_()
+    return model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--student", default="outputs/default/student")
+    parser.add_argument("--preset", help="untrained student from configs/student/<preset>.yaml instead of --student")
+    parser.add_argument("--mtp-depth", type=int, help="with --preset: its MTP depth (default: the preset's)")
+    parser.add_argument("--accept", choices=["model", "forced", "both"], default="model",
+                        help="forced: zero the output norms, so every draft is accepted")
     parser.add_argument("--samples", default="outputs/default/samples")
     parser.add_argument("--targets", default="outputs/default/targets/smollm2")
-    parser.add_argument("--n", type=int, default=32, help="test samples")
+    parser.add_argument("--n", type=int, default=16, help="test samples")
     parser.add_argument("--prompt-tokens", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--depths", type=int, nargs="*", help="drafting depths (default: 1 and the model's)")
+    parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--depths", type=int, nargs="*", help="drafting depths (default: 1..mtp_depth)")
+    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2],
+                        help="candidates per depth: 1 = a chain of drafts, more = a tree")
+    parser.add_argument("--draft-vocab", choices=["captions", "topk", "config", "none"], default="captions")
     parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--out", default="docs/results/mtp.json")
     args = parser.parse_args()
 
-    model = AutoModel.from_pretrained(args.student).float().eval()
-    eos = load_manifest(args.targets, verify=False)["producer"].get("eos_id")
-    depths = args.depths or sorted({1, model.config.mtp_depth})
-    prompts = test_prompts(Path(args.samples), Path(args.targets), args.n, args.prompt_tokens, args.image_size)
+    model = load_model(args)
+    samples, targets = Path(args.samples), Path(args.targets)
+    eos = None if args.preset else load_manifest(targets, verify=False)["producer"].get("eos_id")
+    depths = args.depths or list(range(1, model.config.mtp_depth + 1))
+    vocab = {"none": None, "config": model.config.draft_vocab}.get(args.draft_vocab)
+    if args.draft_vocab in ("captions", "topk"):
+        vocab = train_vocab(samples, targets, args.draft_vocab == "topk")
+    if vocab is not None and args.accept != "model":
+        vocab = sorted({0, *vocab})
+    vocabs = [None] if vocab is None else [None, vocab]
+    modes = {"model": ["model"], "forced": ["forced"], "both": ["model", "forced"]}[args.accept]
+    models = {mode: forced(model) if mode == "forced" else model for mode in modes}
+    prompts = test_prompts(samples, targets, args.n, args.prompt_tokens, args.image_size)
+    results = []
     with torch.no_grad():
-        run(model, prompts[:2], depths[0], args.max_new_tokens, eos)  # warm-up
-        results = [run(model, prompts, d, args.max_new_tokens, eos) for d in depths]
-    print(json.dumps({"student": args.student, "mtp_depth": model.config.mtp_depth, "samples": len(prompts),
-                      "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens, "eos": eos,
-                      "threads": torch.get_num_threads(), "results": results}, indent=1))
+        run(model, prompts[:2], depths[0], 8, eos, vocabs[-1])  # warm-up
+        for mode in modes:
+            results += [run(models[mode], prompts, d, n, eos, v, mode, k)
+                        for n in args.max_new_tokens for v in vocabs for k in args.top_k for d in depths]
+    report = {"student": args.preset and f"untrained preset {args.preset}" or args.student,
+              "mtp_depth": model.config.mtp_depth, "samples": len(prompts),
+              "prompt_tokens": args.prompt_tokens, "eos": eos, "draft_vocab": args.draft_vocab,
+              "threads": torch.get_num_threads(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
+    text = json.dumps(report, indent=1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def collect_on_cluster(cfg_for, samples_dir: Path, workers: int, root: Path) -> 
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster):
-        cfg = cfg_for(root / f"dask{workers}", "collect.runner=dask", f"collect.dask_address={cluster.scheduler_address}")
+        cfg = cfg_for(root / f"dask{workers}", "collect.runner=dask",
+                      f"collect.dask_address={cluster.scheduler_address}")
         shutil.copytree(samples_dir, output_path(cfg, "samples"))
         start = time.perf_counter()
         summary = run_collect(cfg)

@@ -20,7 +20,8 @@ from data.targets import language_table, vision_table  # noqa: E402
 
 # Public shapes of the models named in the brief.
 LM = {"name": "7B causal LM (Qwen2.5-7B-like)", "params": 7.6e9, "layers": 28, "width": 3584, "vocab": 152_064}
-SIGLIP = {"name": "SigLIP-so400m/14 @ 384 px", "params": 0.428e9, "layers": 27, "width": 1152, "image": 384, "patch": 14}
+SIGLIP = {"name": "SigLIP-so400m/14 @ 384 px", "params": 0.428e9, "layers": 27, "width": 1152, "image": 384,
+          "patch": 14}
 # A 1B student: a 0.3B CogViT tower over every patch, a 0.7B decoder over 2×2-merged patches + caption.
 STUDENT = {"tower_params": 0.3e9, "tower_layers": 24, "tower_width": 1024,
            "decoder_params": 0.7e9, "decoder_layers": 16, "decoder_width": 2048}

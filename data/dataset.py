@@ -22,7 +22,7 @@ import torch
 
 from data.images import decode_image
 from data.shards import MANIFEST, ShardError, load_manifest, read_shard
-from data.targets import Modality, decode_language_row
+from data.targets import Modality, decode_language_row, language_encoding
 from student.image_processing_cogvit_mtp import CogViTMTPImageProcessor
 
 
@@ -118,6 +118,9 @@ class DistillDataset(torch.utils.data.Dataset):
                 item["lang"] = {"topk_ids": torch.from_numpy(lang["topk_ids"].astype(np.int64)),
                                 "topk_logprobs": torch.from_numpy(lang["topk_logprobs"].astype(np.float32)),
                                 "tail_logprob": torch.from_numpy(lang["tail_logprob"].astype(np.float32))}
+                if "tempered_tail" in lang:  # exact KD at these temperatures (docs/losses.md)
+                    item["lang"]["tempered_tail"] = torch.from_numpy(lang["tempered_tail"].astype(np.float32))
+                    item["lang"]["tail_temperatures"] = language_encoding(table.schema)[2]
             else:
                 s = table.column("summary")[row].values.to_numpy(zero_copy_only=False)
                 f = table.column("features")[row].values.flatten().to_numpy(zero_copy_only=False)
@@ -195,8 +198,13 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         lang = {"topk_ids": torch.zeros(n, length, k, dtype=torch.long),
                 "topk_logprobs": torch.zeros(n, length, k), "tail_logprob": torch.zeros(n, length),
                 "mask": mask}
+        temps = {it["lang"].get("tail_temperatures", ()) for it in items}
+        keys = ["topk_ids", "topk_logprobs", "tail_logprob"]
+        if len(temps) == 1 and (temps := temps.pop()):  # shards with different temperatures: approximate
+            lang["tempered_tail"], lang["tail_temperatures"] = torch.zeros(n, length, len(temps)), temps
+            keys.append("tempered_tail")
         for b, it in enumerate(items):
-            for key in ("topk_ids", "topk_logprobs", "tail_logprob"):
+            for key in keys:
                 lang[key][b, : len(it["input_ids"])] = it["lang"][key]
         batch["lang"] = lang
     batch["vision"] = {name: {key: torch.stack([it["vision"][name][key] for it in items])

@@ -167,10 +167,12 @@ def iter_fashion_mnist(root: str = FASHION_ROOT, split: str = "train", image_siz
     _check_limit(limit)
     prefix = "train" if split == "train" else "t10k"
     root = Path(root)
-    images_path, labels_path = _find_idx(root, f"{prefix}-images-idx3-ubyte"), _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
     images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
     if len(images) != len(labels):
-        raise ValueError(f"fashion_mnist: {images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise ValueError(f"fashion_mnist: {images_path} has {len(images)} images but {labels_path} has "
+                         f"{len(labels)} labels")
     if len(labels) and labels.max() >= len(FASHION_CLASSES):
         raise ValueError(f"{labels_path}: label {int(labels.max())} out of range 0..{len(FASHION_CLASSES) - 1}")
     n = len(labels) if limit is None else min(limit, len(labels))

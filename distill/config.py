@@ -122,11 +122,17 @@ class CollectConfig:
     progress: bool = True  # tqdm bars
 
 
+class Vocab(str, Enum):
+    teacher = "teacher"  # the language teacher's vocabulary as it is
+    trimmed = "trimmed"  # the teacher tokens of the training captions + specials + unknown (data/vocab.py)
+
+
 @dataclass
 class StudentConfig:
     """The CogViT MMTP student (docs/student.md)."""
     preset: str = "tiny"  # configs/student/<preset>.yaml
-    vocab_size: int | None = None  # null: the language teacher's; otherwise must equal it
+    vocab_size: int | None = None  # null: the language teacher's; otherwise must equal it (student.vocab=teacher)
+    vocab: Vocab = Vocab.teacher  # teacher | trimmed (docs/student.md, "Vocabulary")
     mtp_depth: int = 1  # multi-token-prediction modules: the student also predicts tokens t+2 .. t+1+depth
     image_size: int = 56  # the student's input side in pixels (a multiple of patch_size * 2)
     mask_ratio: float = 0.0  # masked-image distillation: fraction of patches replaced by the mask token
@@ -233,7 +239,8 @@ class EvalConfig:
     """The evaluation stage (`mmtp evaluate`, flow evaluate-student; docs/evaluation.md)."""
     student: str | None = None  # a student folder or an MLflow run id; null: output_dir/student
     baseline: str | None = None  # the same, for the run to compare with (e.g. the CE-only baseline)
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N; cuda: bf16 autocast for a bf16-trained student
+    # auto (cuda when available) | cpu | cuda | cuda:N; cuda: bf16 autocast for a bf16-trained student
+    device: str = "auto"
     batch_size: int = 32  # evaluation forward batch
     probe: bool = True  # linear probes (encode the train split once more)
     mtp_prompts: int = 16  # test captions used for the speculative-decoding figures

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from data.dataset import DistillDataset, collate
 from data.devices import resolve_device, to_device
+from data.vocab import TokenMap
 from distill.losses import SparseTargets, language_kd_loss, shift_targets
 from distill.objective import standardize_batch, standardizers
 
@@ -83,11 +84,15 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
     depth = model.config.mtp_depth
     heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
     sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
-    nll, n_tokens = 0.0, 0
+    nll, n_tokens, unknown = 0.0, 0, [0, 0]
+    token_map = TokenMap.from_config(model.config)  # a trimmed vocabulary: batches move to the student's ids
     grounded = {"image": [0, 0], "blank": [0, 0]}
     cos = {}
     feats, labels = [], []
     for items, batch in _batches(dataset, batch_size, pad_id, stds, device):
+        if token_map is not None:
+            unknown = [a + b for a, b in zip(unknown, token_map.unknown_fraction(batch), strict=True)]
+            batch = token_map.batch(batch)
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], text_logits_only=True)
         lang = batch["lang"]
         for k, (name, logits) in enumerate(zip(heads, [out.logits, *out.mtp_logits], strict=True)):
@@ -104,6 +109,8 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         blank = model(torch.zeros_like(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"],
                       text_logits_only=True).logits
         preds = {"image": out.logits.argmax(-1).cpu(), "blank": blank.argmax(-1).cpu()}  # one copy per batch
+        if token_map is not None:  # compared with the caption's teacher ids
+            preds = {key: token_map.teacher_ids_of(pred) for key, pred in preds.items()}
         for b, it in enumerate(items):
             ids = it["input_ids"].tolist()
             for t in grounded_positions(ids, it["grounded"], tokenizer):
@@ -127,6 +134,8 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         metrics[f"eval/agreement/{h}"] = sums[f"agree/{h}"] / count
         metrics[f"eval/kl/{h}"] = sums[f"kl/{h}"] / count
     metrics["eval/perplexity"] = float(np.exp(nll / max(n_tokens, 1)))
+    if token_map is not None:  # caption tokens the trimmed vocabulary lacks (they count as its unknown token)
+        metrics["eval/unknown_token_rate"] = unknown[0] / max(unknown[1], 1)
     if grounded["image"][1]:
         metrics["eval/grounded_acc"] = grounded["image"][0] / grounded["image"][1]
         metrics["eval/grounded_acc_blank"] = grounded["blank"][0] / grounded["blank"][1]
@@ -233,9 +242,12 @@ def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: i
     produced = forwards = 0
     rounds: list[int] = []
     t_spec = t_greedy = 0.0
+    token_map = TokenMap.from_config(model.config)
     for i in range(min(n_prompts, len(dataset))):
         item = dataset[i]
-        px, ids = to_device((item["pixel_values"][None], item["input_ids"][None, :prompt_tokens]), device)
+        prompt = item["input_ids"][None, :prompt_tokens]
+        prompt = token_map.student_ids(prompt) if token_map is not None else prompt
+        px, ids = to_device((item["pixel_values"][None], prompt), device)
         start = _clock(device)
         greedy = model.greedy_generate(px, ids, max_new_tokens=new_tokens)
         t_greedy += _clock(device) - start

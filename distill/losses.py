@@ -37,18 +37,29 @@ class SparseTargets:
     topk_logprobs: Tensor  # [B, L, k] true log-probs at T=1
     tail_logprob: Tensor  # [B, L] log of the mass outside the top-k (-inf when k = vocab)
     mask: Tensor  # [B, L] bool, True where the position has a valid target
+    # Optional: [B, L, n] log(U_tau / A_tau), the tempered tail over the tempered top-k mass, for each
+    # temperature in `tail_temperatures`; the KD is exact at those temperatures (docs/losses.md).
+    tempered_tail: Tensor | None = None
+    tail_temperatures: tuple[float, ...] = ()
+    # The teacher's vocabulary when it differs from the student's (trimmed or cross-tokenizer students):
+    # the uniform-tail approximation spreads the tail over the teacher's outside tokens. 0: the same.
+    teacher_vocab_size: int = 0
 
     @classmethod
     def from_mapping(cls, batch: Mapping[str, Tensor]) -> SparseTargets:
         missing = [k for k in ("topk_ids", "topk_logprobs", "tail_logprob", "mask") if k not in batch]
         if missing:
             raise KeyError(f"language targets are missing keys {missing}")
-        return cls(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], batch["mask"])
+        return cls(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], batch["mask"],
+                   batch.get("tempered_tail"), tuple(batch.get("tail_temperatures", ())),
+                   int(batch.get("teacher_vocab_size", 0)))
 
     def __getitem__(self, index) -> SparseTargets:
         """Index the batch/position dims, e.g. `targets[:, :n]`."""
+        tempered = None if self.tempered_tail is None else self.tempered_tail[index]
         return SparseTargets(self.topk_ids[index], self.topk_logprobs[index],
-                             self.tail_logprob[index], self.mask[index])
+                             self.tail_logprob[index], self.mask[index], tempered, self.tail_temperatures,
+                             self.teacher_vocab_size)
 
 
 def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
@@ -70,8 +81,10 @@ def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
             out[:, : length - k] = x[:, k:]
         return out
 
+    tempered = None if targets.tempered_tail is None else shift(targets.tempered_tail, 0.0)
     return SparseTargets(shift(targets.topk_ids, 0), shift(targets.topk_logprobs, 0.0),
-                         shift(targets.tail_logprob, 0.0), shift(targets.mask, False))
+                         shift(targets.tail_logprob, 0.0), shift(targets.mask, False), tempered,
+                         targets.tail_temperatures, targets.teacher_vocab_size)
 
 
 def _check_targets(logits: Tensor, t: SparseTargets) -> None:
@@ -85,38 +98,39 @@ def _check_targets(logits: Tensor, t: SparseTargets) -> None:
         if got != shape:
             raise ValueError(f"targets.{name} has shape {got}, expected {shape} to match student logits "
                              f"{tuple(logits.shape)}")
-    if k > V:
-        raise ValueError(f"teacher top-k ({k}) exceeds the student vocab ({V}): vocabularies differ")
     if t.topk_ids.dtype.is_floating_point or t.topk_ids.dtype == torch.bool:
         raise TypeError(f"targets.topk_ids must be integer, got {t.topk_ids.dtype}")
 
 
 def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
     """(teacher log-probs, student log-probs, bucket is non-empty), each [B, L, k+1]; the last
-    bucket is the tail. Everything in float32; teacher values carry no gradient."""
+    bucket is the tail. A top-k id of -1 is a teacher token outside the student vocabulary: its
+    mass folds into the tail bucket. Everything in float32; teacher values carry no gradient."""
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
     V = z.shape[-1]
     k = t.topk_ids.shape[-1]
     mask = t.mask.bool()
-    # Padding positions may hold anything (repeated ids, NaN): swap in harmless values.
-    ids = torch.where(mask[..., None], t.topk_ids.long(), torch.arange(k, device=z.device))
+    raw = t.topk_ids.long()
+    col = mask[..., None] & (raw >= 0)  # top-k columns that are student tokens
     top = torch.where(mask[..., None], t.topk_logprobs.detach().float(), 0.0)
     tail = torch.where(mask, t.tail_logprob.detach().float(), 0.0)
 
-    bad_ids = mask[..., None] & ((ids < 0) | (ids >= V))
+    bad_ids = mask[..., None] & ((raw < -1) | (raw >= V))
     if bad_ids.any():
         raise ValueError(f"teacher top-k ids outside the student vocab [0, {V}): "
-                         f"{ids[bad_ids].unique()[:8].tolist()}")
-    ordered = ids.sort(-1).values
+                         f"{raw[bad_ids].unique()[:8].tolist()}")
+    # Distinct ids among the student tokens; padding and folded columns get distinct negatives.
+    ordered = torch.where(col, raw, -1 - torch.arange(k, device=z.device)).sort(-1).values
     checks = torch.stack([(ordered[..., 1:] == ordered[..., :-1]).any(),
                           (mask[..., None] & top.isnan()).any() | (mask & tail.isnan()).any()]).tolist()
     if checks[0]:
         raise ValueError("teacher top-k ids repeat within a position; each position needs k distinct ids")
     if checks[1]:
         raise ValueError("teacher top-k or tail log-probs contain NaN at valid positions")
-    n_out = torch.full_like(mask, V - k, dtype=torch.long)  # tokens in the tail bucket (ids are distinct)
+    ids = torch.where(col, raw, 0)
+    n_out = V - col.sum(-1)  # student tokens in the tail bucket
     has_tail = n_out > 0
 
     # Student: exact, at temperature. The tail's log-mass is lse_all + log1p(-p_K) from the top-k
@@ -125,25 +139,40 @@ def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tens
     lse_all = torch.logsumexp(z, -1)
     z_top = z.gather(-1, ids)
     s_top = z_top - lse_all[..., None]
-    frac = (torch.logsumexp(z_top, -1) - lse_all).exp()
+    frac = (torch.logsumexp(z_top.masked_fill(~col, -math.inf), -1) - lse_all).exp()
     lse_out = lse_all + torch.log1p(-frac.clamp(max=0.5))
     exact = has_tail & (frac > 0.5)
     if exact.any():
-        rows = z[exact].scatter(-1, ids[exact], torch.finfo(z.dtype).min)
-        lse_out = lse_out.masked_scatter(exact, torch.logsumexp(rows, -1))
+        rows = z[exact]
+        hit = torch.zeros_like(rows).scatter_add(-1, ids[exact], col[exact].float()) > 0
+        lse_out = lse_out.masked_scatter(exact, torch.logsumexp(rows.masked_fill(hit, -math.inf), -1))
     s_tail = torch.where(has_tail, lse_out - lse_all, 0.0)
 
-    # Teacher: top-k tempered exactly (t_i / tau, renormalised with the tail). The tail cannot be
-    # tempered exactly; treat its mass m as spread uniformly over the n outside tokens, so the
-    # tempered tail mass is n * (m / n)^(1/tau). Renormalising also absorbs fp16 rounding.
+    # Teacher: top-k tempered exactly (t_i / tau, renormalised with the tail). At a stored temperature
+    # the tempered tail is log A_tau + log(U_tau / A_tau), exact. Otherwise treat the tail mass m as
+    # spread uniformly over the n outside tokens: n * (m / n)^(1/tau). Renormalising also absorbs fp16
+    # rounding. Folded columns then join the tail exactly.
     top = top.clamp_min(LOGPROB_FLOOR)
-    tail = tail.clamp_min(LOGPROB_FLOOR)
-    log_n = n_out.clamp_min(1).float().log()
-    tail = (1.0 - 1.0 / temperature) * log_n + tail / temperature
+    stored = [i for i, s in enumerate(t.tail_temperatures) if math.isclose(s, temperature, rel_tol=1e-6)]
+    if temperature != 1.0 and stored and t.tempered_tail is not None:
+        want = (*mask.shape, len(t.tail_temperatures))
+        if tuple(t.tempered_tail.shape) != want:
+            raise ValueError(f"targets.tempered_tail has shape {tuple(t.tempered_tail.shape)}, expected {want}")
+        ratio = torch.where(mask, t.tempered_tail[..., stored[0]].detach().float(), 0.0)
+        if (mask & ratio.isnan()).any():
+            raise ValueError("teacher tempered tail contains NaN at valid positions")
+        tail = torch.logsumexp(top / temperature, -1) + ratio.clamp_min(LOGPROB_FLOOR)
+    else:
+        tail = tail.clamp_min(LOGPROB_FLOOR)
+        log_n = torch.full_like(tail, float(max((t.teacher_vocab_size or V) - k, 1))).log()
+        tail = (1.0 - 1.0 / temperature) * log_n + tail / temperature
+    folded = mask[..., None] & ~col
+    if folded.any():
+        tail = torch.logaddexp(tail, torch.logsumexp((top / temperature).masked_fill(~folded, -math.inf), -1))
     tail = torch.where(has_tail, tail, -math.inf)
-    log_p = torch.cat([top / temperature, tail[..., None]], -1).log_softmax(-1)
+    log_p = torch.cat([(top / temperature).masked_fill(~col, -math.inf), tail[..., None]], -1).log_softmax(-1)
 
-    valid = torch.cat([torch.ones_like(ids, dtype=torch.bool), has_tail[..., None]], -1)
+    valid = torch.cat([col, has_tail[..., None]], -1)
     log_p = log_p.masked_fill(~valid, 0.0)
     log_q = torch.cat([s_top, s_tail[..., None]], -1)
     return log_p, log_q, valid

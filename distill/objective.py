@@ -8,8 +8,8 @@ Terms balanced against each other (a training stage switches each on or off): `l
 mixed with sparse KD on the main head and the MTP depths, on the clean image), one term per vision
 teacher (cosine + smooth-L1 on standardised features, on the masked view) and `contrastive`
 (SigLIP's sigmoid loss between the clean image's `image` summary token and the caption pooled by
-the decoder). The shared trunk is the student's vision tower: the only part that every term trains. `taps` measures each term's gradient on it during the training
-backward (see distill.balance.TrunkTaps).
+the decoder). The shared trunk is the student's vision tower: the only part that every term trains.
+`taps` measures each term's gradient on it during the training backward (see distill.balance.TrunkTaps).
 """
 
 from __future__ import annotations

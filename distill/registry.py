@@ -56,7 +56,8 @@ def is_champion(cfg, metrics: dict, baseline: dict | None) -> bool:
 
 def publish_student(cfg, folder, metrics: dict, baseline: dict | None = None) -> dict | None:
     """Log and register the student in `folder` from the active (evaluate) run; see the module docstring.
-    Log `metrics` in the run first: MLflow links the run's metrics to the LoggedModel. Returns {"name", "version", "model_uri", "model_id", "aliases"}."""
+    Log `metrics` in the run first: MLflow links the run's metrics to the LoggedModel. Returns {"name", "version",
+    "model_uri", "model_id", "aliases"}."""
     folder = Path(folder)
     if mlflow.active_run() is None:
         raise RuntimeError("publish_student runs inside the evaluate run (mlflow.active_run() is None)")

@@ -65,7 +65,8 @@ def resolve_stages(cfg, has_vision_teachers: bool) -> list[Stage]:
         if start >= cap:
             log.info("stage %s dropped: train.max_steps=%d is reached before it", s["name"], cap)
             continue
-        terms = tuple(t for t in (LANGUAGE, VISION, CONTRASTIVE) if t in {_value(x) for x in s["losses"]} and allowed[t])
+        wanted = {_value(x) for x in s["losses"]}
+        terms = tuple(t for t in (LANGUAGE, VISION, CONTRASTIVE) if t in wanted and allowed[t])
         if not terms:
             log.info("stage %s has no loss term left on (loss.* flags): skipped", s["name"])
             continue

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in [("collect", "run the teachers over the data and write soft-target shards"),
                        ("train", "distil the student on the collected shards with DeepSpeed"),
-                       ("evaluate", "evaluate a student (evaluate.student=<folder or MLflow run id>) on the test split"),
+                       ("evaluate", "evaluate a student (evaluate.student=<folder or MLflow run id>) on the test "
+                        "split"),
                        ("pipeline", "run every stage: collect, train, evaluate, under one MLflow parent run"),
                        ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store"),
                        ("deploy", "register the scheduled Prefect deployments (the config is their default "

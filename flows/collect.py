@@ -85,7 +85,8 @@ def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict
     started = time.perf_counter()
     with run_lock(shards_path(cfg)):
         # Under the lock no other writer exists: temp files here are orphans of a killed run.
-        for folder in [shards_path(cfg, "samples")] + [shards_path(cfg, "targets", t.name) for t in teacher_configs(cfg)]:
+        targets = [shards_path(cfg, "targets", t.name) for t in teacher_configs(cfg)]
+        for folder in [shards_path(cfg, "samples"), *targets]:
             clean_temp_files(folder)
         if cfg.teachers.language is not None:
             check_vocab(cfg.teachers.language, cfg.student.vocab_size, cache_path(cfg, "teachers"))
@@ -114,7 +115,8 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
             for k in ("kind", "source", "weights_digest")}
     with tracking.stage_run(cfg, "collect", parent_run_id, tags, flow_run.id) as run:
         tracking.log_manifest_input(shards_path(cfg, "samples"), samples, "samples", "collect")
-        metrics = {"collect/wall_seconds": wall_seconds, "collect/rows": samples["rows"], "collect/rows_seen": samples["rows_seen"],
+        metrics = {"collect/wall_seconds": wall_seconds, "collect/rows": samples["rows"],
+                   "collect/rows_seen": samples["rows_seen"],
                    "collect/rows_skipped": sum(samples["rows_skipped"].values())}
         metrics.update({f"collect/rows_skipped/{k}": v for k, v in samples["rows_skipped"].items()})
         metrics.update({f"collect/rows_fixed/{k}": v for k, v in samples["rows_fixed"].items()})

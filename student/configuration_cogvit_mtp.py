@@ -34,7 +34,12 @@ class CogViTMTPConfig(PreTrainedConfig):
         mask_ratio (`float`, defaults to 0.0): fraction of patches replaced by the learned mask token in
             training mode (masked-image distillation). 0 disables random masking; an explicit `image_mask`
             passed to `forward` is always applied.
-        vocab_size (`int`, defaults to 49152): vocabulary of the decoder; must equal the language teacher's.
+        vocab_size (`int`, defaults to 49152): vocabulary of the decoder: the language teacher's, or a trimmed
+            one (`teacher_token_ids`).
+        teacher_token_ids (`list[int]`, *optional*): a trimmed vocabulary: student token s is the teacher's
+            token `teacher_token_ids[s]` (-1: the unknown token). Its processor encodes and decodes through it.
+            `None` = the student uses the teacher's vocabulary as it is.
+        teacher_vocab_size (`int`, *optional*): the teacher's vocabulary size, with `teacher_token_ids`.
         hidden_size (`int`, defaults to 256): width of the decoder LM (and of the MTP modules).
         num_hidden_layers (`int`, defaults to 4): decoder blocks.
         num_attention_heads (`int`, defaults to 4): decoder query heads.
@@ -59,6 +64,13 @@ class CogViTMTPConfig(PreTrainedConfig):
         mtp_depth (`int`, defaults to 1): number D of sequential MTP modules; depth k (1-based) at position i
             predicts the token at i+1+k.
         mtp_loss_weight (`float`, defaults to 0.3): lambda in `loss = lm_loss + lambda * mean(mtp_losses)`.
+        draft_vocab (`list[int]`, *optional*): token ids the MTP drafts of speculative decoding choose from
+            (e.g. the tokens of the training captions): a draft costs a slice of the output head instead of
+            the whole head. Verification always uses the full head, so the output equals greedy decoding.
+            `None` = the full vocab.
+        draft_top_k (`int`, defaults to 1): candidates per MTP depth in speculative decoding: the top-1 drafts
+            form a chain and the next `draft_top_k - 1` of each depth are its siblings, verified in the same
+            forward with a tree attention mask. 1 = a chain of drafts only.
         teachers (`dict`, defaults to `{}`): `{teacher_name: {"summary_dim": int, "feature_dim": int,
             "grid": [h, w]}}`; one adaptor head per entry.
         contrastive_dim (`int`, defaults to 0): width of the image-text embedding space of the SigLIP-style
@@ -90,6 +102,8 @@ class CogViTMTPConfig(PreTrainedConfig):
     mask_ratio: int | float = 0.0
     # decoder LM
     vocab_size: int = 49152
+    teacher_token_ids: list | None = None
+    teacher_vocab_size: int | None = None
     hidden_size: int = 256
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
@@ -107,6 +121,8 @@ class CogViTMTPConfig(PreTrainedConfig):
     # multi-token prediction
     mtp_depth: int = 1
     mtp_loss_weight: int | float = 0.3
+    draft_vocab: list | None = None
+    draft_top_k: int = 1
     # vision teachers
     teachers: dict = field(default_factory=dict)
     adaptor_hidden_size: int | None = None
@@ -154,6 +170,15 @@ class CogViTMTPConfig(PreTrainedConfig):
              f"image_attention={self.image_attention!r} must be 'bidirectional' or 'causal'")
         need(self.contrastive_dim >= 0, f"contrastive_dim={self.contrastive_dim} must be >= 0")
         need(self.vocab_size >= 1, f"vocab_size={self.vocab_size} must be >= 1")
+        need(self.teacher_token_ids is None or (
+            len(self.teacher_token_ids) == self.vocab_size and self.teacher_vocab_size is not None
+            and all(-1 <= t < self.teacher_vocab_size for t in self.teacher_token_ids)),
+            f"teacher_token_ids must hold vocab_size={self.vocab_size} teacher ids in [-1, teacher_vocab_size="
+            f"{self.teacher_vocab_size})")
+        need(self.draft_vocab is None or (len(self.draft_vocab) > 0 and all(
+            isinstance(t, int) and 0 <= t < self.vocab_size for t in self.draft_vocab)),
+            f"draft_vocab must be a non-empty list of token ids in [0, vocab_size={self.vocab_size})")
+        need(self.draft_top_k >= 1, f"draft_top_k={self.draft_top_k} must be >= 1")
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Merged image tokens that an image of `height x width` pixels becomes."""

@@ -1,4 +1,5 @@
-"""Llama-style decoder, DeepSeek-V3-style MTP modules, a simple KV cache and the MTP label helpers."""
+"""Llama-style decoder, DeepSeek-V3-style MTP modules, the KV cache (dynamic or preallocated) and the MTP label
+helpers."""
 
 from dataclasses import dataclass, field
 
@@ -10,30 +11,77 @@ from .layers import Block, RMSNorm
 IGNORE_INDEX = -100
 
 
+class StaticLayer:
+    """Preallocated keys and values of one layer, [B, H_kv, max_length, head_dim]; the first `length` positions
+    are valid. `update` writes new positions in place (no growing concatenation); `KVCache.crop` only moves
+    `length` back. The buffers are allocated on the first update (batch, heads, dtype and device come from it)."""
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.length = 0
+        self.keys = self.values = None
+
+    def update(self, k, v):
+        """Append k, v [B, H_kv, q, head_dim]; returns the keys and values of every cached position (views)."""
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"static KV cache of {self.max_length} positions is full (needs {end})")
+        if self.keys is None:
+            self.keys = k.new_empty(*k.shape[:2], self.max_length, k.shape[3])
+            self.values = v.new_empty(*v.shape[:2], self.max_length, v.shape[3])
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 @dataclass
 class KVCache:
-    """Per-layer `(key, value)` tensors of shape [B, H_kv, S_cached, head_dim], in sequence order.
+    """The KV cache of one stack (the decoder, or one MTP module, whose cache has a single layer).
 
-    `layers[i]` is None until layer i has seen a token. `num_image_tokens` records how many cached
-    positions are image tokens (they decide the image-attention rule). One KVCache serves one stack (the
-    decoder, or one MTP module, whose cache has a single layer). `crop(n)` drops everything after the first
-    n positions, e.g. to roll back rejected draft tokens in speculative decoding.
+    Dynamic (default): `layers[i]` is None until layer i has seen a token, then a `(key, value)` pair of shape
+    [B, H_kv, S_cached, head_dim] that grows by concatenation. Static (`max_length` given): `layers[i]` is a
+    `StaticLayer` with preallocated buffers for `max_length` positions, written in place (what greedy and
+    speculative decoding use). `num_image_tokens` records how many cached positions are image tokens (they
+    decide the image-attention rule). `crop(n)` drops everything after the first n positions, e.g. to roll
+    back rejected draft tokens in speculative decoding.
     """
 
     num_layers: int
     num_image_tokens: int = 0
     layers: list = field(default_factory=list)
+    max_length: int | None = None
 
     def __post_init__(self):
         if not self.layers:
-            self.layers = [None] * self.num_layers
+            self.layers = [None if self.max_length is None else StaticLayer(self.max_length)
+                           for _ in range(self.num_layers)]
 
     @property
     def length(self) -> int:
-        return 0 if self.layers[0] is None else self.layers[0][0].shape[2]
+        first = self.layers[0]
+        if isinstance(first, StaticLayer):
+            return first.length
+        return 0 if first is None else first[0].shape[2]
 
     def crop(self, n: int) -> None:
-        self.layers = [None if kv is None else (kv[0][:, :, :n], kv[1][:, :, :n]) for kv in self.layers]
+        for i, kv in enumerate(self.layers):
+            if isinstance(kv, StaticLayer):
+                kv.length = min(kv.length, n)
+            elif kv is not None:
+                self.layers[i] = (kv[0][:, :, :n], kv[1][:, :, :n])
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy position `src`'s keys and values to position `dst` in every (static) layer: tree verification
+        keeps an accepted sibling's entries at the position of the path it extends."""
+        for kv in self.layers:
+            kv.keys[:, :, dst] = kv.keys[:, :, src]
+            kv.values[:, :, dst] = kv.values[:, :, src]
+
+    def store(self, i: int, present) -> None:
+        """Keep layer i's `(key, value)` after a forward (a static layer has already written itself)."""
+        if not isinstance(self.layers[i], StaticLayer):
+            self.layers[i] = present
 
 
 class Decoder(nn.Module):
@@ -55,7 +103,7 @@ class Decoder(nn.Module):
             past = cache.layers[i] if cache is not None else None
             x, present = layer(x, cos=cos, sin=sin, attn_mask=attn_mask, past_key_values=past)
             if cache is not None:
-                cache.layers[i] = present
+                cache.store(i, present)
         return x
 
 
@@ -80,7 +128,7 @@ class MTPModule(nn.Module):
         x, present = self.block(x, cos=cos, sin=sin, attn_mask=attn_mask,
                                 past_key_values=cache.layers[0] if cache is not None else None)
         if cache is not None:
-            cache.layers[0] = present
+            cache.store(0, present)
         return x
 
 

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .decoder import KVCache
-from .speculative import speculative_generate
+from .speculative import greedy_tokens, speculative_generate
 
 
 def generation_forward(forward):
@@ -65,12 +65,12 @@ class CogViTMTPGenerationMixin(GenerationMixin):
                              f"max_position_embeddings={self.config.max_position_embeddings}")
         text_embeds = self.decoder.embed_tokens(input_ids)
         embeds = torch.cat([image_embeds.to(text_embeds.dtype), text_embeds], dim=1)
-        cache = KVCache(len(self.decoder.layers))
+        cache = KVCache(len(self.decoder.layers), max_length=embeds.shape[1] + max_new_tokens)  # preallocated
         hidden, cache = self.forward_decoder(embeds, num_image_tokens=n_img, cache=cache)
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         new_tokens = []
         for step in range(max_new_tokens):
-            token = self.logits_from_hidden(hidden[:, -1:]).argmax(dim=-1)  # [B, 1]
+            token = greedy_tokens(self, hidden[:, -1:])  # [B, 1]: argmax of logits_from_hidden
             if eos is not None:
                 token = token.masked_fill(finished[:, None], eos)
                 finished |= token[:, 0] == eos

@@ -82,8 +82,9 @@ def apply_rope_2d(x, cos, sin):
 class Attention(nn.Module):
     """Multi-head attention with optional GQA, optional QK-norm and 1D or 2D RoPE.
 
-    `past_key_value` is a `(k, v)` pair of earlier positions ([B, H_kv, S_past, D]); the call returns the
-    output and the updated `(k, v)` pair so callers can keep a KV cache.
+    `past_key_value` is a `(k, v)` pair of earlier positions ([B, H_kv, S_past, D]) or a preallocated
+    `decoder.StaticLayer` (written in place); the call returns the output and the `(k, v)` of every position
+    so callers can keep a KV cache.
     """
 
     def __init__(self, dim, num_heads, num_kv_heads=None, qk_norm=False, rope_2d=False, eps=1e-5):
@@ -110,9 +111,11 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         rope = apply_rope_2d if self.rope_2d else apply_rope
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        if past_key_value is not None:
+        if isinstance(past_key_value, tuple):
             k = torch.cat([past_key_value[0], k], dim=2)
             v = torch.cat([past_key_value[1], v], dim=2)
+        elif past_key_value is not None:  # a preallocated cache layer (decoder.StaticLayer) writes in place
+            k, v = past_key_value.update(k, v)
         present = (k, v)
         if self.num_kv_heads != self.num_heads:  # GQA: query head h uses kv head h // n_rep
             n_rep = self.num_heads // self.num_kv_heads

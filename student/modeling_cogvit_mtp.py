@@ -277,7 +277,8 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
             tap("language", patches), grid, input_ids, attention_mask, labels, text_logits_only)
         if contrastive:
             image_summary = tap("contrastive", summary[:, names.index("image")])
-            text["image_text_embeds"] = self.contrastive(image_summary, self.caption_embedding(input_ids, attention_mask))
+            caption = self.caption_embedding(input_ids, attention_mask)
+            text["image_text_embeds"] = self.contrastive(image_summary, caption)
         out = CogViTMTPOutput(vision_hidden_states=patches, vision_summary=summary, teacher_outputs=teacher_outputs,
                               image_mask=image_mask, mask=mask, **text)
         return out if return_dict else out.to_tuple()

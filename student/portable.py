@@ -49,7 +49,7 @@ def make_portable(folder, image_size: int, tokenizer_dir=None) -> None:
     image_processor = CogViTMTPImageProcessor.for_size(image_size)
     if tokenizer_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        CogViTMTPProcessor(image_processor, tokenizer).save_pretrained(str(folder))
+        CogViTMTPProcessor(image_processor, tokenizer, config.get("teacher_token_ids")).save_pretrained(str(folder))
     image_processor.save_pretrained(str(folder))
     if config.get("use_lora"):
         save_lora_adapter(folder, folder / ADAPTER_DIR)

@@ -19,6 +19,25 @@ Every emitted token is the main head's greedy choice given the verified prefix, 
 `model.greedy_generate` (up to float rounding of a multi-token vs one-token forward, which only matters at
 exact logit ties).
 
+Cost (what makes it faster than greedy on a small model, whose output head dominates a forward):
+- Cheap drafts: with a draft vocabulary (`config.draft_vocab` or the `draft_vocab` argument, e.g. the token
+  ids of the training captions) a draft reads only those rows of the shared output head; verification always
+  uses the full head, so the output stays greedy's.
+- Preallocated state: the decoder and MTP KV caches are static (`KVCache(max_length=...)`, written in place,
+  rolled back by moving a length), and the hidden states h^k and the MTP token inputs live in buffers sized
+  for the whole generation: no concatenation grows with the sequence.
+- One host sync per round (reading the drafts and the main head's choices to decide acceptance); the drafts
+  stay on the device while drafting.
+- `greedy_tokens` scores the output head as `W @ x.T` with at least two columns (MKL's one-column CPU path is
+  2-3x slower); `greedy_generate` uses it too, so the speed-up compares like with like.
+
+Batch size 1 only: rows accept different numbers of drafts, so a batch would need per-row cache lengths and
+ragged position ids in one forward; `generate(..., mtp_speculative=True)` runs the rows one by one. Drafts
+form one chain unless `top_k` > 1 (`config.draft_top_k`): then each depth's next `top_k - 1` candidates are
+siblings of its top-1 draft, verified in the same forward with a tree attention mask; when the chain breaks
+at depth j and the main head's token is a sibling of depth j, that sibling and the main head's token after it
+are accepted (siblings are leaves: deeper drafts follow the top-1 chain only).
+
 Stats (all counts over verification rounds; the first token always comes from the prefill):
 - `proposed[k-1]`: rounds where d_k was verified *and* d_1..d_{k-1} were all accepted (so d_k could still be
   accepted); `accepted[k-1]`: rounds where d_1..d_k were all accepted. `acceptance[k-1]` = accepted / proposed
@@ -27,21 +46,26 @@ Stats (all counts over verification rounds; the first token always comes from th
 - `tokens_per_forward`: new tokens / main_forwards (greedy decoding has exactly 1.0).
 - `tau` (mean accepted length): new tokens from verification rounds / verify_forwards, i.e. mean accepted
   drafts + 1 per round (the last round may be cut by eos or `max_new_tokens`).
-- `tokens_per_round`: tokens emitted by each verification round; `drafts`: per round, `(L, [d_1..d_n])`.
+- `tokens_per_round`: tokens emitted by each verification round; `drafts`: per round, `(L, [d_1..d_n])` (the
+  top-1 chain); `sibling_accepted`: rounds where a tree sibling was accepted (it counts as depth j's accept);
+  `top_k` and `draft_vocab_size`: the settings used.
 """
 
 import torch
 
 from .decoder import KVCache
+from .layers import rope_cos_sin
 
 
 @torch.no_grad()
 def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: int = 32, eos_token_id=None,
-                         depth: int | None = None):
+                         depth: int | None = None, draft_vocab="config", top_k: int | None = None):
     """Greedy generation with the model's own MTP modules as drafters. Batch size 1 only.
 
     `depth` = number of MTP depths used as drafters (default and maximum `config.mtp_depth`; 0 = plain greedy
     decoding with one token per forward). `eos_token_id` defaults to `config.eos_token_id` (None = no eos).
+    `draft_vocab`: token ids the drafts choose from (default `config.draft_vocab`; None = the full vocab).
+    `top_k`: candidates per depth (default `config.draft_top_k`; 1 = a chain of drafts, more = a tree).
     Returns (tokens [1, T_prompt + n_new], stats): the same tokens as `model.greedy_generate` with the same
     arguments; see the module docstring for the stats.
     """
@@ -54,54 +78,99 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
                          f"{tuple(pixel_values.shape)}: generate the rows one by one")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    device = pixel_values.device
     if input_ids is None:
-        input_ids = torch.zeros(1, 0, dtype=torch.long, device=pixel_values.device)
+        input_ids = torch.zeros(1, 0, dtype=torch.long, device=device)
     if input_ids.shape[1] > 0:
         model._check_text(input_ids, None, 1)
     eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    if isinstance(draft_vocab, str) and draft_vocab == "config":
+        draft_vocab = config.draft_vocab
+    draft_ids, draft_head = _draft_head(model, draft_vocab)
+    top_k = config.draft_top_k if top_k is None else top_k
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    top_k = min(top_k, draft_head.shape[0])
 
     _, _, image_embeds = model.encode_image(pixel_values)
     n_img = image_embeds.shape[1]
-    if n_img + input_ids.shape[1] + max_new_tokens > config.max_position_embeddings:
+    prompt_len = n_img + input_ids.shape[1]
+    total = prompt_len + max_new_tokens  # every position this generation can hold (drafts included)
+    if total > config.max_position_embeddings:
         raise ValueError(f"{n_img} image + {input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
                          f"max_position_embeddings={config.max_position_embeddings}")
 
     # Prefill: the decoder over image + prompt; its last position gives the first new token.
     embed = model.decoder.embed_tokens
     text = embed(input_ids)
-    cache = KVCache(len(model.decoder.layers))
+    cache = KVCache(len(model.decoder.layers), max_length=total + depth * (top_k - 1))  # + a tree's siblings
     h0, cache = model.forward_decoder(torch.cat([image_embeds.to(text.dtype), text], dim=1),
                                       num_image_tokens=n_img, cache=cache)
-    token = model.logits_from_hidden(h0[:, -1:]).argmax(-1)  # [1, 1]
+    token = greedy_tokens(model, h0[:, -1:])  # [1, 1]
     new = [int(token)]
-    # MTP token inputs of every verified position (the <|image|> embedding at image positions).
-    token_embeds = model.mtp_token_embeddings(torch.cat([input_ids, token], dim=1), n_img)
-    # hidden[k]: h^k at the positions whose inputs are all verified (h^0: every position in the decoder cache);
-    # mtp_caches[k-1] always covers exactly the positions of hidden[k].
-    hidden = [h0] + [h0[:, :0]] * depth
-    mtp_caches = [KVCache(1) for _ in range(depth)]
+    # hidden[k, i] = h^k at position i, valid below the length of its stack's cache (the decoder's for k = 0,
+    # depth k's for k >= 1); entries beyond hold this round's draft-fed values or stale ones, rewritten later.
+    hidden = h0.new_empty(depth + 1, total, h0.shape[-1])
+    hidden[0, :prompt_len] = h0[0]
+    # tok[:, j]: the MTP token input of position j (the <|image|> embedding at image positions): verified up to
+    # x_L, then this round's drafts.
+    tok = text.new_empty(1, total + depth, text.shape[-1])
+    tok[:, :prompt_len + 1] = model.mtp_token_embeddings(torch.cat([input_ids, token], dim=1), n_img)
+    mtp_caches = [KVCache(1, max_length=total) for _ in range(depth)]
+    fed = torch.empty(1, depth + 1, dtype=torch.long, device=device)  # [x_L, d_1..d_n] of a round
+    siblings = torch.empty(depth, top_k - 1, dtype=torch.long, device=device) if top_k > 1 else None
+    trees = {}  # n -> (position offsets, attention mask among the nodes) of a tree with n depths
+    head_dim = config.hidden_size // config.num_attention_heads
 
-    stats = {"depth": depth, "proposed": [0] * depth, "accepted": [0] * depth, "main_forwards": 1,
-             "tokens_per_round": [], "drafts": []}
+    stats = {"depth": depth, "draft_vocab_size": config.vocab_size if draft_ids is None else len(draft_ids),
+             "proposed": [0] * depth, "accepted": [0] * depth, "main_forwards": 1, "tokens_per_round": [],
+             "drafts": [], "top_k": top_k, "sibling_accepted": 0}
     while len(new) < max_new_tokens and not (eos is not None and new[-1] == eos):
         length = cache.length  # L: position of the last verified token, not yet in the decoder cache
         n_draft = min(depth, max_new_tokens - len(new) - 1)
-        drafts = _draft(model, n_draft, length, hidden, mtp_caches, token_embeds)
+        fed[0, 0] = new[-1]
+        _draft(model, n_draft, length, hidden, mtp_caches, tok, fed, siblings, draft_ids, draft_head)
 
-        # Verify x_L and the drafts with one decoder forward.
-        fed = torch.tensor([[new[-1], *drafts]], device=input_ids.device)
-        h_new, cache = model.forward_decoder(embed(fed), cache=cache)
+        # Verify x_L and the drafts with one decoder forward; one host sync reads the drafts and the choices.
+        tree = siblings is not None and n_draft > 0
+        nodes = fed[:, :n_draft + 1]
+        if tree:  # nodes [x_L, d_1..d_n, siblings of depth 1, ..., siblings of depth n]
+            nodes = torch.cat([nodes, siblings[:n_draft].reshape(1, -1)], dim=1)
+            if n_draft not in trees:
+                trees[n_draft] = _tree(n_draft, top_k, device)
+            offsets, mask = trees[n_draft]
+            cos, sin = rope_cos_sin(length + offsets, head_dim, config.rope_theta)
+            cached = torch.ones(mask.shape[0], length, dtype=torch.bool, device=device)
+            h_new = model.decoder(embed(nodes), cos, sin, torch.cat([cached, mask], 1)[None, None], cache)
+        else:
+            h_new, cache = model.forward_decoder(embed(nodes), cache=cache)
+        hidden[0, length:length + n_draft + 1] = h_new[0, :n_draft + 1]
         stats["main_forwards"] += 1
-        choice = model.logits_from_hidden(h_new).argmax(-1)[0].tolist()  # p_0..p_n
+        choice = greedy_tokens(model, h_new)[0]  # the main head's token after each node
+        read = torch.cat([nodes[0, 1:], choice]).tolist()
+        q = nodes.shape[1]
+        drafts, cands, choice = read[:n_draft], read[n_draft:q - 1], read[q - 1:]
         n_acc = 0
         while n_acc < n_draft and drafts[n_acc] == choice[n_acc]:
             n_acc += 1
-        for k in range(n_acc + (n_acc < n_draft)):  # depths whose draft was verified with all earlier ones right
+        hit = None  # node index of the accepted sibling, where the chain broke at a depth whose sibling was right
+        if tree and n_acc < n_draft:
+            row = cands[n_acc * (top_k - 1):(n_acc + 1) * (top_k - 1)]
+            if choice[n_acc] in row:
+                hit = n_draft + 1 + n_acc * (top_k - 1) + row.index(choice[n_acc])
+        # depths whose draft (or a sibling) was verified with all earlier ones right
+        for k in range(n_acc + (n_acc < n_draft)):
             stats["proposed"][k] += 1
-            stats["accepted"][k] += int(k < n_acc)
+            stats["accepted"][k] += int(k < n_acc or hit is not None)
         stats["drafts"].append((length, drafts))
 
         emitted = drafts[:n_acc] + [choice[n_acc]]
+        if hit is not None:  # the sibling is the main head's token; the main head after it gives one more
+            emitted.append(choice[hit])
+            stats["sibling_accepted"] += 1
+            cache.move(length + hit, length + n_acc + 1)
+            hidden[0, length + n_acc + 1] = h_new[0, hit]
+            n_acc += 1
         if eos is not None and eos in emitted:
             emitted = emitted[:emitted.index(eos) + 1]
         emitted = emitted[:max_new_tokens - len(new)]
@@ -110,11 +179,9 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
 
         # Keep positions 0..L+a: x_L and the accepted drafts are now verified.
         cache.crop(length + n_acc + 1)
-        hidden[0] = torch.cat([hidden[0], h_new[:, :n_acc + 1]], dim=1)
-        token_embeds = torch.cat([token_embeds, model.mtp_token_embeddings(
-            torch.tensor([emitted], device=input_ids.device), 0)], dim=1)
+        tok[:, length + 1:length + 1 + len(emitted)] = embed(torch.tensor([emitted], device=device))
 
-    tokens = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+    tokens = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=device)], dim=1)
     rounds = len(stats["tokens_per_round"])
     stats["new_tokens"] = len(new)
     stats["verify_forwards"] = rounds
@@ -124,23 +191,65 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
     return tokens, stats
 
 
-def _draft(model, n_draft, length, hidden, mtp_caches, token_embeds):
-    """Run MTP depths 1..n_draft at the positions each still needs, up to L-1 (L = `length`), and return the
-    drafts [d_1..d_n]. Updates `hidden` and `mtp_caches` to the positions with verified inputs only."""
-    drafts = []
-    prev = hidden[0]  # h^{k-1} at positions 0..L-1 (verified part, then this round's draft-fed part)
+def greedy_tokens(model, hidden):
+    """The main head's greedy tokens [B, q] at `hidden` [B, q, d] (pre-norm): the argmax of
+    `model.logits_from_hidden(hidden)`. Greedy decoding and the verification both use it."""
+    b, q, d = hidden.shape
+    return _argmax_rows(model.lm_head.weight, model.decoder.norm(hidden).reshape(b * q, d)).view(b, q)
+
+
+def _argmax_rows(weight, x):
+    """argmax over the rows of `weight` [V, d] of `weight @ x_i` for each x_i of `x` [n, d] -> [n]. Computed as
+    `weight @ x.T` with at least two columns: on CPU, MKL's matrix-vector product (one column, what a
+    one-token `nn.Linear` runs) is 2-3x slower here than its matrix-matrix product for a large vocab."""
+    n = x.shape[0]
+    if n == 1:
+        x = torch.cat([x, x])
+    return (weight @ x.T).argmax(0)[:n]
+
+
+def _tree(n, top_k, device):
+    """Position offsets [q] from L and the attention mask [q, q] among the q = 1 + n * top_k nodes
+    [x_L, d_1..d_n, top_k - 1 siblings of depth 1, ..., of depth n]: d_j sits at L + j and sees x_L, d_1..d_j;
+    a sibling of depth j sits at L + j and sees x_L, d_1..d_{j-1} and itself."""
+    depth_of = list(range(n + 1)) + [j for j in range(1, n + 1) for _ in range(top_k - 1)]
+    q = len(depth_of)
+    mask = torch.zeros(q, q, dtype=torch.bool, device=device)
+    for i, j in enumerate(depth_of):
+        mask[i, :j + (i <= n)] = True  # the chain up to d_j (a sibling: up to d_{j-1})
+        mask[i, i] = True
+    return torch.tensor(depth_of, device=device), mask
+
+
+def _draft_head(model, draft_vocab):
+    """(ids [V'] or None, the output-head rows [V', d] that the drafts score)."""
+    weight = model.lm_head.weight
+    if draft_vocab is None:
+        return None, weight
+    ids = torch.as_tensor(draft_vocab, dtype=torch.long, device=weight.device)
+    if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]:
+        raise ValueError(f"draft_vocab must be a non-empty 1-D list of token ids in [0, {weight.shape[0]})")
+    return ids, weight[ids]
+
+
+def _draft(model, n_draft, length, hidden, mtp_caches, tok, fed, siblings, draft_ids, draft_head):
+    """Run MTP depths 1..n_draft at the positions each still needs, up to L-1 (L = `length`), and write the
+    drafts d_1..d_n to `fed[:, 1:]` and, for a tree, each depth's next best tokens to `siblings[k-1]` (on the
+    device: no host sync). Leaves each depth's cache at the positions whose inputs are verified."""
     for k in range(1, n_draft + 1):
-        start = mtp_caches[k - 1].length
-        # Token inputs x_{start+k}..x_{L-1+k}: verified up to x_L, then d_1..d_{k-1}.
-        tok = token_embeds
-        if drafts:
-            tok = torch.cat([tok, model.decoder.embed_tokens(torch.tensor([drafts], device=tok.device))], dim=1)
-        out, _ = model.forward_mtp_depth(k, prev[:, start:length], tok[:, start + k:length + k],
-                                         cache=mtp_caches[k - 1])
-        drafts.append(int(model.logits_from_hidden(out[:, -1:], k).argmax(-1)))
-        prev = torch.cat([hidden[k], out], dim=1)
+        cache = mtp_caches[k - 1]
+        start = cache.length
+        # Inputs: h^{k-1} and the tokens x_{start+k}..x_{L-1+k} (verified up to x_L, then d_1..d_{k-1}).
+        out, _ = model.forward_mtp_depth(k, hidden[k - 1:k, start:length], tok[:, start + k:length + k], cache=cache)
+        hidden[k, start:length] = out[0]
+        x = model.mtp[k - 1].norm(out[:, -1])
+        scores = (draft_head @ torch.cat([x, x]).T)[:, 0]  # two columns: see _argmax_rows
+        draft = scores.argmax(0, keepdim=True)
+        fed[:, k] = draft if draft_ids is None else draft_ids[draft]
+        if siblings is not None:
+            rest = scores.index_fill(0, draft, float("-inf")).topk(siblings.shape[1]).indices
+            siblings[k - 1] = rest if draft_ids is None else draft_ids[rest]
+        if k < n_draft:
+            tok[:, length + k] = model.decoder.embed_tokens(fed[:, k])
         # Depth k at position i is verified iff x_{i+k} is: i <= L-k. Drop the rest; it is recomputed next round.
-        verified = max(length - k + 1, 0)
-        mtp_caches[k - 1].crop(verified)
-        hidden[k] = prev[:, :verified]
-    return drafts
+        cache.crop(max(length - k + 1, 0))

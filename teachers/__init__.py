@@ -35,7 +35,8 @@ def peek_vocab_size(cfg, cache_dir=None) -> int:
 
 
 __all__ = [
-    "BUILTIN_KINDS", "DEFAULT_CACHE_DIR", "LanguageTeacher", "Modality", "VisionTeacher", "TEACHER_KINDS", "TeacherConfig", "TeacherSourceError", "clear_teacher_cache",
+    "BUILTIN_KINDS", "DEFAULT_CACHE_DIR", "LanguageTeacher", "Modality", "VisionTeacher", "TEACHER_KINDS",
+    "TeacherConfig", "TeacherSourceError", "clear_teacher_cache",
     "config_digest", "known_kinds", "load_teacher", "peek_vocab_size", "register_teacher",
     "teacher_class", "teacher_config",
 ]

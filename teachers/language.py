@@ -144,6 +144,7 @@ class HFCausalLMTeacher:
                 "tokenizer_digest": tokenizer_digest(self.tokenizer),
                 "vocab_size": self.vocab_size, "top_k": tc.top_k, "dtype": tc.dtype,
                 "max_tokens": tc.max_tokens, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "logprob_encoding": tc.logprob_encoding, "tail_temperatures": list(tc.tail_temperatures),
             }
         return dict(self._identity)
 
@@ -202,7 +203,9 @@ class HFCausalLMTeacher:
     def soft_targets(self, token_ids: list[list[int]]) -> list[dict]:
         """Per row: token_ids int32 [L], topk_ids int32 [L,k], topk_logprobs float32 [L,k] (descending,
         log-softmax at T=1) and tail_logprob float32 [L] = log of the mass outside the top-k
-        (-inf when k == vocab)."""
+        (-inf when k == vocab); with `tail_temperatures`, also tempered_tail float32 [L, n_τ] =
+        log(U_τ / A_τ), U_τ = Σ_{j∉K} e^{l_j/τ} and A_τ = Σ_{i∈K} e^{l_i/τ} (docs/losses.md)."""
+        temps = self.cfg.tail_temperatures
         all_logits = self.forward_logits(token_ids)
         out = []
         for i, row in enumerate(token_ids):  # row by row: the masked copy below is one row's size
@@ -217,4 +220,7 @@ class HFCausalLMTeacher:
                 "topk_logprobs": (top_logits - log_z.unsqueeze(-1)).cpu().numpy(),
                 "tail_logprob": (torch.logsumexp(rest, dim=-1) - log_z).cpu().numpy(),
             })
+            if temps:
+                tempered = [torch.logsumexp(rest / t, -1) - torch.logsumexp(top_logits / t, -1) for t in temps]
+                out[-1]["tempered_tail"] = torch.stack(tempered, -1).cpu().numpy()
         return out

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from data.devices import check_device_name
+from data.targets import LogprobEncoding
 
 from .contract import declared_modality
 from .identity import json_sha256
@@ -65,6 +66,9 @@ class TeacherConfig:
     trust_remote_code: bool = False  # run code shipped with a hub model; logged as a warning when set
     revision: str | None = None  # hub revision (branch, tag or commit) to pin
     max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
+    # language: temperatures whose tempered tail is stored, making the KD exact at them (docs/losses.md)
+    tail_temperatures: list[float] = field(default_factory=list)
+    logprob_encoding: LogprobEncoding = LogprobEncoding.q8_sorted  # language: top-k storage (docs/collection.md)
     # The weights digest a run expects; training refuses shards made by other weights.
     weights_digest: str | None = None
     # Settings of a teacher kind beyond these keys, read by its class (docs/teachers.md).
@@ -123,6 +127,16 @@ def teacher_config(cfg) -> TeacherConfig:
     if tc.dtype not in DTYPES:
         raise ValueError(f"{where}: dtype {tc.dtype!r} is not one of {DTYPES}")
     tc.dtype = Dtype(tc.dtype).value  # a plain str, as in every manifest and digest
+    if tc.logprob_encoding not in {e.value for e in LogprobEncoding}:
+        raise ValueError(f"{where}: logprob_encoding {tc.logprob_encoding!r} is not one of "
+                         f"{[e.value for e in LogprobEncoding]}")
+    tc.logprob_encoding = LogprobEncoding(tc.logprob_encoding).value
+    temps = tc.tail_temperatures
+    if (not isinstance(temps, list) or len(set(temps)) != len(temps)
+            or not all(isinstance(t, int | float) and not isinstance(t, bool) and 0 < t < float("inf") and t != 1
+                       for t in temps)):
+        raise ValueError(f"{where}: tail_temperatures must be distinct positive numbers other than 1, got {temps!r}")
+    tc.tail_temperatures = [float(t) for t in temps]
     for key, low in (("top_k", 1), ("image_size", 1), ("max_tokens", 2)):
         value = getattr(tc, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:

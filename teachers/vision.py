@@ -56,6 +56,21 @@ def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
+def image_rows(teacher, samples: list[dict]) -> list[dict]:
+    """A vision teacher's `rows` (teachers/contract.py): `prepare`, then `rows_from`."""
+    return teacher.rows_from(teacher.prepare(samples))
+
+
+def prepare_images(teacher, samples: list[dict]) -> torch.Tensor:
+    """A vision teacher's `prepare`: PNG decoding and `preprocess`, which collection runs a batch ahead."""
+    return teacher.preprocess([decode_image(s["image"]) for s in samples])
+
+
+def rows_from_pixels(teacher, pixel_values: torch.Tensor) -> list[dict]:
+    """A vision teacher's `rows_from`: the forward on prepared pixels, as target rows."""
+    return vision_rows(*teacher.soft_targets(pixel_values))
+
+
 class HFVisionTeacher:
     """A `VisionTeacher` (teachers/contract.py) over any AutoModel vision encoder."""
     modality = Modality.vision
@@ -140,9 +155,8 @@ class HFVisionTeacher:
             }
         return dict(self._identity)
 
-    def rows(self, samples: list[dict]) -> list[dict]:
-        """Target rows of a batch of samples rows (teachers/contract.py)."""
-        return vision_rows(*self.soft_targets(self.preprocess([decode_image(s["image"]) for s in samples])))
+    # The contract's `rows`, split in two so that collection can prepare the next batch in a thread.
+    rows, prepare, rows_from = image_rows, prepare_images, rows_from_pixels
 
     def preprocess(self, images) -> torch.Tensor:
         """PIL images -> float32 pixel values [B, 3, image_size, image_size]."""

@@ -66,3 +66,16 @@ def test_tiny_pipeline_end_to_end(prefect_harness, tiny_cfg):
     train = client.get_metric_history(again["train_run_id"], "loss/total")
     assert [m.step for m in train] == [1, 2, 3, 4, 5, 6]  # resumed from the step-4 checkpoint
     assert Path(cfg.output_dir, "train_summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_stage_fails_the_pipeline_run_too(prefect_harness, tiny_cfg):
+    from flows.pipeline import run_pipeline
+    cfg = tiny_cfg("train.micro_batch_size=100000")  # more than the training rows: training refuses to start
+    with pytest.raises(Exception, match="fewer than one step"):
+        run_pipeline(cfg)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    status = {r.data.tags["mmtp.stage"]: r.info.status for r in runs}
+    assert status == {"pipeline": "FAILED", "collect": "FINISHED"}

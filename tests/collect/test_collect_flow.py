@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 
 from data.shards import ShardError, load_manifest, read_shard, stray_temp_files
-from data.targets import decode_language_row, decode_vision
+from data.targets import LOGPROB_STEP, decode_language_row, decode_vision
 from distill.config import teacher_config
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -74,11 +74,13 @@ def test_stored_topk_are_the_teachers_true_log_probs(collected):
         with torch.no_grad():
             logp = torch.log_softmax(teacher.model(input_ids=ids).logits[0].float(), -1)
         expect = logp.gather(-1, torch.as_tensor(row["topk_ids"].astype(np.int64)))
-        np.testing.assert_allclose(row["topk_logprobs"].astype(np.float32), expect.numpy(), atol=2e-2, rtol=1e-2)
+        # fp16 rounding plus the default q8 grid's half step (data/targets.py)
+        np.testing.assert_allclose(row["topk_logprobs"].astype(np.float32), expect.numpy(),
+                                   atol=2e-2 + LOGPROB_STEP / 2, rtol=1e-2)
         # top-k plus the tail bucket is a full distribution
         mass = torch.logsumexp(torch.cat([torch.as_tensor(row["topk_logprobs"].astype(np.float32)),
                                           torch.as_tensor(row["tail_logprob"].astype(np.float32))[:, None]], 1), 1)
-        np.testing.assert_allclose(mass.numpy(), 0.0, atol=5e-3)
+        np.testing.assert_allclose(mass.numpy(), 0.0, atol=5e-3 + LOGPROB_STEP / 2)
         # and the stored ids really are the k most likely tokens
         assert set(row["topk_ids"][0].tolist()) == set(logp[0].topk(tcfg.top_k).indices.tolist())
 

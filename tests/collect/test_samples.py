@@ -39,7 +39,8 @@ def test_bad_rows_are_skipped_counted_and_reported(messy_parquet, tmp_path):
     assert m["rows_seen"] == 9 and m["rows"] == 6
     assert m["rows_skipped"] == {"bad_image": 2, "empty_caption": 1}
     assert m["rows_fixed"] == {"truncated_caption": 1}
-    captions = [c for s in m["shards"] for c in read_shard(tmp_path / "samples" / s["file"]).column("caption").to_pylist()]
+    captions = [c for s in m["shards"]
+                for c in read_shard(tmp_path / "samples" / s["file"]).column("caption").to_pylist()]
     assert len(captions[0]) <= 40 and captions[0].endswith("word") and "broken" not in captions
     assert load_manifest(tmp_path / "samples")["rows_skipped"]["bad_image"] == 2
 

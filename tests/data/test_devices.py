@@ -32,7 +32,8 @@ def test_cuda_is_refused_clearly_when_absent(name):
 
 def test_to_device_keeps_nesting_and_non_tensors():
     batch = {"ids": ["a", "b"], "x": torch.ones(2, 3), "n": 3, "none": None,
-             "lang": {"mask": torch.ones(2, dtype=torch.bool), "pair": (torch.zeros(1), "t")}, "list": [torch.ones(1), 1.5]}
+             "lang": {"mask": torch.ones(2, dtype=torch.bool), "pair": (torch.zeros(1), "t")},
+             "list": [torch.ones(1), 1.5]}
     moved = to_device(batch, torch.device("cpu"))
     assert moved.keys() == batch.keys() and moved["ids"] == ["a", "b"] and moved["n"] == 3 and moved["none"] is None
     assert isinstance(moved["lang"]["pair"], tuple) and moved["lang"]["pair"][1] == "t"

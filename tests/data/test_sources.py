@@ -220,7 +220,8 @@ def image_features():
     from datasets import ClassLabel, Features, Value
     from datasets import Image as ImageFeature
 
-    return Features({"image": ImageFeature(), "label": ClassLabel(names=["cat", "hot dog"]), "caption": Value("string")})
+    return Features({"image": ImageFeature(), "label": ClassLabel(names=["cat", "hot dog"]),
+                     "caption": Value("string")})
 
 
 def test_hf_disk_with_template_and_broken_image(tmp_path, hf_rows):
@@ -242,8 +243,10 @@ def test_hf_disk_with_template_and_broken_image(tmp_path, hf_rows):
                                   "caption_template": "a photo of a {label_name}.", "limit": 2}))
     assert [s["caption"] for s in templated] == ["a red thing", "x"]  # a text column wins over the template
     Dataset.from_dict(rows, features=image_features()).remove_columns("caption").save_to_disk(str(tmp_path / "nc"))
-    nc = list(iter_source({"kind": "hf_disk", "path": str(tmp_path / "nc"), "caption_template": "a photo of a {label_name}."}))
-    assert [s["caption"] for s in nc] == ["a photo of a cat.", "a photo of a hot dog.", "a photo of a hot dog.", "a photo of a cat."]
+    nc = list(iter_source({"kind": "hf_disk", "path": str(tmp_path / "nc"),
+                           "caption_template": "a photo of a {label_name}."}))
+    assert [s["caption"] for s in nc] == ["a photo of a cat.", "a photo of a hot dog.", "a photo of a hot dog.",
+                                          "a photo of a cat."]
     assert nc[1]["grounded"] == ["hot", "dog"]
     with pytest.raises(ValueError, match="caption_template"):
         iter_source({"kind": "hf_disk", "path": str(tmp_path / "nc")})

@@ -335,3 +335,52 @@ def test_student_tail_is_exact_on_both_sides_of_the_top_k_mass_switch():
     dense = logits.double().log_softmax(-1)
     expect = torch.logsumexp(dense[..., k:], -1)
     torch.testing.assert_close(log_q[..., -1].double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def tempered_tail(teacher_logits, k, taus):
+    """log(U_tau / A_tau) per position for each tau, from the full logits (as the collector stores it)."""
+    z = teacher_logits.double()
+    ids = z.topk(k, -1).indices
+    rest = z.scatter(-1, ids, -math.inf)
+    top = z.gather(-1, ids)
+    return torch.stack([(rest / t).logsumexp(-1) - (top / t).logsumexp(-1) for t in taus], -1).float()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tau", [2.0, 4.0, 0.5])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_stored_tempered_tail_makes_kd_exact(kind, tau, shape):
+    V, k, ts, ss = shape
+    teacher, student = make_case(3, 4, V, ts, ss, seed=V + k)
+    taus = (3.0, tau)  # the loss picks the stored column of its own temperature
+    t = sparse_targets(teacher, k)
+    exact = SparseTargets(t.topk_ids, t.topk_logprobs, t.tail_logprob, t.mask, tempered_tail(teacher, k, taus), taus)
+    sparse = language_kd_loss(student.float(), exact, kind, tau, reduction="none").double()
+    bucket = bucket_divergence(teacher, student, k, kind, tau)
+    assert ((sparse - bucket).abs() <= 1e-5 * (1 + bucket.abs())).all(), (sparse - bucket).abs().max()
+    # an unlisted temperature keeps the approximation, the same as without the column
+    other = language_kd_loss(student.float(), exact, kind, 1.5, reduction="none")
+    assert torch.equal(other, language_kd_loss(student.float(), t, kind, 1.5, reduction="none"))
+
+
+def test_approximate_tail_is_measurably_off_where_the_stored_one_is_exact():
+    teacher, student = make_case(3, 4, 200, 4.0, 2.0, seed=7)
+    t = sparse_targets(teacher, 20)
+    bucket = bucket_divergence(teacher, student, 20, "forward_kl", 4.0)
+    approx = language_kd_loss(student.float(), t, "forward_kl", 4.0, reduction="none").double()
+    assert (approx - bucket).abs().max() > 1e-3  # what the stored tail fixes
+
+
+def test_tempered_tail_follows_mtp_shift_slicing_and_mappings():
+    teacher, _ = make_case(2, 6, 30, 2.0, 1.0, seed=3)
+    t = sparse_targets(teacher, 5)
+    tt = tempered_tail(teacher, 5, (2.0,))
+    m = {"topk_ids": t.topk_ids, "topk_logprobs": t.topk_logprobs, "tail_logprob": t.tail_logprob,
+         "mask": t.mask, "tempered_tail": tt, "tail_temperatures": (2.0,)}
+    targets = SparseTargets.from_mapping(m)
+    shifted = shift_targets(targets, 2)[:, :3]
+    assert shifted.tail_temperatures == (2.0,)
+    assert torch.equal(shifted.tempered_tail, tt[:, 2:5])
+    bad = SparseTargets(t.topk_ids, t.topk_logprobs, t.tail_logprob, t.mask, tt[..., :0], (2.0,))
+    with pytest.raises(ValueError, match="tempered_tail has shape"):
+        language_kd_loss(torch.randn(2, 6, 30), bad, temperature=2.0)

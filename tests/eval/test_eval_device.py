@@ -19,7 +19,8 @@ def untrained(tiny_collected):
                                        cfg.loss.standardize)
     heads = {n: {"summary_dim": len(test.targets[n]["feature_stats"]["summary_mean"]),
                  "feature_dim": test.targets[n]["shape"][1], "grid": test.targets[n]["grid"]} for n in test.vision}
-    config = student_pkg.load_preset(cfg.student.preset, vocab_size=test.targets[test.language]["producer"]["vocab_size"],
+    vocab = test.targets[test.language]["producer"]["vocab_size"]
+    config = student_pkg.load_preset(cfg.student.preset, vocab_size=vocab,
                                      mtp_depth=cfg.student.mtp_depth, teachers=heads)
     torch.manual_seed(0)
     from transformers import AutoTokenizer

@@ -16,7 +16,8 @@ def _targets_from(logits, k):
     logp = logits.log_softmax(-1)
     top = logp.topk(k, -1)
     rest = logp.scatter(-1, top.indices, float("-inf"))
-    return SparseTargets(top.indices, top.values, torch.logsumexp(rest, -1), torch.ones(logits.shape[:2], dtype=torch.bool))
+    mask = torch.ones(logits.shape[:2], dtype=torch.bool)
+    return SparseTargets(top.indices, top.values, torch.logsumexp(rest, -1), mask)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
@@ -52,12 +53,11 @@ def test_report_says_where_kd_does_not_help():
 def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
     from distill.launch import run_training
     from flows.evaluate import run_evaluate
-    kd = run_training(train_cfg("train.max_steps=3"))
-    baseline_dir = Path(kd["student_dir"]).parent / "baseline"
+    out = Path(train_cfg().output_dir)
     base = run_training(train_cfg("train.max_steps=3", "loss.vision=false", "loss.ce_weight=1.0",
-                                  "train.checkpoint_every=100"))
-    Path(base["student_dir"]).rename(baseline_dir)
-    run_training(train_cfg("train.max_steps=3"))  # the KD student back in output_dir/student
+                                  f"output_dir={out.parent / 'baseline'}", f"shards_dir={out}"))
+    baseline_dir = base["student_dir"]
+    run_training(train_cfg("train.max_steps=3"))  # the KD student in output_dir/student
     result = run_evaluate(train_cfg("evaluate.mtp_prompts=4", f"evaluate.baseline={baseline_dir}"))
     mlflow.set_tracking_uri(train_cfg().tracking.uri)
     run = MlflowClient().get_run(result["mlflow_run_id"])

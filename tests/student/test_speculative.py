@@ -79,13 +79,16 @@ def test_eos_stops_at_the_same_token_as_greedy(depth):
     assert hits > 10
 
 
-@pytest.mark.parametrize("depth", [2, 3])
-def test_drafts_equal_one_full_forward_over_verified_tokens_and_earlier_drafts(depth):
+@pytest.mark.parametrize("depth,top_k", [(2, 1), (3, 1), (2, 3), (3, 2)])
+def test_drafts_equal_one_full_forward_over_verified_tokens_and_earlier_drafts(depth, top_k):
     # The draft of depth k in a round starting at L is what model.forward gives at position L-1 over
-    # [x_0..x_L, d_1..d_{k-1}]: checks that every MTP cache and hidden state is fed consistently.
+    # [x_0..x_L, d_1..d_{k-1}]: checks that every MTP cache and hidden state is fed consistently (with a
+    # tree also after a sibling was accepted, whose cache entries and hidden state move).
     model = tiny(depth, vocab=6, seed=4)
+    hits = 0
     for pixels, ids in cases(4, 6, seed=5):
-        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=12)
+        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=12, top_k=top_k)
+        hits += stats["sibling_accepted"]
         n_img = model.encode_image(pixels)[2].shape[1]
         assert stats["drafts"]
         for length, drafts in stats["drafts"]:
@@ -97,6 +100,7 @@ def test_drafts_equal_one_full_forward_over_verified_tokens_and_earlier_drafts(d
             for k, d in enumerate(drafts, start=1):
                 logits = out.mtp_logits[k - 1][0, length - 1]
                 assert logits[d] >= logits.max() - 1e-5, (length, k)
+    assert (hits > 0) == (top_k > 1)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -165,3 +169,127 @@ def test_bad_input_is_refused():
         speculative_generate(model, pixels[:1], max_new_tokens=600)
     with pytest.raises(ValueError, match="vocab"):
         speculative_generate(model, pixels[:1], torch.tensor([[256]]))
+
+
+def test_static_cache_matches_the_dynamic_one_and_rolls_back():
+    model = tiny(1, vocab=256, seed=5)
+    pixels, ids = torch.randn(1, 3, 28, 28), torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        _, _, image_embeds = model.encode_image(pixels)
+        n = image_embeds.shape[1]
+        embeds = torch.cat([image_embeds, model.decoder.embed_tokens(ids)], dim=1)
+        full, _ = model.forward_decoder(embeds, num_image_tokens=n)
+        cache = student.KVCache(len(model.decoder.layers), max_length=embeds.shape[1])
+        a, _ = model.forward_decoder(embeds[:, :n + 2], num_image_tokens=n, cache=cache)
+        b, _ = model.forward_decoder(embeds[:, n + 2:], cache=cache)
+        assert cache.length == embeds.shape[1]
+        assert torch.allclose(torch.cat([a, b], 1), full, atol=1e-5)
+        cache.crop(n + 2)  # roll back, then overwrite the same positions in place
+        assert cache.length == n + 2
+        again, _ = model.forward_decoder(embeds[:, n + 2:], cache=cache)
+        assert torch.allclose(again, b, atol=1e-6)
+        with pytest.raises(ValueError, match="full"):
+            model.forward_decoder(embeds[:, :1], cache=cache)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_draft_vocab_keeps_the_output_and_drafts_only_from_it(depth):
+    model = tiny(depth, vocab=16, seed=6)
+    vocab = [1, 3, 4, 7, 8, 12]
+    for pixels, ids in cases(6, 16, seed=30 + depth):
+        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=12, draft_vocab=vocab)
+        assert torch.equal(tokens, greedy(model, pixels, ids, 12))
+        assert stats["draft_vocab_size"] == len(vocab)
+        assert all(d in vocab for _, drafts in stats["drafts"] for d in drafts)
+    model.config.draft_vocab = vocab  # the config's list is the default
+    tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=12)
+    assert stats["draft_vocab_size"] == len(vocab) and torch.equal(tokens, greedy(model, pixels, ids, 12))
+    assert speculative_generate(model, pixels, ids, max_new_tokens=12, draft_vocab=None)[1]["draft_vocab_size"] == 16
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_draft_vocab_drafts_are_the_restricted_argmax_of_a_full_forward(depth):
+    model = tiny(depth, vocab=16, seed=7)
+    vocab = torch.tensor([0, 2, 5, 6, 9, 11, 15])
+    for pixels, ids in cases(3, 16, seed=40):
+        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=10, draft_vocab=vocab)
+        n_img = model.encode_image(pixels)[2].shape[1]
+        for length, drafts in stats["drafts"]:
+            seq = torch.cat([tokens[:, :length + 1 - n_img], torch.tensor([drafts[:-1]], dtype=torch.long)], 1)
+            with torch.no_grad():
+                out = model(pixels, seq)
+            for k, d in enumerate(drafts, start=1):
+                logits = out.mtp_logits[k - 1][0, length - 1, vocab]
+                assert logits[(vocab == d).nonzero()[0, 0]] >= logits.max() - 1e-5, (length, k)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_draft_vocab_forced_accept_and_reject(depth):
+    # Zero output norms: every logit is 0, so the main head picks token 0 and a draft the vocab's first id.
+    model = tiny(depth, seed=8)
+    with torch.no_grad():
+        model.decoder.norm.weight.zero_()
+        for m in model.mtp:
+            m.norm.weight.zero_()
+    pixels, ids = cases(1, 256, seed=9)[0]
+    expected = greedy(model, pixels, ids, 10)
+    tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=10, draft_vocab=[0, 5, 9])
+    assert torch.equal(tokens, expected) and stats["acceptance"] == [1.0] * depth
+    assert stats["tokens_per_round"][:-1] == [depth + 1] * (len(stats["tokens_per_round"]) - 1)
+    tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=10, draft_vocab=[5, 9])
+    assert torch.equal(tokens, expected) and stats["accepted"] == [0] * depth
+    assert stats["tokens_per_round"] == [1] * 9
+
+
+def test_bad_draft_vocab_is_refused():
+    model = tiny(1)
+    pixels = torch.randn(1, 3, 28, 28)
+    for bad in ([], [256], [-1], [[1, 2]]):
+        with pytest.raises(ValueError, match="draft_vocab"):
+            speculative_generate(model, pixels, draft_vocab=bad)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        student.load_preset("tiny", vocab_size=256, draft_vocab=[3, 256])
+    config = student.load_preset("tiny", vocab_size=256, draft_vocab=[3, 7])
+    assert student.CogViTMTPConfig.from_dict(config.to_dict()).draft_vocab == [3, 7]
+
+
+def test_greedy_tokens_are_the_argmax_of_the_main_logits():
+    model = tiny(1, vocab=256, seed=9)
+    for shape in ((1, 1), (1, 4), (3, 1), (2, 5)):
+        hidden = torch.randn(*shape, model.config.hidden_size)
+        with torch.no_grad():
+            expected = model.logits_from_hidden(hidden).argmax(-1)
+        assert torch.equal(student.speculative.greedy_tokens(model, hidden), expected)
+
+
+@pytest.mark.parametrize("depth,top_k", [(1, 2), (2, 2), (3, 3)])
+def test_tree_drafting_matches_greedy_and_accepts_siblings(depth, top_k):
+    # Tiny vocabs: the top-1 draft is often wrong while a sibling is right, so sibling acceptance happens.
+    sibling_hits = 0
+    for vocab, seed in [(4, 0), (4, 1), (8, 2)]:
+        model = tiny(depth, vocab=vocab, seed=seed)
+        for pixels, ids in cases(5, vocab, seed):
+            for n in (2, 13):
+                expected = greedy(model, pixels, ids, n)
+                tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=n, top_k=top_k)
+                assert torch.equal(tokens, expected)
+                assert stats["new_tokens"] == n and sum(stats["tokens_per_round"]) == n - 1
+                assert all(1 <= m <= depth + 1 for m in stats["tokens_per_round"])
+                assert stats["main_forwards"] == 1 + len(stats["tokens_per_round"])
+                sibling_hits += stats["sibling_accepted"]
+        model.config.draft_top_k = top_k  # the config's value is the default
+        pixels, ids = cases(1, vocab, seed)[0]
+        assert speculative_generate(model, pixels, ids, max_new_tokens=6)[1]["top_k"] == min(top_k, vocab)
+    assert sibling_hits > 0
+
+
+def test_tree_drafting_with_eos_and_a_draft_vocab():
+    model = tiny(2, vocab=6, seed=11)
+    for pixels, ids in cases(4, 6, seed=12):
+        free = greedy(model, pixels, ids, 10)[0, -10:]
+        for eos in free.unique().tolist():
+            tokens, _ = speculative_generate(model, pixels, ids, max_new_tokens=10, eos_token_id=eos, top_k=2,
+                                             draft_vocab=[0, 1, 3, 5])
+            assert torch.equal(tokens, greedy(model, pixels, ids, 10, eos=eos))
+    with pytest.raises(ValueError, match="top_k=0"):
+        speculative_generate(model, pixels, ids, top_k=0)

@@ -190,3 +190,56 @@ def test_trust_remote_code_is_off_by_default_and_warned_about(llama_dir, cache_d
     with caplog.at_level("WARNING", logger="teachers.registry"):
         load_teacher(config(llama_dir, trust_remote_code=True), cache_dir)
     assert "trust_remote_code=True" in caplog.text
+
+
+def bucketed(z, ids, outside, tau):
+    """Exactly tempered (k+1)-bucket log-probs from full logits."""
+    lp = (z.double() / tau).log_softmax(-1)
+    return torch.cat([lp.gather(-1, ids), lp.masked_fill(~outside, float("-inf")).logsumexp(-1, True)], -1)
+
+
+def test_tempered_tail_is_the_exact_tempered_tail_and_makes_kd_exact(llama_dir, cache_dir, lm):
+    from distill.losses import SparseTargets, language_kd_loss
+
+    taus = [2.0, 4.0]
+    tempered = HFCausalLMTeacher(config(llama_dir, tail_temperatures=taus), cache_dir)
+    assert tempered.identity()["tail_temperatures"] == taus and "tempered_tail" not in lm.soft_targets([[1, 5]])[0]
+    rows, _ = tempered.encode(CAPTIONS[:2])
+    for row, t in zip(rows, tempered.soft_targets(rows), strict=True):
+        logits = tempered.model(input_ids=torch.tensor([row])).logits[0].double().detach()
+        ids = torch.from_numpy(t["topk_ids"]).long()
+        rest = logits.scatter(-1, ids, float("-inf"))
+        for j, tau in enumerate(taus):
+            ref = (rest / tau).logsumexp(-1) - (logits.gather(-1, ids) / tau).logsumexp(-1)
+            np.testing.assert_allclose(t["tempered_tail"][:, j], ref.numpy(), rtol=1e-5, atol=1e-5)
+            # the KD from the stored targets against the dense teacher bucketed at tau: exact
+            student = torch.randn(1, len(row), logits.shape[-1], generator=torch.Generator().manual_seed(j))
+            stored = [torch.from_numpy(t[n])[None] for n in ("topk_logprobs", "tail_logprob")]
+            targets = SparseTargets(ids[None], *stored, torch.ones(1, len(row), dtype=torch.bool),
+                                    torch.from_numpy(t["tempered_tail"])[None], tuple(taus))
+            sparse = language_kd_loss(student, targets, temperature=tau, reduction="none")[0].double()
+            outside = torch.ones_like(logits, dtype=torch.bool).scatter(-1, ids, False)
+
+            p, q = (bucketed(z, ids, outside, tau) for z in (logits, student[0]))
+            dense = (p.exp() * (p - q)).sum(-1) * tau**2
+            assert (sparse - dense).abs().max() <= 1e-5 * (1 + dense.abs().max())
+
+
+def test_storage_options_are_checked(llama_dir):
+    from teachers.registry import teacher_config
+
+    assert teacher_config(config(llama_dir)).logprob_encoding == "q8_sorted"
+    with pytest.raises(ValueError, match="logprob_encoding 'q9' is not one of"):
+        teacher_config(config(llama_dir, logprob_encoding="q9"))
+    for bad in ([2.0, 2.0], [0.0], [1.0], ["x"]):
+        with pytest.raises(ValueError, match="tail_temperatures"):
+            teacher_config(config(llama_dir, tail_temperatures=bad))
+
+
+def test_a_typo_in_the_encoding_fails_at_config_load(tmp_path):
+    from distill.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="logprob_encoding"):
+        load_config("configs/tiny.yaml", ["teachers.language.logprob_encoding=q9"])
+    cfg = load_config("configs/tiny.yaml", ["teachers.language.tail_temperatures=[2.0,4.0]"])
+    assert list(cfg.teachers.language.tail_temperatures) == [2.0, 4.0]

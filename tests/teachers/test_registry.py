@@ -118,5 +118,6 @@ def test_device_defaults_to_auto_and_resolves_here(lm):
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x"])
 def test_bad_device_names_are_refused(device):
-    with pytest.raises(ValueError, match=rf"teacher 'v': unknown device '{device}'; expected auto \| cpu \| cuda \| cuda:N"):
+    expected = rf"teacher 'v': unknown device '{device}'; expected auto \| cpu \| cuda \| cuda:N"
+    with pytest.raises(ValueError, match=expected):
         teacher_config(dict(name="v", kind="hf_vision", device=device))

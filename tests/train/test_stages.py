@@ -138,3 +138,10 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(train_cfg):
     run(train_cfg("train.max_steps=2"))
     with pytest.raises(CheckpointsExistError, match=r"up to step 2.*train\.resume=true.*new output_dir"):
         DistillRecipe(train_cfg("train.max_steps=2")).setup()
+
+
+def test_the_student_drafts_from_the_training_captions_vocabulary(train_cfg):
+    r = run(train_cfg("train.max_steps=1"))
+    config = student.CogViTMTPConfig.from_pretrained(r.summary["student_dir"])
+    train_ids = {int(t) for i in range(len(r.dataset)) for t in r.dataset[i]["input_ids"]}
+    assert config.draft_vocab == sorted(train_ids) and len(train_ids) < config.vocab_size
