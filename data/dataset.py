@@ -54,7 +54,8 @@ def check_manifests(samples: dict, targets: dict[str, dict], *, expected_digests
         vocab = m["producer"]["vocab_size"] if modality(m, where[name]) == Modality.language else None
         if vocab is not None and student_vocab is not None and vocab != student_vocab:
             raise ManifestMismatchError(f"{where[name]}: language teacher vocab {vocab} != student vocab "
-                                        f"{student_vocab}; set student.vocab_size={vocab}")
+                                        f"{student_vocab}; set student.vocab_size={vocab} (or null), or give the "
+                                        "student its own tokenizer (student.tokenizer)")
 
 
 def modality(manifest: dict, folder: Path) -> Modality:
@@ -68,7 +69,7 @@ def modality(manifest: dict, folder: Path) -> Modality:
 
 
 class DistillDataset(torch.utils.data.Dataset):
-    """Rows of one split: image tensor, the teacher's caption token ids and every teacher's targets."""
+    """Rows of one split: image tensor, the caption and its teacher token ids, and every teacher's targets."""
 
     def __init__(self, samples_dir: str | Path, target_dirs: dict[str, str | Path], split: str = "train",
                  image_size: int = 56, verify: bool = True, open_shards: int = 8):
@@ -104,8 +105,9 @@ class DistillDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         shard, row = self.index[i]
         sample = self._table("samples", shard).slice(row, 1).to_pylist()[0]
-        item = {"id": sample["id"], "label": sample["label"], "grounded": sample["grounded"],
-                "pixel_values": image_tensor(sample["image"], self.image_size), "vision": {}}
+        item = {"id": sample["id"], "caption": sample["caption"], "label": sample["label"],
+                "grounded": sample["grounded"], "pixel_values": image_tensor(sample["image"], self.image_size),
+                "vision": {}}
         for name in self.targets:
             table = self._table(name, shard)
             target_id = table.column("id")[row].as_py()
@@ -178,7 +180,10 @@ class BlockShuffleSampler(torch.utils.data.Sampler):
 
 
 def collate(items: list[dict], pad_id: int = 0) -> dict:
-    """Pad captions on the right; stack images; pad sparse teacher targets with a validity mask."""
+    """Pad captions on the right; stack images; pad sparse teacher targets with a validity mask.
+
+    Items moved into a student tokenizer's positions (`CrossTokenizer`) carry `exact` and `approx` masks:
+    `lang["mask"]` is then the exact positions (the sparse KD) and `lang["approx"]` the others (ULD)."""
     n, length = len(items), max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(n, length, dtype=torch.long)
@@ -203,9 +208,15 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         if len(temps) == 1 and (temps := temps.pop()):  # shards with different temperatures: approximate
             lang["tempered_tail"], lang["tail_temperatures"] = torch.zeros(n, length, len(temps)), temps
             keys.append("tempered_tail")
+        if "exact" in items[0]["lang"]:  # a student with its own tokenizer (data/student_tokenizer.py)
+            lang["exact"], lang["approx"] = torch.zeros_like(mask), torch.zeros_like(mask)
+            lang["teacher_vocab_size"] = items[0]["lang"]["teacher_vocab_size"]
+            keys += ["exact", "approx"]
         for b, it in enumerate(items):
             for key in keys:
                 lang[key][b, : len(it["input_ids"])] = it["lang"][key]
+        if "exact" in lang:  # the sparse KD where a teacher token is a student token, ULD where not
+            lang["mask"], lang["approx"] = mask & lang.pop("exact"), mask & lang["approx"]
         batch["lang"] = lang
     batch["vision"] = {name: {key: torch.stack([it["vision"][name][key] for it in items])
                               for key in ("summary", "features")} for name in items[0]["vision"]}

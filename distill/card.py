@@ -11,18 +11,25 @@ from pathlib import Path
 from safetensors import safe_open
 
 from data.shards import MANIFEST
-from distill.config import shards_path, teacher_configs
+from distill.config import output_path, shards_path, teacher_configs
 from distill.report import REFERENCE, verdict
+from distill.student_vocab import STUDENT_TOKENIZER
 from student.portable import ADAPTER_DIR, make_portable
 
 CARD = "README.md"
 
 
 def finish_student(cfg, folder) -> None:
-    """Make `folder` (the exported student) portable and write its model card."""
+    """Make `folder` (the exported student) portable, with the student's tokenizer (the language teacher's,
+    or its own: output_dir/student_tokenizer), and write its model card."""
     folder = Path(folder)
     language = cfg.teachers.language
     tokenizer = shards_path(cfg, "targets", language.name, "tokenizer") if language else None
+    if cfg.student.tokenizer is not None:
+        tokenizer = output_path(cfg, STUDENT_TOKENIZER)
+        if not tokenizer.is_dir():
+            raise FileNotFoundError(f"{tokenizer}: the student's tokenizer (student.tokenizer="
+                                    f"{cfg.student.tokenizer}) is missing; training writes it")
     make_portable(folder, cfg.student.image_size, tokenizer if tokenizer and tokenizer.is_dir() else None)
     write_card(cfg, folder)
 

@@ -132,7 +132,11 @@ class StudentConfig:
     """The CogViT MMTP student (docs/student.md)."""
     preset: str = "tiny"  # configs/student/<preset>.yaml
     vocab_size: int | None = None  # null: the language teacher's; otherwise must equal it (student.vocab=teacher)
-    vocab: Vocab = Vocab.teacher  # teacher | trimmed (docs/student.md, "Vocabulary")
+    vocab: Vocab = Vocab.teacher  # teacher | trimmed (docs/student.md, "Vocabulary and tokenizer")
+    # null: the language teacher's | captions: a byte-level BPE trained on the training captions | a local tokenizer
+    # folder; the teacher targets move to its tokens (docs/student.md, "Vocabulary and tokenizer")
+    tokenizer: str | None = None
+    tokenizer_vocab_size: int = 1024  # student.tokenizer=captions: the BPE's vocabulary size (>= 261)
     mtp_depth: int = 1  # multi-token-prediction modules: the student also predicts tokens t+2 .. t+1+depth
     image_size: int = 56  # the student's input side in pixels (a multiple of patch_size * 2)
     mask_ratio: float = 0.0  # masked-image distillation: fraction of patches replaced by the mask token
@@ -153,6 +157,7 @@ class LossConfig:
     kd_kind: KDKind = KDKind.forward_kl  # forward_kl = KL(teacher||student) | reverse_kl | jsd
     temperature: float = 1.0  # softens teacher and student alike (the teacher tail at T != 1: docs/losses.md)
     ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
+    uld_weight: float = 1.0  # student.tokenizer: weight of ULD (unaligned tokens) in the KD (docs/losses.md)
     mtp_weight: float = 0.5  # weight of each MTP depth's term relative to the main head
     language: bool = True  # false: no language term at all (vision-only)
     vision: bool = True  # false: ignore the vision teachers (a CE-only baseline sets this and ce_weight=1)
@@ -331,6 +336,13 @@ def _check(cfg: DictConfig) -> None:
         check_device_name(cfg.evaluate.device)
     except ValueError as e:
         raise ConfigError(f"config key 'evaluate.device': {e}") from None
+    s = cfg.student
+    if s.tokenizer is not None and s.vocab == Vocab.trimmed:
+        raise ConfigError("config key 'student.tokenizer': a student tokenizer has its own vocabulary; set it or "
+                          "student.vocab=trimmed (which trims the teacher's), not both")
+    if s.vocab_size is not None and (s.vocab == Vocab.trimmed or s.tokenizer is not None):
+        raise ConfigError("config key 'student.vocab_size': student.tokenizer or student.vocab=trimmed sets the "
+                          f"vocabulary; leave student.vocab_size null (it is {s.vocab_size})")
     if not (STUDENT_PRESETS / f"{cfg.student.preset}.yaml").is_file():
         known = sorted(p.stem for p in STUDENT_PRESETS.glob("*.yaml"))
         raise ConfigError(f"config key 'student.preset': {cfg.student.preset!r} is not a preset; expected one of "

@@ -4,7 +4,10 @@ Metrics (MLflow names in brackets):
 - language teacher agreement, per head (main = `main`, MTP depth k = `mtp{k}`): top-1 agreement
   with the teacher's most likely token [eval/agreement/<head>] and the sparse top-k + tail
   KL(teacher‖student) at T=1, as in training [eval/kl/<head>];
-- caption perplexity under the main head [eval/perplexity];
+- caption perplexity under the main head, per student token [eval/perplexity];
+- a student with its own tokenizer (`student.tokenizer`) is evaluated through `CrossTokenizer`: agreement and
+  KL on the positions whose next token aligns 1:1 with a teacher token, and their share of the positions with
+  a teacher target [eval/aligned_fraction];
 - grounded-token accuracy: teacher-forced top-1 accuracy on the caption tokens that spell a word
   only the image tells (digit word, colour, count, shape) [eval/grounded_acc], the same with a
   blank grey image [eval/grounded_acc_blank], and their gap [eval/grounding_gap];
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 
 from data.dataset import DistillDataset, collate
 from data.devices import resolve_device, to_device
+from data.student_tokenizer import CrossTokenizer
 from data.vocab import TokenMap
 from distill.losses import SparseTargets, language_kd_loss, shift_targets
 from distill.objective import standardize_batch, standardizers
@@ -42,10 +46,12 @@ from distill.objective import standardize_batch, standardizers
 log = logging.getLogger(__name__)
 
 
-def _batches(dataset: DistillDataset, batch_size: int, pad_id: int, stds: dict, device: torch.device):
-    """(items, batch): collated and standardised on the CPU, then moved to `device` once."""
+def _batches(dataset: DistillDataset, batch_size: int, pad_id: int, stds: dict, device: torch.device, cross=None):
+    """(items, batch): collated and standardised on the CPU, then moved to `device` once; with `cross`, the
+    items are first moved into the student tokenizer's positions."""
     for lo in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))]
+        items = [cross(it) for it in items] if cross is not None else items
         yield items, to_device(standardize_batch(collate(items, pad_id), stds), device)
 
 
@@ -75,26 +81,35 @@ def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> lis
 
 @torch.no_grad()
 def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDataset | None, tokenizer, *,
-                     stds: dict, pad_id: int = 0, batch_size: int = 32, device=None) -> dict[str, float]:
+                     stds: dict, pad_id: int = 0, batch_size: int = 32, device=None,
+                     cross: CrossTokenizer | None = None) -> dict[str, float]:
     """All metrics of the module docstring, as a flat dict of MLflow metric names.
 
-    `device`: where to run (default: the model's device; the model is moved there)."""
+    `device`: where to run (default: the model's device; the model is moved there). `cross`: for a student
+    with its own tokenizer, the transform into its token space; captions are then padded with `cross.pad_id`
+    and the grounded tokens found with its tokenizer (`tokenizer` is not used)."""
+    if cross is not None:
+        tokenizer, pad_id = cross.student, cross.pad_id
     model.eval()
     device = _on_device(model, device)
     depth = model.config.mtp_depth
     heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
     sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
-    nll, n_tokens, unknown = 0.0, 0, [0, 0]
+    nll, n_tokens, unknown, aligned, reachable = 0.0, 0, [0, 0], [0, 0], 0
     token_map = TokenMap.from_config(model.config)  # a trimmed vocabulary: batches move to the student's ids
     grounded = {"image": [0, 0], "blank": [0, 0]}
     cos = {}
     feats, labels = [], []
-    for items, batch in _batches(dataset, batch_size, pad_id, stds, device):
+    for items, batch in _batches(dataset, batch_size, pad_id, stds, device, cross):
         if token_map is not None:
             unknown = [a + b for a, b in zip(unknown, token_map.unknown_fraction(batch), strict=True)]
             batch = token_map.batch(batch)
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], text_logits_only=True)
         lang = batch["lang"]
+        if cross is not None:  # exact positions (the KL and agreement below) and all with a teacher target
+            aligned = [aligned[0] + int(lang["mask"].sum()), aligned[1] + int((lang["mask"] | lang["approx"]).sum())]
+        # a student token can agree only where the teacher's top-1 is one (always, on the teacher's vocabulary)
+        reachable += int((lang["mask"] & (lang["topk_ids"][..., 0] >= 0)).sum())
         for k, (name, logits) in enumerate(zip(heads, [out.logits, *out.mtp_logits], strict=True)):
             agree, kl, n = agreement_and_kl(logits, SparseTargets.from_mapping(lang), k)
             sums[f"agree/{name}"] += agree
@@ -134,8 +149,12 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         metrics[f"eval/agreement/{h}"] = sums[f"agree/{h}"] / count
         metrics[f"eval/kl/{h}"] = sums[f"kl/{h}"] / count
     metrics["eval/perplexity"] = float(np.exp(nll / max(n_tokens, 1)))
+    if token_map is not None or cross is not None:
+        metrics["eval/teacher_top1_in_vocab"] = reachable / max(sums["count/main"], 1)
     if token_map is not None:  # caption tokens the trimmed vocabulary lacks (they count as its unknown token)
         metrics["eval/unknown_token_rate"] = unknown[0] / max(unknown[1], 1)
+    if cross is not None:
+        metrics["eval/aligned_fraction"] = aligned[0] / max(aligned[1], 1)
     if grounded["image"][1]:
         metrics["eval/grounded_acc"] = grounded["image"][0] / grounded["image"][1]
         metrics["eval/grounded_acc_blank"] = grounded["blank"][0] / grounded["blank"][1]
@@ -232,9 +251,9 @@ def _clock(device: torch.device) -> float:
 
 
 def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: int, new_tokens: int,
-                device=None) -> dict:
+                device=None, cross: CrossTokenizer | None = None) -> dict:
     """Self-speculative decoding against plain greedy on test captions' first tokens (on `device`,
-    default: the model's)."""
+    default: the model's; `cross`: the student's own tokenizer, as in `evaluate_student`)."""
     from student import speculative_generate
     device = _on_device(model, device)
     depth = model.config.mtp_depth
@@ -244,7 +263,7 @@ def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: i
     t_spec = t_greedy = 0.0
     token_map = TokenMap.from_config(model.config)
     for i in range(min(n_prompts, len(dataset))):
-        item = dataset[i]
+        item = dataset[i] if cross is None else cross(dataset[i])
         prompt = item["input_ids"][None, :prompt_tokens]
         prompt = token_map.student_ids(prompt) if token_map is not None else prompt
         px, ids = to_device((item["pixel_values"][None], prompt), device)
@@ -269,6 +288,20 @@ def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: i
     return out
 
 
+def folder_cross(folder, teacher_tokenizer, teacher_vocab_size: int) -> CrossTokenizer | None:
+    """The transform for a student folder whose tokenizer is not the language teacher's (`student.tokenizer`);
+    None when it carries the teacher's tokenizer (a trimmed vocabulary included) or none."""
+    from transformers import AutoTokenizer
+
+    from teachers.identity import tokenizer_digest
+    if not (Path(folder) / "tokenizer_config.json").is_file():
+        return None
+    own = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer_digest(own) == tokenizer_digest(teacher_tokenizer):
+        return None
+    return CrossTokenizer(teacher_tokenizer, own, teacher_vocab_size)
+
+
 def exported_dtype(folder: str | Path) -> str | None:
     """The dtype the student had when it was saved (config.json; bf16 training saves "bfloat16")."""
     config = json.loads((Path(folder) / "config.json").read_text())
@@ -288,7 +321,8 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     test, train, stds = load_eval_data(shards_path(cfg, "samples"), target_dirs, cfg.student.image_size,
                                        ev.probe, cfg.loss.standardize)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dirs[test.language] / "tokenizer"))
-    pad_id = test.targets[test.language]["producer"].get("eos_id") or 0
+    producer = test.targets[test.language]["producer"]
+    pad_id = producer.get("eos_id") or 0
 
     try:
         device = resolve_device(ev.device)
@@ -304,12 +338,13 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
         # fp32 weights on disk; without dtype= transformers would load them as the config's dtype
         model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
         bf16 = device.type == "cuda" and exported_dtype(folder) == "bfloat16"
+        cross = folder_cross(folder, tokenizer, producer["vocab_size"])  # a student with its own tokenizer
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=pad_id,
-                                       batch_size=ev.batch_size, device=device)
+                                       batch_size=ev.batch_size, device=device, cross=cross)
         if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
             metrics.update(mtp_figures(model, test, ev.mtp_prompts, ev.mtp_prompt_tokens, ev.mtp_new_tokens,
-                                       device))
+                                       device, cross))
         return folder, metrics, "bf16 autocast" if bf16 else "fp32"
 
     folder, metrics, precision = measure(ev.student)
@@ -322,7 +357,9 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     notes = [f"student: {folder}", f"test rows: {len(test)}; teachers: {', '.join(test.targets)}",
              f"device: {device}; precision: {precision}",
-             "agreement/KL: teacher-forced on test captions, sparse top-k + tail KL(teacher‖student) at T=1",
+             "agreement/KL: teacher-forced on test captions, sparse top-k + tail KL(teacher‖student) at T=1 "
+             "(a student with its own tokenizer: on its 1:1-aligned positions, eval/aligned_fraction; its "
+             "perplexity is per student token, not comparable across tokenizers)",
              "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image"]
     if baseline:
         notes.append(f"baseline: {baseline_ref}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ class SparseTargets:
     # The teacher's vocabulary when it differs from the student's (trimmed or cross-tokenizer students):
     # the uniform-tail approximation spreads the tail over the teacher's outside tokens. 0: the same.
     teacher_vocab_size: int = 0
+    # Cross-tokenizer students: [B, L] bool, positions whose next student token does not align 1:1 with a
+    # teacher token (data/align.py); they take the ULD loss (distill/xtoken.py), `mask` the sparse KD.
+    approx: Tensor | None = None
 
     @classmethod
     def from_mapping(cls, batch: Mapping[str, Tensor]) -> SparseTargets:
@@ -52,14 +55,15 @@ class SparseTargets:
             raise KeyError(f"language targets are missing keys {missing}")
         return cls(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], batch["mask"],
                    batch.get("tempered_tail"), tuple(batch.get("tail_temperatures", ())),
-                   int(batch.get("teacher_vocab_size", 0)))
+                   int(batch.get("teacher_vocab_size", 0)), batch.get("approx"))
 
     def __getitem__(self, index) -> SparseTargets:
         """Index the batch/position dims, e.g. `targets[:, :n]`."""
         tempered = None if self.tempered_tail is None else self.tempered_tail[index]
+        approx = None if self.approx is None else self.approx[index]
         return SparseTargets(self.topk_ids[index], self.topk_logprobs[index],
                              self.tail_logprob[index], self.mask[index], tempered, self.tail_temperatures,
-                             self.teacher_vocab_size)
+                             self.teacher_vocab_size, approx)
 
 
 def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
@@ -67,7 +71,7 @@ def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
 
     The student's depth-k head at position i predicts token i+1+k, which is what the teacher
     predicts at position i+k. So position i gets the teacher's targets from i+k, and the last k
-    positions (no teacher position to copy) are masked. k = 0 returns the targets unchanged.
+    positions (no teacher position to copy) are masked (`approx` too). k = 0 returns the targets unchanged.
     """
     if k < 0:
         raise ValueError(f"MTP depth must be >= 0, got {k}")
@@ -82,9 +86,10 @@ def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
         return out
 
     tempered = None if targets.tempered_tail is None else shift(targets.tempered_tail, 0.0)
+    approx = None if targets.approx is None else shift(targets.approx, False)
     return SparseTargets(shift(targets.topk_ids, 0), shift(targets.topk_logprobs, 0.0),
                          shift(targets.tail_logprob, 0.0), shift(targets.mask, False), tempered,
-                         targets.tail_temperatures, targets.teacher_vocab_size)
+                         targets.tail_temperatures, targets.teacher_vocab_size, approx)
 
 
 def _check_targets(logits: Tensor, t: SparseTargets) -> None:
@@ -250,16 +255,18 @@ def causal_ce_loss(logits: Tensor, labels: Tensor, depth: int = 0, ignore_index:
 class LanguageDistillLoss(nn.Module):
     """CE on ground truth mixed with sparse KD, on the main head and on each MTP depth.
 
-        depth_d = alpha * CE_d + (1 - alpha) * KD_d
+        depth_d = alpha * CE_d + (1 - alpha) * (KD_d + uld_weight * ULD_d)
         loss    = depth_0 + sum_{d>=1} mtp_weights[d-1] * depth_d
 
     Head d (0 = main) at position i predicts token i+1+d; its KD target is the teacher at i+d.
-    Returns {"loss", "ce", "lang_kd", "ce/mtp{d}", "lang_kd/mtp{d}"} (CE keys only when alpha > 0,
-    KD keys only when alpha < 1).
+    ULD_d (distill/xtoken.py) only with targets that carry `approx` positions (a cross-tokenizer student);
+    KD_d then covers the `mask` (exact) positions alone.
+    Returns {"loss", "ce", "lang_kd", "lang_uld", "ce/mtp{d}", "lang_kd/mtp{d}", "lang_uld/mtp{d}"} (CE keys
+    only when alpha > 0, KD keys only when alpha < 1, ULD keys only with `approx` targets).
     """
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.0,
-                 mtp_weights: Sequence[float] = (), ignore_index: int = -100):
+                 mtp_weights: Sequence[float] = (), ignore_index: int = -100, uld_weight: float = 1.0):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown KD kind {kind!r}; expected one of {KINDS}")
@@ -267,7 +274,9 @@ class LanguageDistillLoss(nn.Module):
             raise ValueError(f"alpha (CE weight) must be in [0, 1], got {alpha}")
         if any(w < 0 for w in mtp_weights):
             raise ValueError(f"mtp_weights must be >= 0, got {list(mtp_weights)}")
-        self.kind, self.temperature, self.alpha = kind, temperature, alpha
+        if not uld_weight >= 0:
+            raise ValueError(f"uld_weight must be >= 0, got {uld_weight}")
+        self.kind, self.temperature, self.alpha, self.uld_weight = kind, temperature, alpha, uld_weight
         self.mtp_weights = list(mtp_weights)
         self.ignore_index = ignore_index
 
@@ -292,6 +301,10 @@ class LanguageDistillLoss(nn.Module):
                 # MTP heads may be shorter than L (no input token beyond the sequence end).
                 shifted = shift_targets(targets, depth)[:, : head.shape[1]]
                 out["lang_kd" + suffix] = kd = language_kd_loss(head, shifted, self.kind, self.temperature)
+                if shifted.approx is not None:  # the teacher's distribution where tokens do not line up
+                    from distill.xtoken import uld_loss  # imports this module
+                    out["lang_uld" + suffix] = uld = uld_loss(head, replace(shifted, mask=shifted.approx))
+                    kd = kd + self.uld_weight * uld
                 term = term + (1 - self.alpha) * kd
             total = total + weight * term
         out["loss"] = total

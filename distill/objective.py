@@ -71,7 +71,8 @@ class DistillObjective(nn.Module):
         self.student = student
         depth = student.config.mtp_depth
         self.language = LanguageDistillLoss(loss_cfg.kd_kind, loss_cfg.temperature,
-                                            alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth)
+                                            alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth,
+                                            uld_weight=loss_cfg.uld_weight)
         self.use_language, self.use_contrastive = use_language, use_contrastive
         self.vision = list(vision)
         self.terms = ([LANGUAGE] if use_language else []) + list(vision) + ([CONTRASTIVE] if use_contrastive else [])

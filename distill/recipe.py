@@ -25,16 +25,16 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 import student as student_pkg
-from data.dataset import BlockShuffleSampler, DistillDataset, check_manifests, collate
+from data.dataset import BlockShuffleSampler, DistillDataset, check_manifests
 from data.devices import to_device
 from data.prefetch import Prefetch
 from data.shards import atomic_write_json
-from data.vocab import TokenMap, caption_token_ids, trimmed_vocab
 from distill import engine as ds
 from distill.balance import distributed_mean, gradnorm_ratios
-from distill.config import Vocab, load_config, output_path, shards_path, teacher_configs
+from distill.config import load_config, output_path, shards_path, teacher_configs
 from distill.objective import DistillObjective, standardize_batch, standardizers, term_metric
 from distill.stages import CONTRASTIVE, LANGUAGE, VISION, Stage, freeze_for, resolve_stages
+from distill.student_vocab import student_vocab
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,6 @@ class DistillRecipe:
         if lang is None:
             raise ValueError("training needs a language teacher's shards (teachers.language)")
         where = {"samples": shards_path(cfg, "samples"), **target_dirs}
-        if cfg.student.vocab == Vocab.trimmed and cfg.student.vocab_size is not None:
-            raise ValueError("student.vocab=trimmed sets the vocabulary from the captions; leave student.vocab_size "
-                             f"null (it is {cfg.student.vocab_size})")
         check_manifests(self.dataset.samples, self.dataset.targets, student_vocab=cfg.student.vocab_size,
                         expected_digests={t.name: t.weights_digest for t in teacher_configs(cfg)}, where=where)
         self.vision = self.dataset.vision if cfg.loss.vision else []
@@ -82,23 +79,13 @@ class DistillRecipe:
                      "feature_dim": self.dataset.targets[n]["shape"][1], "grid": self.dataset.targets[n]["grid"]}
                  for n in self.vision}
         contrastive = any(CONTRASTIVE in s.terms for s in self.stages)
-        producer = self.dataset.targets[lang]["producer"]
-        self.pad_id = producer.get("eos_id") or 0
-        self.token_map, extra = None, {}
-        if cfg.student.vocab == Vocab.trimmed:  # data/vocab.py
-            ids = trimmed_vocab(self.dataset, [producer.get("bos_id"), producer.get("eos_id"), self.pad_id])
-            self.token_map = TokenMap(ids, producer["vocab_size"])
-            extra = {"teacher_token_ids": ids, "teacher_vocab_size": producer["vocab_size"]}
-        elif cfg.student.mtp_depth > 0:
-            extra = {"draft_vocab": caption_token_ids(self.dataset)}
-        specials = {"bos_token_id": producer.get("bos_id"), "eos_token_id": producer.get("eos_id"),
-                    "pad_token_id": self.pad_id}  # in the student's ids: generate() stops at its eos
-        extra.update({k: None if v is None else int(self.token_map.student_ids(torch.tensor(v))) if self.token_map
-                      else v for k, v in specials.items()})
+        # the teacher's vocabulary, a trimmed one or the student's own tokenizer (its ids, specials, batches)
+        self.vocab = student_vocab(cfg, self.dataset, save=self.rank == 0)
+        self.pad_id, self.token_map = self.vocab.pad_id, self.vocab.token_map
         self.student_config = student_pkg.load_preset(
-            cfg.student.preset, vocab_size=len(self.token_map) if self.token_map else producer["vocab_size"],
-            mtp_depth=cfg.student.mtp_depth, teachers=heads, mask_ratio=cfg.student.mask_ratio,
-            contrastive_dim=cfg.student.contrastive_dim if contrastive else 0, **extra, **dict(cfg.student.overrides))
+            cfg.student.preset, vocab_size=self.vocab.vocab_size, mtp_depth=cfg.student.mtp_depth, teachers=heads,
+            mask_ratio=cfg.student.mask_ratio, contrastive_dim=cfg.student.contrastive_dim if contrastive else 0,
+            **self.vocab.config, **dict(cfg.student.overrides))
         self.stds = {n: standardizers(self.dataset.targets[n], target_dirs[n], cfg.loss.standardize)
                      for n in self.vision}
         self.ckpt_dir = output_path(cfg, "checkpoints")
@@ -178,9 +165,7 @@ class DistillRecipe:
             while position < len(order) // mb:
                 items = [self.dataset[i] for i in order[position * mb:(position + 1) * mb]]
                 position += 1
-                batch = collate(items, self.pad_id)
-                yield epoch, position, standardize_batch(self.token_map.batch(batch) if self.token_map else batch,
-                                                         self.stds)
+                yield epoch, position, standardize_batch(self.vocab.collate(items), self.stds)
             epoch, position = epoch + 1, 0
 
     # ------------------------------------------------------------------ train

@@ -14,8 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 LOWER_IS_BETTER = ("eval/kl/", "eval/perplexity")
 
 
-# Not a property of the student: teacher and pixel probes, token counts, the blank-image control.
-REFERENCE = re.compile(r"eval/probe/(?!student$)|eval/grounded_tokens$|eval/grounded_acc_blank$")
+# Not a property of the student: teacher and pixel probes, token counts, the blank-image control, the share
+# of positions a student tokenizer aligns 1:1 with the teacher's, and where the teacher's top-1 is a student token.
+REFERENCE = re.compile(r"eval/probe/(?!student$)|eval/grounded_tokens$|eval/grounded_acc_blank$|eval/aligned_fraction$"
+                       r"|eval/teacher_top1_in_vocab$")
 
 
 def better(key: str, kd: float, base: float) -> bool:

@@ -36,7 +36,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def make_portable(folder, image_size: int, tokenizer_dir=None) -> None:
     """Complete a folder written by `CogViTMTPForDistillation.save_pretrained` (see the module docstring).
-    `image_size`: the side the student was trained at; `tokenizer_dir`: the language teacher's tokenizer."""
+    `image_size`: the side the student was trained at; `tokenizer_dir`: the tokenizer the student reads
+    (the language teacher's, or the student's own: `student.tokenizer`)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     if "AutoModel" not in config.get("auto_map", {}):

@@ -1,4 +1,5 @@
-"""Processor of the CogViT MTP student: its image processor and the language teacher's tokenizer, together.
+"""Processor of the CogViT MTP student: its image processor and its tokenizer (the language teacher's, or the
+student's own when it was trained with `student.tokenizer`), together.
 
 `processor(images=..., text=...)` gives what `model.generate` and `model(...)` take: `pixel_values` and
 `input_ids` laid out like the training captions, `[bos] + caption tokens` (the tokenizer's eos stands in for a

@@ -52,7 +52,8 @@ def check_vocab(teacher_cfg, student_vocab: int | None, cache_dir) -> int:
         raise VocabMismatchError(
             f"student.vocab_size={student_vocab} but language teacher '{teacher_cfg.name}' has vocab "
             f"{teacher_vocab}; the student uses the teacher's tokenizer, so they must be equal "
-            f"(set student.vocab_size={teacher_vocab}, or null to take the teacher's)")
+            f"(set student.vocab_size={teacher_vocab}, or null to take the teacher's; a student with its own "
+            "tokenizer: student.tokenizer)")
     return teacher_vocab
 
 

@@ -59,18 +59,21 @@ def tiny_collected(prefect_harness, tmp_path_factory, cache_dir):
     return cfg, run_collect(cfg)
 
 
+def linked_config(tiny_collected, root: Path, *overrides, configs=(TINY,)):
+    """A training config whose output_dir (under `root`) links the session's tiny shards."""
+    from distill.config import load_config
+    src = Path(tiny_collected[0].output_dir)
+    out = root / "run"
+    out.mkdir(exist_ok=True)
+    for name in ("samples", "targets"):
+        if not (out / name).exists():
+            (out / name).symlink_to(src / name, target_is_directory=True)
+    return load_config(list(configs), [f"output_dir={out}", f"cache_dir={tiny_collected[0].cache_dir}",
+                                       f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "train.progress=false",
+                                       *overrides])
+
+
 @pytest.fixture
 def train_cfg(tiny_collected, tmp_path):
     """A factory: a training config whose output_dir links the session's tiny shards."""
-    from distill.config import load_config
-    src = Path(tiny_collected[0].output_dir)
-    out = tmp_path / "run"
-    out.mkdir()
-    for name in ("samples", "targets"):
-        (out / name).symlink_to(src / name, target_is_directory=True)
-
-    def make(*overrides):
-        return load_config(TINY, [f"output_dir={out}", f"cache_dir={tiny_collected[0].cache_dir}",
-                                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.progress=false",
-                                  *overrides])
-    return make
+    return lambda *overrides: linked_config(tiny_collected, tmp_path, *overrides)

@@ -13,6 +13,14 @@ def tiny(depth, vocab=256, seed=0):
     return student.CogViTMTPForDistillation(config).eval()
 
 
+@torch.no_grad()
+def silence(model):
+    """Zero output norms: every head's logits are exactly 0."""
+    model.decoder.norm.weight.zero_()
+    for m in model.mtp:
+        m.norm.weight.zero_()
+
+
 def cases(n, vocab, seed, low=0):
     """n (pixel_values [1, 3, H, W], prompt ids [1, T] or None) with varied image sizes and prompt lengths."""
     g = torch.Generator().manual_seed(seed)
@@ -107,10 +115,7 @@ def test_drafts_equal_one_full_forward_over_verified_tokens_and_earlier_drafts(d
 def test_forced_all_accept(depth):
     # Zero output norms: every head's logits are exactly 0, so every head picks token 0 (argmax takes the first).
     model = tiny(depth, seed=1)
-    with torch.no_grad():
-        model.decoder.norm.weight.zero_()
-        for m in model.mtp:
-            m.norm.weight.zero_()
+    silence(model)
     for pixels, ids in cases(3, 256, seed=6):
         tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=11)
         assert torch.equal(tokens, greedy(model, pixels, ids, 11))
@@ -227,10 +232,7 @@ def test_draft_vocab_drafts_are_the_restricted_argmax_of_a_full_forward(depth):
 def test_draft_vocab_forced_accept_and_reject(depth):
     # Zero output norms: every logit is 0, so the main head picks token 0 and a draft the vocab's first id.
     model = tiny(depth, seed=8)
-    with torch.no_grad():
-        model.decoder.norm.weight.zero_()
-        for m in model.mtp:
-            m.norm.weight.zero_()
+    silence(model)
     pixels, ids = cases(1, 256, seed=9)[0]
     expected = greedy(model, pixels, ids, 10)
     tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=10, draft_vocab=[0, 5, 9])

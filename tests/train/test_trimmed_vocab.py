@@ -1,8 +1,6 @@
 """student.vocab=trimmed: the student's vocabulary is the training captions' teacher tokens + specials +
 unknown; batches, evaluation, the processor and generate() go through the saved map."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoModel, AutoProcessor
@@ -13,6 +11,7 @@ from data.vocab import UNKNOWN, TokenMap, caption_token_ids
 from distill.config import shards_path
 from distill.evaluate import evaluate_student, load_eval_data, mtp_figures
 from distill.recipe import DistillRecipe
+from tests.conftest import linked_config
 
 
 def test_token_map_moves_a_batch_into_the_student_ids():
@@ -35,17 +34,8 @@ def test_token_map_moves_a_batch_into_the_student_ids():
 
 @pytest.fixture(scope="module")
 def trimmed(tiny_collected, tmp_path_factory):
-    from distill.config import load_config
-    from tests.conftest import TINY
-    src = Path(tiny_collected[0].output_dir)
-    root = tmp_path_factory.mktemp("trimmed")
-    out = root / "run"
-    out.mkdir()
-    for name in ("samples", "targets"):
-        (out / name).symlink_to(src / name, target_is_directory=True)
-    cfg = load_config(TINY, [f"output_dir={out}", f"cache_dir={tiny_collected[0].cache_dir}",
-                             f"tracking.uri=sqlite:///{root / 'mlflow.db'}", "train.progress=false",
-                             "student.vocab=trimmed", "train.max_steps=4"])
+    cfg = linked_config(tiny_collected, tmp_path_factory.mktemp("trimmed"), "student.vocab=trimmed",
+                        "train.max_steps=4")
     recipe = DistillRecipe(cfg)
     recipe.setup()
     recipe.summary = recipe.train()
@@ -81,6 +71,8 @@ def test_evaluation_and_decoding_go_through_the_map(trimmed):
     model = AutoModel.from_pretrained(folder).eval()
     metrics = evaluate_student(model, test, None, processor.tokenizer, stds=stds, pad_id=r.pad_id, batch_size=16)
     assert 0.0 <= metrics["eval/unknown_token_rate"] < 0.5
+    # agreement is bounded by the positions whose teacher top-1 the trimmed vocabulary has
+    assert metrics["eval/agreement/main"] <= metrics["eval/teacher_top1_in_vocab"] <= 1.0
     assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("eval/kl/main", "eval/perplexity"))
     assert mtp_figures(model, test, 2, 3, 4)["mtp/tau"] >= 1.0  # speculative == greedy, checked inside
 
