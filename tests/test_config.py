@@ -79,13 +79,10 @@ CHOICES = [
 @pytest.mark.parametrize("override, key, allowed", CHOICES, ids=[c[1] for c in CHOICES])
 def test_a_bad_choice_exits_2_at_once_naming_the_key_and_the_allowed_values(override, key, allowed, capsys,
                                                                              monkeypatch, tmp_path):
-    import time
-
     import flows.collect
     monkeypatch.setattr(flows.collect, "run_collect", lambda *a, **k: pytest.fail("collection started"))
-    start = time.perf_counter()
+    # "at once": before any collection (above) and, in a fresh process, before importing torch (below)
     assert main(["collect", "--config", TINY, f"output_dir={tmp_path / 'out'}", override]) == 2
-    assert time.perf_counter() - start < 1.0  # about 0.1 s here; no teacher, torch or Prefect import
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mmtp: error: config key '{key}'") and "\n" not in err, err
     assert all(value in err for value in allowed), err
@@ -95,16 +92,12 @@ def test_a_bad_choice_exits_2_at_once_naming_the_key_and_the_allowed_values(over
 def test_the_cli_reports_a_typo_without_importing_torch():
     import subprocess
     import sys
-    import time
     code = ("import sys; from flows.cli import main; rc = main(['collect', '--config', 'configs/tiny.yaml', "
             "'loss.kd_kind=forward_kll']); assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
-    start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == ("mmtp: error: config key 'loss.kd_kind': Invalid value 'forward_kll', "
                                    "expected one of [forward_kl, reverse_kl, jsd]")
-    assert seconds < 3  # about 0.6 s on an idle 2-core machine; torch alone would take 2.5 s
 
 
 def test_config_enums_are_the_registries():
