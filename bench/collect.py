@@ -9,7 +9,8 @@ mean KL(float32 top-k+tail || decoded), over the k+1 buckets) of every `LogprobE
 Prints one JSON object. Both timings run in this process over the same batches of one samples
 shard: `bare` is the teacher's forward alone on already tokenised / preprocessed batches;
 `collect` is the whole `collect_shard` (tokenise or decode, forward, top-k and tail, Arrow
-encoding, compression, atomic write, sha256). The ratio is bare time ÷ collect time (goal ≥ 0.90).
+encoding, compression, atomic write, sha256), timed in turn `--repeats` times, the fastest of each
+counting. The ratio is bare time ÷ collect time (goal ≥ 0.90).
 """
 
 import argparse
@@ -83,13 +84,15 @@ def stored_rows(folder: Path) -> tuple[dict, list[tuple[list[str], list[dict]]]]
     return manifest, shards
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
+def best_of_interleaved(fns, repeats: int) -> list[float]:
+    """The fastest of `repeats` runs of each function, run in turn (so drift of the machine hits all alike)."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for fn, t in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [min(t) for t in times]
 
 
 def timers(teacher, language: bool, shard, bs: int, src: Path, out: Path, compression: str):
@@ -119,7 +122,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--rows", type=int, default=256, help="rows of the first samples shard to time")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of each, interleaved; the fastest counts")
     p.add_argument("--targets", type=Path, help="only re-encode this existing language target folder (no teacher): "
                    "bytes_per_token and kl_error_nats of every encoding against its stored values")
     p.add_argument("overrides", nargs="*")
@@ -150,7 +153,7 @@ def main() -> None:
             bare, collect = timers(teacher, language, shard, bs, src, Path(tmp) / tcfg.name, cfg.collect.compression)
             with torch.inference_mode():
                 bare()  # warm-up
-                t_bare, t_collect = best_of(bare, args.repeats), best_of(collect, args.repeats)
+                t_bare, t_collect = best_of_interleaved([bare, collect], args.repeats)
             entry = collect()
             fig = {"bare_s": round(t_bare, 3), "collect_s": round(t_collect, 3),
                    "throughput_ratio": round(t_bare / t_collect, 3),
