@@ -236,6 +236,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass
     max_bad_steps: int = 5  # abort after this many consecutive non-finite losses
     progress: bool = True  # tqdm bar
+    init_from: str | None = None  # a student folder the first stage starts from (null: a fresh student)
+    # Other shard folders (each with samples/ and targets/<language teacher>/, e.g. on-policy generations) mixed
+    # into every training window at `mix_fraction` of its rows; needs loss.vision=false (docs/onpolicy.md).
+    mix_shards: list[str] = field(default_factory=list)
+    mix_fraction: float = 0.5
 
 
 @dataclass
@@ -250,6 +255,24 @@ class EvalConfig:
     mtp_prompts: int = 16  # test captions used for the speculative-decoding figures
     mtp_prompt_tokens: int = 3  # caption tokens given as the prompt; the rest is generated
     mtp_new_tokens: int = 24
+
+
+@dataclass
+class OnPolicyConfig:
+    """On-policy distillation rounds (`mmtp onpolicy`, flow onpolicy-distill; docs/onpolicy.md). Round r: the
+    student continues caption prefixes of train rows, the language teacher scores the continuations, and training
+    resumes on a mix of those and the offline shards."""
+    rounds: int = 2
+    prompts: int = 256  # train rows whose caption prefix the student continues, per round
+    prompt_tokens: int = 2  # caption tokens of the prompt ([bos] + the first word's token)
+    max_new_tokens: int = 24
+    temperature: float = 1.0  # sampling temperature of the student's continuations
+    mix: float = 0.5  # lambda: the on-policy share of every training window (0: offline shards only, no teacher)
+    steps: int = 40  # optimizer steps per round
+    lr: float | None = None  # null: train.lr
+    kd_kind: KDKind = KDKind.jsd  # the divergence of the rounds (GKD: JSD or reverse KL on student samples)
+    ce_weight: float = 0.0  # CE on the rows' tokens; 0: on-policy rows are the student's own, not ground truth
+    eval_prompts: int = 64  # test prompts for eval/onpolicy_kl, the teacher's KL on the student's generations
 
 
 @dataclass
@@ -268,6 +291,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
 
 def _one_line(e: OmegaConfBaseException) -> str:

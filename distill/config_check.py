@@ -49,6 +49,16 @@ def check(cfg: DictConfig) -> None:
     if s.vocab_size is not None and (s.vocab == Vocab.trimmed or s.tokenizer is not None):
         raise ConfigError("config key 'student.vocab_size': student.tokenizer or student.vocab=trimmed sets the "
                           f"vocabulary; leave student.vocab_size null (it is {s.vocab_size})")
+    if cfg.train.mix_shards and cfg.loss.vision and cfg.teachers.vision:
+        raise ConfigError("config key 'train.mix_shards': mixed-in shards carry language targets only; set "
+                          "loss.vision=false")
+    if not 0.0 <= cfg.train.mix_fraction < 1.0 or not 0.0 <= cfg.onpolicy.mix < 1.0:
+        raise ConfigError("config keys 'train.mix_fraction' and 'onpolicy.mix' must be in [0, 1)")
+    if not 0.0 <= cfg.onpolicy.ce_weight <= 1.0:
+        raise ConfigError(f"config key 'onpolicy.ce_weight': must be in [0, 1], got {cfg.onpolicy.ce_weight}")
+    if cfg.onpolicy.temperature <= 0 or cfg.onpolicy.prompt_tokens < 1 or cfg.onpolicy.max_new_tokens < 1:
+        raise ConfigError("config keys 'onpolicy.temperature', 'onpolicy.prompt_tokens', 'onpolicy.max_new_tokens' "
+                          "must be positive")
     if not (STUDENT_PRESETS / f"{cfg.student.preset}.yaml").is_file():
         known = sorted(p.stem for p in STUDENT_PRESETS.glob("*.yaml"))
         raise ConfigError(f"config key 'student.preset': {cfg.student.preset!r} is not a preset; expected one of "
