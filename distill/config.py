@@ -158,6 +158,9 @@ class LossConfig:
     ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
     uld_weight: float = 1.0  # student.tokenizer: weight of ULD (unaligned tokens) in the KD (docs/losses.md)
     mtp_weight: float = 0.5  # weight of each MTP depth's term relative to the main head
+    # > 0: the language loss from the heads' hidden states, this many positions' full-vocabulary logits at a
+    # time (distill/chunked.py; docs/losses.md, "Chunked head"; configs/default.yaml: 32); 0: all dense at once
+    chunk_size: int = 0
     language: bool = True  # false: no language term at all (vision-only)
     vision: bool = True  # false: ignore the vision teachers (a CE-only baseline sets this and ce_weight=1)
     contrastive: bool = True  # false: drop the contrastive term from every stage (the CE-only baseline)

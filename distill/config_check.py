@@ -42,6 +42,8 @@ def check(cfg: DictConfig) -> None:
         check_device_name(cfg.evaluate.device)
     except ValueError as e:
         raise ConfigError(f"config key 'evaluate.device': {e}") from None
+    if cfg.loss.chunk_size < 0:
+        raise ConfigError(f"config key 'loss.chunk_size': must be >= 0 (0 = off), got {cfg.loss.chunk_size}")
     s = cfg.student
     if s.tokenizer is not None and s.vocab == Vocab.trimmed:
         raise ConfigError("config key 'student.tokenizer': a student tokenizer has its own vocabulary; set it or "

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from distill.balance import TrunkTaps, build_balancer
+from distill.chunked import chunked_language_loss
 from distill.losses import LanguageDistillLoss, same_caption, siglip_loss, vision_kd_loss
 from distill.stages import CONTRASTIVE, LANGUAGE
 from distill.standardize import FeatureStandardizer
@@ -73,6 +74,7 @@ class DistillObjective(nn.Module):
         self.language = LanguageDistillLoss(loss_cfg.kd_kind, loss_cfg.temperature,
                                             alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth,
                                             uld_weight=loss_cfg.uld_weight)
+        self.chunk_size = loss_cfg.chunk_size  # > 0: distill/chunked.py, no full-vocab logits
         self.use_language, self.use_contrastive = use_language, use_contrastive
         self.vision = list(vision)
         self.terms = ([LANGUAGE] if use_language else []) + list(vision) + ([CONTRASTIVE] if use_contrastive else [])
@@ -87,14 +89,19 @@ class DistillObjective(nn.Module):
         """Total loss and the figures to log (detached tensors): raw losses, their parts, weights."""
         dtype = next(self.student.parameters()).dtype
         text = self.use_language or self.use_contrastive
+        chunked = self.use_language and self.chunk_size > 0
         out = self.student(pixel_values=batch["pixel_values"].to(dtype),
                            input_ids=batch["input_ids"] if text else None,
                            attention_mask=batch["attention_mask"], text_logits_only=True,
                            branch_hook=self.taps if self.training and self.measure else None,
-                           language=self.use_language, contrastive=self.use_contrastive)
+                           language=self.use_language, contrastive=self.use_contrastive, head_states=chunked)
         losses, logs = {}, {}
-        if self.use_language:
+        if chunked:
+            parts = chunked_language_loss(self.language, out.head_states, self.student.get_output_embeddings().weight,
+                                          batch["lang"], batch["labels"], self.chunk_size)
+        elif self.use_language:
             parts = self.language(out.logits, batch["lang"], labels=batch["labels"], mtp_logits=out.mtp_logits)
+        if self.use_language:
             losses[LANGUAGE] = parts.pop("loss")
             logs.update({f"loss/{k}": v.detach() for k, v in parts.items()})
         for name in self.vision:  # teacher features arrive standardised (standardize_batch)

@@ -45,6 +45,9 @@ class CogViTMTPOutput(ModelOutput):
         mtp_logits: tuple of D tensors [B, S, V]; depth k (1-based) at position i predicts the token at i+1+k.
         last_hidden_state: decoder output after the final norm [B, S, d] (what `lm_head` reads).
         mtp_hidden_states: tuple of D tensors [B, S, d], each MTP module's block output (before its norm).
+        head_states: with `forward(..., head_states=True)` (instead of `logits` and `mtp_logits`), the main head's
+            and then each MTP depth's post-norm states, what `lm_head` would read, at the positions `logits` would
+            have: D + 1 tensors [B, T or S, d] (distill/chunked.py computes the loss from them in chunks).
         image_embeds: merged image tokens fed to the decoder [B, N_img, d].
         vision_hidden_states: vision tower patch tokens of the clean image [B, Ph * Pw, Dv] (row-major grid).
         vision_summary: the tower's summary tokens of the clean image [B, n, Dv], named by
@@ -67,6 +70,7 @@ class CogViTMTPOutput(ModelOutput):
     mtp_logits: tuple | None = None
     last_hidden_state: torch.FloatTensor | None = None
     mtp_hidden_states: tuple | None = None
+    head_states: tuple | None = None
     image_embeds: torch.FloatTensor | None = None
     vision_hidden_states: torch.FloatTensor | None = None
     vision_summary: torch.FloatTensor | None = None
@@ -217,7 +221,7 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
     @generation_forward
     def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, image_mask=None,
                 return_dict: bool = True, text_logits_only: bool = False, branch_hook=None, language: bool = True,
-                contrastive: bool = False):
+                contrastive: bool = False, head_states: bool = False):
         """pixel_values [B, C, H, W] (H, W multiples of patch_size * spatial_merge_size); input_ids [B, T]
         caption tokens (None: the vision part only, no decoder); attention_mask [B, T] (1 = token, right
         padding only); labels [B, T] caption-aligned targets (usually `input_ids`; IGNORE_INDEX = -100
@@ -236,10 +240,13 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
         measure what each loss pulls on the shared tower. `language=False` skips the decoder's image-text
         pass (a vision-only or contrastive-only step); `contrastive=True` (needs `input_ids` and a model with
         `contrastive_dim > 0`) returns `image_text_embeds` from the clean image's `image` summary token and
-        the caption alone. Returns a `CogViTMTPOutput`."""
+        the caption alone. `head_states` skips `lm_head`: `head_states` replaces `logits` and `mtp_logits` (the
+        vocabulary-sized tensors) with the states the head would read. Returns a `CogViTMTPOutput`."""
         if text_logits_only and labels is not None:
             raise ValueError("text_logits_only drops the logits that predict the first caption token; "
                              "compute the loss from the returned logits instead of passing labels")
+        if head_states and labels is not None:
+            raise ValueError("head_states computes no logits, so no loss from labels; compute it from the states")
         batch = pixel_values.shape[0]
         if contrastive and (self.contrastive is None or input_ids is None):
             raise ValueError("contrastive=True needs input_ids and a model built with contrastive_dim > 0")
@@ -274,7 +281,7 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
         if image_mask is not None:
             mask = {name: pool_mask(image_mask.bool(), head.grid) for name, head in self.teacher_heads.items()}
         text = {} if not language else self._language(
-            tap("language", patches), grid, input_ids, attention_mask, labels, text_logits_only)
+            tap("language", patches), grid, input_ids, attention_mask, labels, text_logits_only, head_states)
         if contrastive:
             image_summary = tap("contrastive", summary[:, names.index("image")])
             caption = self.caption_embedding(input_ids, attention_mask)
@@ -283,7 +290,7 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
                               image_mask=image_mask, mask=mask, **text)
         return out if return_dict else out.to_tuple()
 
-    def _language(self, patches, grid, input_ids, attention_mask, labels, text_logits_only) -> dict:
+    def _language(self, patches, grid, input_ids, attention_mask, labels, text_logits_only, head_states=False) -> dict:
         """The decoder and MTP part of `forward`: its `CogViTMTPOutput` fields."""
         batch = input_ids.shape[0]
         image_embeds = self.merger(patches, grid)
@@ -300,18 +307,23 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
         hidden, _ = self.forward_decoder(embeds, key_padding, n_img)
         last_hidden = self.decoder.norm(hidden)
         first = n_img if text_logits_only else 0
-        logits = self.lm_head(last_hidden[:, first:])
+        states = [last_hidden[:, first:]]
 
-        mtp_hidden, mtp_logits = [], []
+        mtp_hidden = []
         if self.config.mtp_depth > 0:
             token_inputs = self.mtp_token_embeddings(input_ids, n_img)
             h = hidden
             for k in range(1, self.config.mtp_depth + 1):
                 h, _ = self.forward_mtp_depth(k, h, shift_left(token_inputs, k), key_padding)
                 mtp_hidden.append(h)
-                mtp_logits.append(self.logits_from_hidden(h[:, first:], k))
+                states.append(self.mtp[k - 1].norm(h[:, first:]))  # what logits_from_hidden(h, k) feeds lm_head
+        if head_states:
+            heads = {"head_states": tuple(states)}
+        else:
+            logits, *mtp_logits = [self.lm_head(s) for s in states]
+            heads = {"logits": logits, "mtp_logits": tuple(mtp_logits)}
 
-        out = {"logits": logits, "mtp_logits": tuple(mtp_logits), "last_hidden_state": last_hidden,
+        out = {**heads, "last_hidden_state": last_hidden,
                "mtp_hidden_states": tuple(mtp_hidden), "image_embeds": image_embeds, "num_image_tokens": n_img}
         if labels is not None:
             if labels.shape != input_ids.shape:
