@@ -2,16 +2,23 @@
 
     python bench/mtp.py --student outputs/default/student [--samples outputs/default/samples]
         [--targets outputs/default/targets/smollm2] [--n 16] [--prompt-tokens 2] [--max-new-tokens 32 128]
-        [--depths 1 2] [--top-k 1 2] [--draft-vocab captions] [--image-size 112] [--out docs/results/mtp.json]
+        [--depths 1 2] [--top-k 1 2] [--draft-vocab captions] [--image-size 112] [--batch 1]
+        [--out docs/results/mtp.json]
     python bench/mtp.py --preset small --mtp-depth 3 --accept both ...   # untrained: the mechanics only
 
 Prompts: the test split's images with the first `--prompt-tokens` caption token ids of the language teacher
-(bos + first word by default). Greedy and speculative decoding run in this process, on CPU in fp32, one
-sample at a time (speculative decoding is batch size 1), interleaved prompt by prompt. For every number of
-new tokens and drafting depth D, with the full-vocab draft head and with the draft vocabulary, it reports:
+(bos + first word by default). Greedy and speculative decoding run in this process, on CPU in fp32,
+interleaved batch by batch: `--batch N` (default 1) groups up to N prompts of one length, decoded together by
+`model.greedy_generate` and by `speculative_generate_batch` (student/speculative_batch.py, a chain of drafts
+only: with N > 1 `--top-k` defaults to, and must be, 1); N = 1 runs `speculative_generate` prompt by prompt.
+For every number of new tokens and drafting depth D, with the full-vocab draft head and with the draft
+vocabulary, it reports:
 tokens per main-model forward with the prefill counted and without it (= tau, the mean tokens per
 verification round), acceptance per depth (accepted / proposed, see student/speculative.py), the wall-clock
-speed-up (greedy seconds / speculative seconds) and how many outputs differ from greedy.
+speed-up (greedy seconds / speculative seconds) and how many outputs differ from greedy. Tokens per forward,
+tau and acceptance are per row (a row's stats in a batch equal its own at batch 1);
+`batch_tokens_per_forward` = new tokens / (rows x batched forwards) is what the batch gets, lower when its
+rows need different numbers of rounds (a batch runs until its slowest row is done). Each row reports `batch`.
 
 Draft vocabulary (`--draft-vocab`): `captions` = every token id of the train split's captions (the language
 teacher's `token_ids`), `topk` = those and every id in the teacher's top-k targets of the train split,
@@ -43,6 +50,7 @@ from data.dataset import image_tensor  # noqa: E402
 from data.shards import load_manifest, read_shard  # noqa: E402
 from data.targets import decode_language_row  # noqa: E402
 from student import speculative_generate  # noqa: E402
+from student.speculative_batch import speculative_generate_batch  # noqa: E402
 
 
 def shard_pairs(samples_dir: Path, targets_dir: Path):
@@ -83,27 +91,45 @@ def train_vocab(samples_dir: Path, targets_dir: Path, topk: bool) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
-def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model", top_k=1):
+def batches(prompts, size: int):
+    """The prompts in groups of up to `size` of one prompt length, in order."""
+    by_length = {}
+    for prompt in prompts:
+        by_length.setdefault(prompt[2].shape[1], []).append(prompt)
+    return [group[i:i + size] for group in by_length.values() for i in range(0, len(group), size)]
+
+
+def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model", top_k=1, batch=1):
     totals = {"new_tokens": 0, "main_forwards": 0, "verify_forwards": 0, "proposed": [0] * depth,
               "accepted": [0] * depth, "sibling_accepted": 0}
     greedy_s = spec_s = 0.0
     differing = []
-    for sample_id, pixels, ids in prompts:
+    row_forwards = 0  # batched forwards x rows in the batch
+    for group in batches(prompts, batch):
+        pixels, ids = torch.cat([p[1] for p in group]), torch.cat([p[2] for p in group])
         start = time.perf_counter()
         expected = model.greedy_generate(pixels, ids, max_new_tokens, eos_token_id=eos)
         mid = time.perf_counter()
-        tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens, eos, depth=depth,
-                                             draft_vocab=draft_vocab, top_k=top_k)
+        if batch == 1:
+            tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens, eos, depth=depth,
+                                                 draft_vocab=draft_vocab, top_k=top_k)
+            rows = [stats]
+        else:
+            tokens, stats = speculative_generate_batch(model, pixels, ids, max_new_tokens, eos, depth=depth,
+                                                       draft_vocab=draft_vocab, top_k=top_k)
+            rows = stats["rows"]
         greedy_s, spec_s = greedy_s + mid - start, spec_s + time.perf_counter() - mid
-        if not torch.equal(tokens, expected):
-            differing.append(sample_id)
-        for key in ("new_tokens", "main_forwards", "verify_forwards", "sibling_accepted"):
-            totals[key] += stats[key]
-        for k in range(depth):
-            totals["proposed"][k] += stats["proposed"][k]
-            totals["accepted"][k] += stats["accepted"][k]
+        differing += [p[0] for p, got, want in zip(group, tokens, expected, strict=True) if not torch.equal(got, want)]
+        row_forwards += len(group) * stats["main_forwards"]
+        for stats in rows:
+            for key in ("new_tokens", "main_forwards", "verify_forwards", "sibling_accepted"):
+                totals[key] += stats[key]
+            for k in range(depth):
+                totals["proposed"][k] += stats["proposed"][k]
+                totals["accepted"][k] += stats["accepted"][k]
     return {
         "accept": accept,
+        "batch": batch,
         "max_new_tokens": max_new_tokens,
         "depth": depth,
         "draft_vocab_size": model.config.vocab_size if draft_vocab is None else len(draft_vocab),
@@ -116,11 +142,13 @@ def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model",
         "acceptance": [a / p if p else None for a, p in zip(totals["accepted"], totals["proposed"], strict=True)],
         "new_tokens": totals["new_tokens"],
         "main_forwards": totals["main_forwards"],
+        "batch_tokens_per_forward": totals["new_tokens"] / row_forwards,
         "greedy_seconds": round(greedy_s, 3),
         "speculative_seconds": round(spec_s, 3),
         "speedup": greedy_s / spec_s,
         # per verification round and per greedy token (the prefills included): the speed-up at another tau is
         # about tau * greedy_ms_per_token / speculative_ms_per_round, a round costing the same whatever it accepts
+        # (with a batch: per row's round and per row's token)
         "speculative_ms_per_round": 1000 * spec_s / max(totals["verify_forwards"], 1),
         "greedy_ms_per_token": 1000 * greedy_s / totals["new_tokens"],
         "outputs_differing_from_greedy": len(differing),
@@ -161,12 +189,18 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--depths", type=int, nargs="*", help="drafting depths (default: 1..mtp_depth)")
-    parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2],
-                        help="candidates per depth: 1 = a chain of drafts, more = a tree")
+    parser.add_argument("--top-k", type=int, nargs="+",
+                        help="candidates per depth: 1 = a chain, more = a tree (default: 1 2; 1 with --batch)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (> 1: chain drafting only)")
     parser.add_argument("--draft-vocab", choices=["captions", "topk", "config", "none"], default="captions")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--out", default="docs/results/mtp.json")
     args = parser.parse_args()
+    if args.batch < 1:
+        raise SystemExit("--batch must be >= 1")
+    top_ks = args.top_k or ([1, 2] if args.batch == 1 else [1])
+    if args.batch > 1 and top_ks != [1]:
+        raise SystemExit("--batch > 1 drafts a chain only (student/speculative_batch.py): use --top-k 1")
 
     model = load_model(args)
     samples, targets = Path(args.samples), Path(args.targets)
@@ -183,13 +217,13 @@ def main() -> None:
     prompts = test_prompts(samples, targets, args.n, args.prompt_tokens, args.image_size)
     results = []
     with torch.no_grad():
-        run(model, prompts[:2], depths[0], 8, eos, vocabs[-1])  # warm-up
+        run(model, prompts[:max(2, args.batch)], depths[0], 8, eos, vocabs[-1], batch=args.batch)  # warm-up
         for mode in modes:
-            results += [run(models[mode], prompts, d, n, eos, v, mode, k)
-                        for n in args.max_new_tokens for v in vocabs for k in args.top_k for d in depths]
+            results += [run(models[mode], prompts, d, n, eos, v, mode, k, args.batch)
+                        for n in args.max_new_tokens for v in vocabs for k in top_ks for d in depths]
     report = {"student": args.preset and f"untrained preset {args.preset}" or args.student,
               "mtp_depth": model.config.mtp_depth, "samples": len(prompts),
-              "prompt_tokens": args.prompt_tokens, "eos": eos, "draft_vocab": args.draft_vocab,
+              "prompt_tokens": args.prompt_tokens, "batch": args.batch, "eos": eos, "draft_vocab": args.draft_vocab,
               "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     text = json.dumps(report, indent=1)

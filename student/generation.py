@@ -7,7 +7,9 @@ of transformers (greedy, sampling, beam search, `max_new_tokens`, `eos_token_id`
 KV cache is transformers' `DynamicCache`, so beam search reorders it like any other model's.
 
 `generate(..., mtp_speculative=True)` decodes greedily with the model's own MTP modules as drafters
-(`speculative.speculative_generate`): the same tokens as greedy `generate`, fewer decoder forwards.
+(`speculative.speculative_generate`; a batch runs in the same forwards, `speculative_batch`, except with tree
+drafting, `config.draft_top_k` > 1, whose rows run one by one): the same tokens as greedy `generate`, fewer
+decoder forwards.
 
 Prompts in a batch must have the same length (no padding): the image tokens come first, so a left-padded
 prompt would shift every position. Generate padded prompts one by one.
@@ -23,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .decoder import KVCache
 from .speculative import greedy_tokens, speculative_generate
+from .speculative_batch import speculative_generate_batch
 
 
 def generation_forward(forward):
@@ -129,7 +132,7 @@ class CogViTMTPGenerationMixin(GenerationMixin):
         """`GenerationMixin.generate` with the prompt as `inputs`/`input_ids` and the image as `pixel_values`.
         `mtp_speculative=True` (or the number of MTP depths to draft with) decodes greedily with MTP
         self-speculative decoding: the tokens equal those of greedy `generate`; it needs greedy settings (no
-        sampling, one beam) and runs the rows one by one."""
+        sampling, one beam). A batch decodes in the same forwards (rows one by one with tree drafting)."""
         input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
         if pixel_values is None:
             raise ValueError("generate needs the image as pixel_values")
@@ -164,10 +167,15 @@ class CogViTMTPGenerationMixin(GenerationMixin):
         if max_new is None:
             max_new = config.max_length - input_ids.shape[1]
         pad = config.pad_token_id if config.pad_token_id is not None else eos
-        rows = [speculative_generate(self, pixel_values[i:i + 1], input_ids[i:i + 1], max_new_tokens=max_new,
-                                     eos_token_id=eos, depth=depth)[0] for i in range(batch)]
-        width = max(r.shape[1] for r in rows)
-        if any(r.shape[1] < width for r in rows) and pad is None:
+        if batch > 1 and self.config.draft_top_k == 1:
+            tokens, stats = speculative_generate_batch(self, pixel_values, input_ids, max_new_tokens=max_new,
+                                                       eos_token_id=eos, depth=depth)
+            rows = [tokens[b, :input_ids.shape[1] + s["new_tokens"]] for b, s in enumerate(stats["rows"])]
+        else:  # tree drafting is batch size 1 only
+            rows = [speculative_generate(self, pixel_values[i:i + 1], input_ids[i:i + 1], max_new_tokens=max_new,
+                                         eos_token_id=eos, depth=depth)[0][0] for i in range(batch)]
+        width = max(r.shape[0] for r in rows)
+        if any(r.shape[0] < width for r in rows) and pad is None:
             raise ValueError("generate: rows of different lengths need a pad_token_id or an eos_token_id")
-        return torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1]), value=pad if pad is not None else 0)
-                          for r in rows])
+        return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0]), value=pad if pad is not None else 0)
+                            for r in rows])

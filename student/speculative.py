@@ -1,4 +1,4 @@
-"""MTP self-speculative decoding (greedy, batch size 1).
+"""MTP self-speculative decoding (greedy, batch size 1; a batch: speculative_batch.py).
 
 Sequence positions as in the model: `[N_img image tokens | prompt | generated]`; x_j is the token at position j.
 MTP depth k at position i reads h^{k-1}_i (h^0 = decoder output before its final norm) and the embedding of
@@ -31,12 +31,14 @@ Cost (what makes it faster than greedy on a small model, whose output head domin
 - `greedy_tokens` scores the output head as `W @ x.T` with at least two columns (MKL's one-column CPU path is
   2-3x slower); `greedy_generate` uses it too, so the speed-up compares like with like.
 
-Batch size 1 only: rows accept different numbers of drafts, so a batch would need per-row cache lengths and
-ragged position ids in one forward; `generate(..., mtp_speculative=True)` runs the rows one by one. Drafts
-form one chain unless `top_k` > 1 (`config.draft_top_k`): then each depth's next `top_k - 1` candidates are
-siblings of its top-1 draft, verified in the same forward with a tree attention mask; when the chain breaks
-at depth j and the main head's token is a sibling of depth j, that sibling and the main head's token after it
-are accepted (siblings are leaves: deeper drafts follow the top-1 chain only).
+Batch size 1 here: rows accept different numbers of drafts, so a batch needs per-row cache lengths and ragged
+position ids in one forward: `speculative_batch.speculative_generate_batch` does that for prompts of one
+length (chain drafting only), and `generate(..., mtp_speculative=True)` uses it for a batch (with tree
+drafting it runs the rows one by one). Drafts form one chain unless `top_k` > 1 (`config.draft_top_k`): then
+each depth's next `top_k - 1` candidates are siblings of its top-1 draft, verified in the same forward with a
+tree attention mask; when the chain breaks at depth j and the main head's token is a sibling of depth j, that
+sibling and the main head's token after it are accepted (siblings are leaves: deeper drafts follow the top-1
+chain only).
 
 Stats (all counts over verification rounds; the first token always comes from the prefill):
 - `proposed[k-1]`: rounds where d_k was verified *and* d_1..d_{k-1} were all accepted (so d_k could still be
@@ -69,36 +71,15 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
     Returns (tokens [1, T_prompt + n_new], stats): the same tokens as `model.greedy_generate` with the same
     arguments; see the module docstring for the stats.
     """
-    config = model.config
-    depth = config.mtp_depth if depth is None else depth
-    if not 0 <= depth <= config.mtp_depth:
-        raise ValueError(f"depth={depth} must be in [0, mtp_depth={config.mtp_depth}]")
     if pixel_values.dim() != 4 or pixel_values.shape[0] != 1:
         raise ValueError(f"speculative_generate supports batch size 1 only; got pixel_values of shape "
-                         f"{tuple(pixel_values.shape)}: generate the rows one by one")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+                         f"{tuple(pixel_values.shape)}: use speculative_batch.speculative_generate_batch")
+    config = model.config
+    input_ids, depth, eos, draft_ids, draft_head, top_k = _prepare(model, pixel_values, input_ids, max_new_tokens,
+                                                                   eos_token_id, depth, draft_vocab, top_k)
     device = pixel_values.device
-    if input_ids is None:
-        input_ids = torch.zeros(1, 0, dtype=torch.long, device=device)
-    if input_ids.shape[1] > 0:
-        model._check_text(input_ids, None, 1)
-    eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    if isinstance(draft_vocab, str) and draft_vocab == "config":
-        draft_vocab = config.draft_vocab
-    draft_ids, draft_head = _draft_head(model, draft_vocab)
-    top_k = config.draft_top_k if top_k is None else top_k
-    if top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
-    top_k = min(top_k, draft_head.shape[0])
-
-    _, _, image_embeds = model.encode_image(pixel_values)
+    image_embeds, prompt_len, total = _prefix(model, pixel_values, input_ids, max_new_tokens)
     n_img = image_embeds.shape[1]
-    prompt_len = n_img + input_ids.shape[1]
-    total = prompt_len + max_new_tokens  # every position this generation can hold (drafts included)
-    if total > config.max_position_embeddings:
-        raise ValueError(f"{n_img} image + {input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
-                         f"max_position_embeddings={config.max_position_embeddings}")
 
     # Prefill: the decoder over image + prompt; its last position gives the first new token.
     embed = model.decoder.embed_tokens
@@ -182,13 +163,56 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
         tok[:, length + 1:length + 1 + len(emitted)] = embed(torch.tensor([emitted], device=device))
 
     tokens = torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=device)], dim=1)
+    return tokens, _summarize(stats, len(new))
+
+
+def _prepare(model, pixel_values, input_ids, max_new_tokens, eos_token_id, depth, draft_vocab, top_k):
+    """Check the arguments and resolve their defaults (see `speculative_generate`): returns (input_ids,
+    depth, eos, draft ids, draft head, top_k)."""
+    config = model.config
+    depth = config.mtp_depth if depth is None else depth
+    if not 0 <= depth <= config.mtp_depth:
+        raise ValueError(f"depth={depth} must be in [0, mtp_depth={config.mtp_depth}]")
+    if pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values must be [B, C, H, W], got {tuple(pixel_values.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    batch = pixel_values.shape[0]
+    if input_ids is None:
+        input_ids = torch.zeros(batch, 0, dtype=torch.long, device=pixel_values.device)
+    if input_ids.shape[1] > 0:
+        model._check_text(input_ids, None, batch)
+    eos = config.eos_token_id if eos_token_id is None else eos_token_id
+    if isinstance(draft_vocab, str) and draft_vocab == "config":
+        draft_vocab = config.draft_vocab
+    draft_ids, draft_head = _draft_head(model, draft_vocab)
+    top_k = config.draft_top_k if top_k is None else top_k
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    return input_ids, depth, eos, draft_ids, draft_head, min(top_k, draft_head.shape[0])
+
+
+def _prefix(model, pixel_values, input_ids, max_new_tokens):
+    """(image_embeds [B, N_img, d], prompt length N_img + T, total = prompt length + max_new_tokens), checked
+    against `max_position_embeddings`."""
+    _, _, image_embeds = model.encode_image(pixel_values)
+    n_img = image_embeds.shape[1]
+    prompt_len = n_img + input_ids.shape[1]
+    if prompt_len + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"{n_img} image + {input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    return image_embeds, prompt_len, prompt_len + max_new_tokens
+
+
+def _summarize(stats, n_new):
+    """Add the totals and rates of the module docstring to a run's (or a batch row's) `stats`."""
     rounds = len(stats["tokens_per_round"])
-    stats["new_tokens"] = len(new)
+    stats["new_tokens"] = n_new
     stats["verify_forwards"] = rounds
-    stats["tokens_per_forward"] = len(new) / stats["main_forwards"]
-    stats["tau"] = (len(new) - 1) / rounds if rounds else None
+    stats["tokens_per_forward"] = n_new / stats["main_forwards"]
+    stats["tau"] = (n_new - 1) / rounds if rounds else None
     stats["acceptance"] = [a / p if p else None for a, p in zip(stats["accepted"], stats["proposed"], strict=True)]
-    return tokens, stats
+    return stats
 
 
 def greedy_tokens(model, hidden):
