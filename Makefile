@@ -11,7 +11,7 @@ ARGS ?=
 # Environment defaults (Prefect home, telemetry off, ...) are not set here: `mmtp`, the tests' conftest
 # and the bench scripts apply them themselves from distill/env.py, a value already set winning.
 
-.PHONY: help install distill full baseline collect test test-fast lint docs ui bench clean deploy
+.PHONY: help install distill full baseline onpolicy collect test test-fast lint docs ui bench clean deploy
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /  make \1\t/' | expand -t 22
@@ -39,6 +39,10 @@ baseline: $(STAMP)  ## the CE-only baseline student
 # The full three-stage recipe (vision, contrastive, joint) on the default run's data and shards.
 full: $(STAMP)  ## the three-stage recipe (configs/full.yaml)
 	$(VENV)/bin/mmtp pipeline --config configs/default.yaml --config configs/full.yaml $(ARGS)
+
+# On-policy rounds (docs/onpolicy.md) from the student that `make distill` trained.
+onpolicy: $(STAMP)  ## on-policy distillation rounds after make distill
+	$(VENV)/bin/mmtp onpolicy --config $(CONFIG) $(ARGS)
 
 ui: $(STAMP)  ## the MLflow UI on 127.0.0.1:5000
 	$(VENV)/bin/mmtp ui --config $(CONFIG) $(ARGS)

@@ -171,8 +171,8 @@ class BlockShuffleSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.dataset) // self.world
+    def __len__(self) -> int:  # a mixed dataset's order is shorter than its index (data/mix.py)
+        return getattr(self.dataset, "epoch_rows", len(self.dataset)) // self.world
 
     def __iter__(self):
         order = self.dataset.block_order(self.seed, self.epoch)

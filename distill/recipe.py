@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 import student as student_pkg
 from data.dataset import BlockShuffleSampler, DistillDataset, check_manifests
 from data.devices import to_device
+from data.mix import mixed_dataset
 from data.prefetch import Prefetch
 from data.shards import atomic_write_json
 from distill import engine as ds
@@ -64,15 +65,18 @@ class DistillRecipe:
         (the first, or on `train.resume` the one of the newest complete checkpoint)."""
         cfg = self.cfg
         self.rank, self.world = ds.init_distributed()
-        names = [t.name for t in teacher_configs(cfg)]
-        target_dirs = {n: shards_path(cfg, "targets", n) for n in names}
+        # mixed-in shards carry language targets only, so the vision teachers' are not read with them
+        teachers = [cfg.teachers.language] if cfg.train.mix_shards else teacher_configs(cfg)
+        target_dirs = {t.name: shards_path(cfg, "targets", t.name) for t in teachers}
         self.dataset = DistillDataset(shards_path(cfg, "samples"), target_dirs, "train", cfg.student.image_size)
-        lang = self.dataset.language
-        if lang is None:
+        if self.dataset.language is None:
             raise ValueError("training needs a language teacher's shards (teachers.language)")
-        where = {"samples": shards_path(cfg, "samples"), **target_dirs}
+        expected = {t.name: t.weights_digest for t in teachers}
         check_manifests(self.dataset.samples, self.dataset.targets, student_vocab=cfg.student.vocab_size,
-                        expected_digests={t.name: t.weights_digest for t in teacher_configs(cfg)}, where=where)
+                        expected_digests=expected, where={"samples": shards_path(cfg, "samples"), **target_dirs})
+        if cfg.train.mix_shards:
+            self.dataset = mixed_dataset(self.dataset, cfg.train.mix_shards, cfg.train.mix_fraction,
+                                         cfg.student.image_size, cfg.student.vocab_size, expected)
         self.vision = self.dataset.vision if cfg.loss.vision else []
         self.stages = resolve_stages(cfg, bool(self.vision))
         heads = {n: {"summary_dim": len(self.dataset.targets[n]["feature_stats"]["summary_mean"]),
@@ -110,7 +114,9 @@ class DistillRecipe:
         cfg = self.cfg
         self.stage = stage
         torch.manual_seed(cfg.seed)
-        if stage.index == 0:
+        if stage.index == 0 and cfg.train.init_from:
+            model = initial_student(cfg.train.init_from, self.student_config)
+        elif stage.index == 0:
             model = student_pkg.build_student(self.student_config)
         else:
             previous = self.stage_dir(self.stages[stage.index - 1])
@@ -345,6 +351,16 @@ class DistillRecipe:
             summary["mlflow_run_id"] = self.run_ids["train"]
             atomic_write_json(output_path(self.cfg, "train_summary.json"), summary)
         return summary
+
+
+def initial_student(folder: str, config):
+    """`train.init_from`: a saved student whose token space and MTP depth match the ones this run builds."""
+    model = student_pkg.CogViTMTPForDistillation.from_pretrained(str(Path(folder).expanduser()), dtype=torch.float32)
+    for key in ("vocab_size", "mtp_depth"):
+        if getattr(model.config, key) != getattr(config, key):
+            raise ValueError(f"train.init_from={folder}: the student has {key}={getattr(model.config, key)}, this run "
+                             f"builds {getattr(config, key)}")
+    return model
 
 
 @contextlib.contextmanager

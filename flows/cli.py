@@ -3,6 +3,7 @@
     mmtp collect  --config configs/default.yaml key=value ...
     mmtp train    --config configs/default.yaml key=value ...
     mmtp pipeline --config configs/default.yaml key=value ...
+    mmtp onpolicy --config configs/default.yaml key=value ...
     mmtp ui       --config configs/default.yaml
     mmtp deploy   --config configs/default.yaml key=value ... [--cron-collect CRON] [--register-only]
 
@@ -44,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                        ("evaluate", "evaluate a student (evaluate.student=<folder or MLflow run id>) on the test "
                         "split"),
                        ("pipeline", "run every stage: collect, train, evaluate, under one MLflow parent run"),
+                       ("onpolicy", "on-policy distillation rounds (GKD) from the run's trained student: it "
+                        "generates, the teacher scores, training resumes on the mix (docs/onpolicy.md)"),
                        ("ui", "open the MLflow UI on 127.0.0.1 over this project's tracking store"),
                        ("deploy", "register the scheduled Prefect deployments (the config is their default "
                         "parameter) and serve them")]:
@@ -120,6 +123,12 @@ def _pipeline(cfg, args) -> int:
     return 0
 
 
+def _onpolicy(cfg, args) -> int:
+    from flows.onpolicy import run_onpolicy
+    run_onpolicy(cfg)
+    return 0
+
+
 def _ui(cfg, args) -> int:
     from distill.tracking import tracking_uri
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg),
@@ -134,8 +143,8 @@ def _deploy(cfg, args) -> int:
     return 0
 
 
-COMMANDS = {"collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "ui": _ui,
-            "deploy": _deploy}
+COMMANDS = {"collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "onpolicy": _onpolicy,
+            "ui": _ui, "deploy": _deploy}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -35,14 +35,15 @@ from teachers.contract import Modality, check_teacher
 from teachers.registry import load_teacher
 
 
-def _collect_options(cfg, tcfg) -> dict:
+def collect_options(cfg, tcfg) -> dict:
     """Everything besides the teacher itself that changes the bytes of its shards."""
     return {"batch_size": cfg.collect.batch_size, "compression": cfg.collect.compression,
             "top_k": tcfg.top_k, "max_tokens": tcfg.max_tokens, "image_size": tcfg.image_size,
             "dtype": tcfg.dtype}
 
 
-def _teacher(cfg, name: str):
+def collect_teacher(cfg, name: str):
+    """The teacher `name`, checked against its config slot, with its config and its shards' producer digest."""
     tcfg = teacher_config(cfg, name)
     teacher = load_teacher(tcfg, cache_path(cfg, "teachers"))
     slot = Modality.language if cfg.teachers.language is not None and name == cfg.teachers.language.name \
@@ -52,7 +53,7 @@ def _teacher(cfg, name: str):
         where = "teachers.language" if slot == Modality.language else "teachers.vision"
         raise ConfigError(f"config key '{where}' ({name}.kind={tcfg.kind}): a {got.value} "
                           f"teacher, but {where} takes {slot.value} teachers")
-    return tcfg, teacher, digest([teacher.identity(), _collect_options(cfg, tcfg)])
+    return tcfg, teacher, digest([teacher.identity(), collect_options(cfg, tcfg)])
 
 
 @task(name="build-samples")
@@ -64,7 +65,7 @@ def build_samples_task(config: dict) -> dict:
 @task(name="teacher-shard", task_run_name="{teacher_name}/{shard_file}")
 def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict:
     cfg = from_dict(config)
-    tcfg, teacher, producer = _teacher(cfg, teacher_name)
+    tcfg, teacher, producer = collect_teacher(cfg, teacher_name)
     return collect_shard(teacher, shards_path(cfg, "samples", shard_file), shards_path(cfg, "targets", teacher_name),
                          producer_digest=producer, batch_size=cfg.collect.batch_size,
                          compression=cfg.collect.compression, progress=cfg.collect.progress)
@@ -73,9 +74,9 @@ def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict
 @task(name="finalize-targets", task_run_name="{teacher_name}/finalize")
 def finalize_task(config: dict, teacher_name: str, samples: dict, entries: list[dict]) -> dict:
     cfg = from_dict(config)
-    tcfg, teacher, producer = _teacher(cfg, teacher_name)
+    tcfg, teacher, producer = collect_teacher(cfg, teacher_name)
     return finalize_targets(teacher, shards_path(cfg, "targets", teacher_name), samples, entries,
-                            config_digest=producer, collect_options=_collect_options(cfg, tcfg))
+                            config_digest=producer, collect_options=collect_options(cfg, tcfg))
 
 
 @flow(name="collect-soft-targets", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)

@@ -166,7 +166,7 @@ def feature_stats(out_dir: Path, entries: list[dict], chunk: int = 8192) -> dict
 
 
 def finalize_targets(teacher, out_dir: str | Path, samples_manifest: dict, entries: list[dict],
-                     *, config_digest: str, collect_options: dict) -> dict:
+                     *, config_digest: str, collect_options: dict, origin: str | None = None) -> dict:
     """Check every samples shard has its target shard, then write the teacher's manifest, which
     records the teacher's `modality`.
 
@@ -194,6 +194,8 @@ def finalize_targets(teacher, out_dir: str | Path, samples_manifest: dict, entri
             raise ShardError(f"{out_dir / t['file']}: rows do not line up with samples shard {s['file']}; "
                              "delete the target folder and re-run `mmtp collect`")
     extra = {"modality": modality.value, "collect": collect_options}
+    if origin is not None:  # shards of other rows than the collected samples (e.g. on-policy generations)
+        extra["origin"] = origin
     if modality == Modality.language:
         tokens = sum(s["tokens"] for s in shards)
         extra.update(
