@@ -97,7 +97,7 @@ def test_fresh_process_elsewhere_loads_and_generates_the_same_tokens(tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
     for code in ("modeling_cogvit_mtp.py", "configuration_cogvit_mtp.py", "generation.py", "speculative.py",
-                 "lora.py", "processing_cogvit_mtp.py", "image_processing_cogvit_mtp.py"):
+                 "speculative_batch.py", "lora.py", "processing_cogvit_mtp.py", "image_processing_cogvit_mtp.py"):
         assert (folder / code).is_file(), code
     assert saved_image_size(folder) == 28
 
