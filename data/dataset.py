@@ -192,7 +192,9 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
         attention_mask[b, : len(it["input_ids"])] = 1
     batch = {"ids": [it["id"] for it in items], "pixel_values": torch.stack([it["pixel_values"] for it in items]),
              "input_ids": input_ids, "attention_mask": attention_mask,
-             "labels": input_ids.masked_fill(attention_mask == 0, -100),
+             # CE labels: the caption tokens of ground-truth rows (data/mix.py marks generated rows)
+             "labels": input_ids.masked_fill((attention_mask == 0) | torch.tensor(
+                 [[not it.get("ground_truth", True)] for it in items]), -100),
              "label": torch.tensor([-1 if it["label"] is None else it["label"] for it in items])}
     if "lang" in items[0]:
         k = items[0]["lang"]["topk_ids"].shape[1]

@@ -50,7 +50,10 @@ class MixedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         part = next(p for p, end in enumerate(self.offsets) if i < end)
-        return self.base[i] if part == 0 else self.extra[part - 1][i - self.offsets[part - 1]]
+        if part == 0:
+            return self.base[i]
+        # the extra sets' captions are not ground truth (e.g. the student's own tokens): collate drops their CE labels
+        return {**self.extra[part - 1][i - self.offsets[part - 1]], "ground_truth": False}
 
     def block_order(self, seed: int, epoch: int, window: int | None = None) -> list[int]:
         base = self.base.block_order(seed, epoch, window)

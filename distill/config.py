@@ -273,8 +273,13 @@ class OnPolicyConfig:
     mix: float = 0.5  # lambda: the on-policy share of every training window (0: offline shards only, no teacher)
     steps: int = 40  # optimizer steps per round
     lr: float | None = None  # null: train.lr
-    kd_kind: KDKind = KDKind.jsd  # the divergence of the rounds (GKD: JSD or reverse KL on student samples)
-    ce_weight: float = 0.0  # CE on the rows' tokens; 0: on-policy rows are the student's own, not ground truth
+    # The divergence of the rounds (GKD: JSD or reverse KL on student samples). Near agreement JSD is about KL/4,
+    # so next to loss.ce_weight it is outweighed by CE (measured: docs/onpolicy.md)
+    kd_kind: KDKind = KDKind.jsd
+    # null: loss.ce_weight. CE covers the offline rows alone: on-policy rows are the student's own tokens
+    ce_weight: float | None = None
+    # the parts the rounds train; the vision tower and its adaptor heads stay frozen (the rounds have no vision term)
+    trainable: list[Part] = field(default_factory=lambda: [Part.merger, Part.decoder, Part.mtp])
     eval_prompts: int = 64  # test prompts for eval/onpolicy_kl, the teacher's KL on the student's generations
 
 

@@ -56,7 +56,7 @@ def check(cfg: DictConfig) -> None:
                           "loss.vision=false")
     if not 0.0 <= cfg.train.mix_fraction < 1.0 or not 0.0 <= cfg.onpolicy.mix < 1.0:
         raise ConfigError("config keys 'train.mix_fraction' and 'onpolicy.mix' must be in [0, 1)")
-    if not 0.0 <= cfg.onpolicy.ce_weight <= 1.0:
+    if cfg.onpolicy.ce_weight is not None and not 0.0 <= cfg.onpolicy.ce_weight <= 1.0:
         raise ConfigError(f"config key 'onpolicy.ce_weight': must be in [0, 1], got {cfg.onpolicy.ce_weight}")
     if cfg.onpolicy.temperature <= 0 or cfg.onpolicy.prompt_tokens < 1 or cfg.onpolicy.max_new_tokens < 1:
         raise ConfigError("config keys 'onpolicy.temperature', 'onpolicy.prompt_tokens', 'onpolicy.max_new_tokens' "

@@ -55,8 +55,9 @@ def continue_captions(model, rows: list[dict], tokenizer, *, image_size: int, ma
         batch = rows[lo:lo + batch_size]
         prompt = torch.tensor([r["prompt"] for r in batch], device=device)
         pixels = torch.stack([image_tensor(r["image"], image_size) for r in batch]).to(device)
-        out = model.generate(prompt, pixel_values=pixels, do_sample=True, temperature=temperature, top_k=0,
-                             top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels, do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos_id, pad_token_id=eos_id)
         for row in out.tolist():
             new = row[prompt.shape[1]:]
             new = new[: new.index(eos_id)] if eos_id in new else new
@@ -142,14 +143,16 @@ def onpolicy_kl(student_dir: Path, folder: Path, language: str, prompt_tokens: i
 
 def round_config(cfg, round_dir: Path, init_from: Path, mix_dir: Path | None):
     """The config of one round's training and evaluation: the run's config with the round's output folder, the
-    previous student as the start, the language term alone (onpolicy.kd_kind, onpolicy.ce_weight) and the
-    continuations mixed in at onpolicy.mix."""
+    previous student as the start, one stage `onpolicy` with the language term alone (onpolicy.kd_kind,
+    onpolicy.ce_weight) training onpolicy.trainable, and the continuations mixed in at onpolicy.mix."""
     op = cfg.onpolicy
+    stage = {"name": ORIGIN, "steps": op.steps, "losses": ["language"], "trainable": [p.value for p in op.trainable],
+             "lr": op.lr or cfg.train.lr, "warmup_steps": min(cfg.train.warmup_steps, op.steps // 4)}
     round_cfg = OmegaConf.merge(from_dict(to_container(cfg)), {
         "output_dir": str(round_dir), "shards_dir": str(shards_path(cfg)),
-        "loss": {"kd_kind": op.kd_kind, "ce_weight": op.ce_weight, "vision": False, "contrastive": False},
-        "train": {"stages": [], "max_steps": op.steps, "lr": op.lr or cfg.train.lr, "resume": True,
-                  "init_from": str(init_from), "mix_shards": [str(mix_dir)] if mix_dir else [],
-                  "mix_fraction": op.mix, "warmup_steps": min(cfg.train.warmup_steps, op.steps // 4)},
+        "loss": {"kd_kind": op.kd_kind, "ce_weight": cfg.loss.ce_weight if op.ce_weight is None else op.ce_weight,
+                 "vision": False, "contrastive": False},
+        "train": {"stages": [stage], "max_steps": None, "resume": True, "init_from": str(init_from),
+                  "mix_shards": [str(mix_dir)] if mix_dir else [], "mix_fraction": op.mix},
         "evaluate": {"student": None, "baseline": None}})
     return round_cfg

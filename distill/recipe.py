@@ -34,7 +34,7 @@ from distill import engine as ds
 from distill.balance import distributed_mean, gradnorm_ratios
 from distill.config import load_config, output_path, shards_path, teacher_configs
 from distill.objective import DistillObjective, standardize_batch, standardizers, term_metric
-from distill.stages import CONTRASTIVE, LANGUAGE, VISION, Stage, freeze_for, resolve_stages
+from distill.stages import CONTRASTIVE, LANGUAGE, VISION, Stage, freeze_for, resolve_stages, stage_student
 from distill.student_vocab import student_vocab
 
 log = logging.getLogger(__name__)
@@ -114,19 +114,16 @@ class DistillRecipe:
         cfg = self.cfg
         self.stage = stage
         torch.manual_seed(cfg.seed)
-        if stage.index == 0 and cfg.train.init_from:
-            model = initial_student(cfg.train.init_from, self.student_config)
-        elif stage.index == 0:
-            model = student_pkg.build_student(self.student_config)
-        else:
-            previous = self.stage_dir(self.stages[stage.index - 1])
-            model = student_pkg.CogViTMTPForDistillation.from_pretrained(str(previous), dtype=torch.float32)
+        previous = self.stage_dir(self.stages[stage.index - 1]) if stage.index else cfg.train.init_from
+        model = stage_student(self.student_config, previous)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.trainable = freeze_for(model, stage)
         self.objective = DistillObjective(model, cfg.loss, self.vision if VISION in stage.terms else [],
                                           use_language=LANGUAGE in stage.terms,
                                           use_contrastive=CONTRASTIVE in stage.terms)
+        # gradient norms are read on the vision tower: with the tower frozen no term reaches it (nothing to balance)
+        self.objective.measure = "vision" in self.trainable
         self.sampler = BlockShuffleSampler(self.dataset, cfg.seed + stage.index, self.rank, self.world)
         self.micro_batch_size = stage.micro_batch_size
         if len(self.sampler) // (self.micro_batch_size * cfg.train.grad_accum) == 0:
@@ -351,16 +348,6 @@ class DistillRecipe:
             summary["mlflow_run_id"] = self.run_ids["train"]
             atomic_write_json(output_path(self.cfg, "train_summary.json"), summary)
         return summary
-
-
-def initial_student(folder: str, config):
-    """`train.init_from`: a saved student whose token space and MTP depth match the ones this run builds."""
-    model = student_pkg.CogViTMTPForDistillation.from_pretrained(str(Path(folder).expanduser()), dtype=torch.float32)
-    for key in ("vocab_size", "mtp_depth"):
-        if getattr(model.config, key) != getattr(config, key):
-            raise ValueError(f"train.init_from={folder}: the student has {key}={getattr(model.config, key)}, this run "
-                             f"builds {getattr(config, key)}")
-    return model
 
 
 @contextlib.contextmanager

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -104,3 +106,17 @@ def freeze_for(student: nn.Module, stage: Stage) -> dict[str, int]:
         elif p.requires_grad:
             counts[part] = counts.get(part, 0) + p.numel()
     return counts
+
+
+def stage_student(config, previous: str | Path | None) -> nn.Module:
+    """A stage's starting student: a new one built from `config`, or the saved student in `previous` (the last
+    stage's export, or `train.init_from` for the first stage), whose token space and MTP depth must match."""
+    import student
+    if previous is None:
+        return student.build_student(config)
+    model = student.CogViTMTPForDistillation.from_pretrained(str(Path(previous).expanduser()), dtype=torch.float32)
+    for key in ("vocab_size", "mtp_depth"):
+        if getattr(model.config, key) != getattr(config, key):
+            raise ValueError(f"{previous}: the student has {key}={getattr(model.config, key)}, this run builds "
+                             f"{getattr(config, key)} (train.init_from or a stage export)")
+    return model

@@ -19,7 +19,7 @@ class Rows:
 
     def __getitem__(self, i):
         assert 0 <= i < self.n
-        return (self.tag, i)
+        return {"tag": self.tag, "i": i}
 
     def block_order(self, seed, epoch, window=None):
         import numpy as np
@@ -31,11 +31,11 @@ def test_every_window_holds_the_fraction(fraction):
     mix = MixedDataset(Rows(200, "base"), [Rows(30, "a"), Rows(7, "b")], fraction)
     order = mix.block_order(seed=1, epoch=0)
     assert len(order) == mix.epoch_rows == 200
-    tags = [mix[i][0] for i in order]
+    tags = [mix[i]["tag"] for i in order]
     for lo in range(0, 200 - 16, 16):
         extra = sum(t != "base" for t in tags[lo:lo + 16])
         assert abs(extra - 16 * fraction) <= 1
-    base_rows = [mix[i] for i in order if mix[i][0] == "base"]
+    base_rows = [mix[i]["i"] for i in order if mix[i]["tag"] == "base"]
     assert len(set(base_rows)) == len(base_rows)  # offline rows are not repeated within an epoch
     assert {t for t in tags} == {"base", "a", "b"}  # both extra sets are read
     assert mix.block_order(seed=1, epoch=0) == order and mix.block_order(seed=1, epoch=1) != order
@@ -48,7 +48,8 @@ def test_zero_fraction_is_the_base_order():
 
 def test_base_attributes_pass_through():
     mix = MixedDataset(Rows(5, "base"), [Rows(3, "a")], 0.5)
-    assert mix.language == "t" and mix.samples_dir == "base" and len(mix) == 8 and mix[6] == ("a", 1)
+    assert mix.language == "t" and mix.samples_dir == "base" and len(mix) == 8
+    assert mix[6] == {"tag": "a", "i": 1, "ground_truth": False} and mix[4] == {"tag": "base", "i": 4}
 
 
 def test_mixes_of_other_teachers_are_refused():
@@ -58,3 +59,15 @@ def test_mixes_of_other_teachers_are_refused():
         MixedDataset(Rows(5, "base"), [Rows(3, "a", teacher="u")], 0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         MixedDataset(Rows(5, "base"), [], 1.0)
+
+
+def test_generated_rows_carry_no_ce_labels():
+    """collate drops the CE labels of rows marked not ground truth (the student's own tokens); KD stays."""
+    import torch
+
+    from data.dataset import collate
+    items = [{"id": str(b), "input_ids": torch.tensor([1, 5, 6, 2]), "pixel_values": torch.zeros(3, 4, 4),
+              "label": None, "vision": {}} for b in range(2)]
+    items[1]["ground_truth"] = False
+    labels = collate(items)["labels"]
+    assert labels[0].tolist() == [1, 5, 6, 2] and (labels[1] == -100).all()
