@@ -21,6 +21,17 @@ def silence(model):
         m.norm.weight.zero_()
 
 
+@torch.no_grad()
+def never_accepting(depth, seed=2):
+    """Zero MTP output norms: every draft is token 0. Token 0's embedding (= lm_head row, tied) is zero, so its
+    main-head logit is exactly 0 while some other token scores above 0: the main head never picks it."""
+    model = tiny(depth, seed=seed)
+    model.decoder.embed_tokens.weight[0].zero_()
+    for m in model.mtp:
+        m.norm.weight.zero_()
+    return model
+
+
 def cases(n, vocab, seed, low=0):
     """n (pixel_values [1, 3, H, W], prompt ids [1, T] or None) with varied image sizes and prompt lengths."""
     g = torch.Generator().manual_seed(seed)
@@ -130,13 +141,7 @@ def test_forced_all_accept(depth):
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_forced_all_reject(depth):
-    # Zero MTP output norms: every draft is token 0. Token 0's embedding (= lm_head row, tied) is zero, so its
-    # main-head logit is exactly 0 while some other token scores above 0: the main head never picks it.
-    model = tiny(depth, seed=2)
-    with torch.no_grad():
-        model.decoder.embed_tokens.weight[0].zero_()
-        for m in model.mtp:
-            m.norm.weight.zero_()
+    model = never_accepting(depth)
     for pixels, ids in cases(4, 256, seed=7, low=1):
         tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=9)
         expected = greedy(model, pixels, ids, 9)

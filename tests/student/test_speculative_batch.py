@@ -3,7 +3,7 @@ while the rows accept different numbers of drafts in the same forwards."""
 
 import pytest
 import torch
-from test_speculative import silence, tiny
+from test_speculative import never_accepting, silence, tiny
 
 from student import speculative_generate
 from student.speculative_batch import speculative_generate_batch
@@ -103,12 +103,7 @@ def test_forced_all_accept(depth):
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_forced_all_reject(depth):
-    # Every draft is token 0, whose zero embedding (= lm_head row) the main head never picks.
-    model = tiny(depth, seed=2)
-    with torch.no_grad():
-        model.decoder.embed_tokens.weight[0].zero_()
-        for m in model.mtp:
-            m.norm.weight.zero_()
+    model = never_accepting(depth)  # every draft is token 0, which the main head never picks
     pixels, ids = batch_case(4, 256, 7, 3, low=1)
     stats = check(model, pixels, ids, 9)
     assert stats["main_forwards"] == 9 and stats["tokens_per_forward"] == 1.0
