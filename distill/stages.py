@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import student
+
 log = logging.getLogger(__name__)
 
 LANGUAGE, VISION, CONTRASTIVE = "language", "vision", "contrastive"
@@ -111,7 +113,6 @@ def freeze_for(student: nn.Module, stage: Stage) -> dict[str, int]:
 def stage_student(config, previous: str | Path | None) -> nn.Module:
     """A stage's starting student: a new one built from `config`, or the saved student in `previous` (the last
     stage's export, or `train.init_from` for the first stage), whose token space and MTP depth must match."""
-    import student
     if previous is None:
         return student.build_student(config)
     model = student.CogViTMTPForDistillation.from_pretrained(str(Path(previous).expanduser()), dtype=torch.float32)

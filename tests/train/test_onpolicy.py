@@ -53,8 +53,6 @@ def test_two_rounds_generate_score_train_and_track(tiny_collected, tmp_path):
         m = result["metrics"]
         assert np.isfinite(m["eval/onpolicy_kl"]) and m["eval/onpolicy_kl"] >= 0 and m["eval/onpolicy_positions"] > 0
         assert "eval/kl/main" in m
-    # round 2 generated with round 1's student: different texts from the same prompts' seeds differ anyway, so
-    # check the recorded student digest instead
     # the rounds train onpolicy.trainable (merger, decoder, MTP): the vision tower and its heads stay as they were
     from safetensors.torch import load_file
 
@@ -63,6 +61,8 @@ def test_two_rounds_generate_score_train_and_track(tiny_collected, tmp_path):
     after = load_file(root / "round-1" / "student" / "model.safetensors")
     changed = {part_of(k) for k in before if not before[k].equal(after[k])}
     assert "decoder" in changed and not changed & {"vision", "heads"}
+    # round 2 generated with round 1's student: different texts from the same prompts' seeds differ anyway, so
+    # check the recorded student digest instead
     spec1 = load_manifest(root / "round-1" / "samples")["config"]["student_sha256"]
     spec2 = load_manifest(root / "round-2" / "samples")["config"]["student_sha256"]
     assert spec1 != spec2
