@@ -178,6 +178,7 @@ class Term(str, Enum):
     language = "language"  # CE + sparse KD on the main head and every MTP depth (clean image)
     vision = "vision"  # one term per vision teacher: masked-image feature distillation
     contrastive = "contrastive"  # SigLIP sigmoid loss: image summary token vs pooled caption embedding
+    drafter = "drafter"  # MTP modules learn the frozen main head's greedy tokens (faster speculative decoding)
 
 
 class Part(str, Enum):

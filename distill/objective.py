@@ -8,7 +8,8 @@ Terms balanced against each other (a training stage switches each on or off): `l
 mixed with sparse KD on the main head and the MTP depths, on the clean image), one term per vision
 teacher (cosine + smooth-L1 on standardised features, on the masked view) and `contrastive`
 (SigLIP's sigmoid loss between the clean image's `image` summary token and the caption pooled by
-the decoder). The shared trunk is the student's vision tower: the only part that every term trains.
+the decoder). `drafter` (distill/drafters.py: the MTP modules learn the frozen main head's greedy tokens)
+runs in a stage of its own. The shared trunk is the student's vision tower: the only part that every term trains.
 `taps` measures each term's gradient on it during the training backward (see distill.balance.TrunkTaps).
 """
 
@@ -22,8 +23,9 @@ from torch import nn
 
 from distill.balance import TrunkTaps, build_balancer
 from distill.chunked import chunked_language_loss
+from distill.drafters import drafter_loss
 from distill.losses import LanguageDistillLoss, same_caption, siglip_loss, vision_kd_loss
-from distill.stages import CONTRASTIVE, LANGUAGE
+from distill.stages import CONTRASTIVE, DRAFTER, LANGUAGE
 from distill.standardize import FeatureStandardizer
 
 
@@ -67,7 +69,7 @@ def balancer_options(loss_cfg) -> dict:
 
 class DistillObjective(nn.Module):
     def __init__(self, student: nn.Module, loss_cfg, vision: list[str], use_language: bool,
-                 use_contrastive: bool = False):
+                 use_contrastive: bool = False, use_drafter: bool = False):
         super().__init__()
         self.student = student
         depth = student.config.mtp_depth
@@ -75,9 +77,10 @@ class DistillObjective(nn.Module):
                                             alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth,
                                             uld_weight=loss_cfg.uld_weight)
         self.chunk_size = loss_cfg.chunk_size  # > 0: distill/chunked.py, no full-vocab logits
-        self.use_language, self.use_contrastive = use_language, use_contrastive
+        self.use_language, self.use_contrastive, self.use_drafter = use_language, use_contrastive, use_drafter
         self.vision = list(vision)
-        self.terms = ([LANGUAGE] if use_language else []) + list(vision) + ([CONTRASTIVE] if use_contrastive else [])
+        self.terms = (([LANGUAGE] if use_language else []) + list(vision) + ([CONTRASTIVE] if use_contrastive else [])
+                      + ([DRAFTER] if use_drafter else []))
         strategy = getattr(loss_cfg.balance, "value", loss_cfg.balance)
         self.balancer = build_balancer(strategy, self.terms, **balancer_options(loss_cfg))
         self.masked_patch_weight = loss_cfg.masked_patch_weight
@@ -88,13 +91,14 @@ class DistillObjective(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and the figures to log (detached tensors): raw losses, their parts, weights."""
         dtype = next(self.student.parameters()).dtype
-        text = self.use_language or self.use_contrastive
+        decoder = self.use_language or self.use_drafter
         chunked = self.use_language and self.chunk_size > 0
         out = self.student(pixel_values=batch["pixel_values"].to(dtype),
-                           input_ids=batch["input_ids"] if text else None,
+                           input_ids=batch["input_ids"] if decoder or self.use_contrastive else None,
                            attention_mask=batch["attention_mask"], text_logits_only=True,
                            branch_hook=self.taps if self.training and self.measure else None,
-                           language=self.use_language, contrastive=self.use_contrastive, head_states=chunked)
+                           language=decoder, contrastive=self.use_contrastive,
+                           head_states=chunked or self.use_drafter)
         losses, logs = {}, {}
         if chunked:
             parts = chunked_language_loss(self.language, out.head_states, self.student.get_output_embeddings().weight,
@@ -119,6 +123,11 @@ class DistillObjective(nn.Module):
             losses[CONTRASTIVE] = parts.pop("loss")
             logs["contrastive/accuracy"] = parts["accuracy"]
             logs["contrastive/logit_scale"] = head.logit_scale.detach().exp().squeeze()
+        if self.use_drafter:
+            parts = drafter_loss(out.head_states, self.student.get_output_embeddings().weight,
+                                 batch["attention_mask"], self.student.config.draft_vocab)
+            losses[DRAFTER] = parts.pop("loss")
+            logs.update(parts)
         total, weights = self.balancer(losses)
         self._graph_terms = [t for t, v in losses.items() if v.requires_grad and self.measure]
         for k, v in losses.items():
@@ -141,4 +150,4 @@ class DistillObjective(nn.Module):
 
 def term_metric(term: str) -> str:
     """The MLflow name of a balanced term's raw loss."""
-    return f"loss/{term}" if term in (LANGUAGE, CONTRASTIVE) else f"loss/vision/{term}"
+    return f"loss/{term}" if term in (LANGUAGE, CONTRASTIVE, DRAFTER) else f"loss/vision/{term}"

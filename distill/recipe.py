@@ -34,7 +34,7 @@ from distill import engine as ds
 from distill.balance import distributed_mean, gradnorm_ratios
 from distill.config import load_config, output_path, shards_path, teacher_configs
 from distill.objective import DistillObjective, standardize_batch, standardizers, term_metric
-from distill.stages import CONTRASTIVE, LANGUAGE, VISION, Stage, freeze_for, resolve_stages, stage_student
+from distill.stages import CONTRASTIVE, DRAFTER, LANGUAGE, VISION, Stage, freeze_for, resolve_stages, stage_student
 from distill.student_vocab import student_vocab
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,8 @@ class DistillRecipe:
         self.trainable = freeze_for(model, stage)
         self.objective = DistillObjective(model, cfg.loss, self.vision if VISION in stage.terms else [],
                                           use_language=LANGUAGE in stage.terms,
-                                          use_contrastive=CONTRASTIVE in stage.terms)
+                                          use_contrastive=CONTRASTIVE in stage.terms,
+                                          use_drafter=DRAFTER in stage.terms)
         # gradient norms are read on the vision tower: with the tower frozen no term reaches it (nothing to balance)
         self.objective.measure = "vision" in self.trainable
         self.sampler = BlockShuffleSampler(self.dataset, cfg.seed + stage.index, self.rank, self.world)

@@ -21,7 +21,8 @@ import student
 
 log = logging.getLogger(__name__)
 
-LANGUAGE, VISION, CONTRASTIVE = "language", "vision", "contrastive"
+LANGUAGE, VISION, CONTRASTIVE, DRAFTER = "language", "vision", "contrastive", "drafter"
+TERMS = (LANGUAGE, VISION, CONTRASTIVE, DRAFTER)
 DEFAULT_STEPS = 100  # the single `joint` stage's, when neither train.stages nor train.max_steps is set
 # Parameter groups of the student, by name prefix. Every parameter belongs to exactly one.
 PARTS = {"vision": ("vision.",), "heads": ("teacher_heads.",), "merger": ("merger.",),
@@ -30,7 +31,7 @@ PARTS = {"vision": ("vision.",), "heads": ("teacher_heads.",), "merger": ("merge
 # The parts each loss term sends gradient to: a part no active term reaches is frozen, whatever the
 # stage asks, so no optimizer holds parameters that never get a gradient.
 REACHES = {LANGUAGE: {"vision", "merger", "decoder", "mtp"}, VISION: {"vision", "heads"},
-           CONTRASTIVE: {"vision", "decoder", "contrastive"}}
+           CONTRASTIVE: {"vision", "decoder", "contrastive"}, DRAFTER: {"mtp"}}
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Stage:
     index: int
     start: int  # global optimizer steps done before this stage
     steps: int
-    terms: tuple[str, ...]  # of LANGUAGE, VISION, CONTRASTIVE
+    terms: tuple[str, ...]  # of TERMS
     parts: tuple[str, ...]  # trained parameter groups
     lr: float
     micro_batch_size: int
@@ -62,7 +63,7 @@ def resolve_stages(cfg, has_vision_teachers: bool) -> list[Stage]:
                                 "trainable": ["all"], "lr": None, "micro_batch_size": None,
                                 "warmup_steps": None}]
     allowed = {LANGUAGE: cfg.loss.language, VISION: cfg.loss.vision and has_vision_teachers,
-               CONTRASTIVE: cfg.loss.contrastive}
+               CONTRASTIVE: cfg.loss.contrastive, DRAFTER: True}
     stages, start = [], 0
     cap = tr.max_steps if tr.stages and tr.max_steps is not None else math.inf
     for s in raw:
@@ -70,7 +71,11 @@ def resolve_stages(cfg, has_vision_teachers: bool) -> list[Stage]:
             log.info("stage %s dropped: train.max_steps=%d is reached before it", s["name"], cap)
             continue
         wanted = {_value(x) for x in s["losses"]}
-        terms = tuple(t for t in (LANGUAGE, VISION, CONTRASTIVE) if t in wanted and allowed[t])
+        terms = tuple(t for t in TERMS if t in wanted and allowed[t])
+        if DRAFTER in terms and len(terms) > 1:  # its targets are the main head's: they must not move under it
+            raise ValueError(f"stage {s['name']}: the drafter term trains the MTP modules on the frozen main "
+                             f"head's tokens and runs alone; move {[t for t in terms if t != DRAFTER]} to another "
+                             "stage")
         if not terms:
             log.info("stage %s has no loss term left on (loss.* flags): skipped", s["name"])
             continue

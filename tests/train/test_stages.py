@@ -145,3 +145,24 @@ def test_the_student_drafts_from_the_training_captions_vocabulary(train_cfg):
     config = student.CogViTMTPConfig.from_pretrained(r.summary["student_dir"])
     train_ids = {int(t) for i in range(len(r.dataset)) for t in r.dataset[i]["input_ids"]}
     assert config.draft_vocab == sorted(train_ids) and len(train_ids) < config.vocab_size
+
+
+@pytest.mark.slow
+def test_a_drafter_stage_trains_the_mtp_modules_alone_on_the_main_heads_tokens(train_cfg):
+    stages = ("train.stages=[{name: joint, steps: 2, losses: [language]},"
+              " {name: drafters, steps: 8, losses: [drafter], trainable: [all], lr: 1.0e-2, warmup_steps: 0}]")
+    r = run(train_cfg(stages, "train.checkpoint_every=10"))
+    # `all`, less what the stage's terms can't reach
+    assert [s.parts for s in r.stages] == [("vision", "merger", "decoder", "mtp"), ("mtp",)]
+    drafts = [h for h in r.history if h["stage"] == "drafters"]
+    assert {"loss/drafter", "drafter/match1", "drafter/covered1", "drafter/match2"} <= set(drafts[0])
+    assert "loss/language" not in drafts[0]
+    assert drafts[-1]["loss/drafter"] < drafts[0]["loss/drafter"]  # the drafters learn the main head's tokens
+    out = Path(r.cfg.output_dir)
+    joint, final = out / "stages" / "joint", out / "student"
+    for frozen in ("vision.", "merger.", "decoder.", "teacher_heads."):
+        assert same(weights(joint, frozen), weights(final, frozen)), frozen
+    assert not same(weights(joint, "mtp."), weights(final, "mtp."))
+    with pytest.raises(ValueError, match="drafter term .* runs alone"):
+        resolve_stages(load_config("configs/tiny.yaml", ["train.stages=[{name: both, losses: [language, drafter]}]"]),
+                       True)

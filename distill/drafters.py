@@ -1,0 +1,63 @@
+"""Drafter self-distillation: the MTP modules learn to predict the student's own greedy tokens.
+
+Self-speculative decoding accepts a draft only when it equals the main head's greedy token, so what a
+drafter should predict is the main head, not the ground-truth caption (Medusa-2 and EAGLE train their
+drafters on the target model's outputs for the same reason). With the main model frozen, MTP depth k at
+caption position t is taught the main head's argmax at position t + k (both predict caption token
+t + k + 1), teacher-forced on the training captions: one forward, no generation, no teacher.
+
+The drafts of speculative decoding choose from `config.draft_vocab` (the training captions' token ids)
+when the student has one, so the drafter scores only those rows of the shared output head, and a
+position whose greedy token lies outside it (which no draft could match) is left out and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def drafter_loss(states: Sequence[Tensor], weight: Tensor, attention_mask: Tensor,
+                 draft_vocab: Sequence[int] | None = None) -> dict[str, Tensor]:
+    """`states` = (main, MTP depth 1..D) post-norm head inputs [B, T, d] at the caption positions (entry t
+    aligned with `input_ids[:, t]`, as `forward(..., text_logits_only=True, head_states=True)` gives them);
+    `weight` [V, d] the shared output head; `attention_mask` [B, T] (right padding).
+
+    Returns `loss` (mean over depths of the CE of each depth's draft logits against the main head's greedy
+    token k positions on) and, per depth k, `drafter/match{k}` (the share of positions whose draft already
+    equals that token: the acceptance a round would see if depths 1..k-1 were right) and
+    `drafter/covered{k}` (the share of positions whose greedy token is in the draft vocabulary).
+    Only the MTP states get a gradient; the main head's tokens are targets."""
+    main, *mtp = states
+    if not mtp:
+        raise ValueError("drafter_loss needs MTP states: the student has mtp_depth = 0")
+    mask = attention_mask.bool()
+    # a position whose input is the caption's last token predicts past its end: no greedy step goes there
+    mask = mask & F.pad(mask[:, 1:], (0, 1), value=False)
+    with torch.no_grad():
+        greedy = (main.detach() @ weight.detach().T).argmax(-1)  # [B, T]: the main head's token after t
+    rows = weight
+    if draft_vocab is not None:
+        ids = torch.as_tensor(list(draft_vocab), dtype=torch.long, device=weight.device)
+        rows = weight[ids]
+        index = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        index[ids] = torch.arange(len(ids), device=weight.device)
+        greedy = index[greedy]  # -1: outside the draft vocabulary
+    out, losses = {}, []
+    for k, state in enumerate(mtp, 1):
+        target, valid = greedy[:, k:], mask[:, k:]
+        covered = valid & (target >= 0)
+        logits = state[:, : state.shape[1] - k] @ rows.T
+        picked = logits[covered]
+        if picked.numel():
+            losses.append(F.cross_entropy(picked, target[covered]))
+            out[f"drafter/match{k}"] = (picked.argmax(-1) == target[covered]).float().mean().detach()
+        else:  # nothing to learn at this depth in this batch: a zero that keeps the graph
+            losses.append(logits.sum() * 0.0)
+            out[f"drafter/match{k}"] = logits.new_zeros(())
+        out[f"drafter/covered{k}"] = (covered.sum() / valid.sum().clamp_min(1)).float().detach()
+    out["loss"] = torch.stack(losses).mean()
+    return out

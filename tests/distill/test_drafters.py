@@ -1,0 +1,58 @@
+"""Drafter self-distillation: MTP depth k learns the main head's greedy token k positions on."""
+
+import pytest
+import torch
+
+from distill.drafters import drafter_loss
+
+
+def heads(b=2, t=6, d=8, v=11, depth=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=g)
+    states = [torch.randn(b, t, d, generator=g, requires_grad=True) for _ in range(depth + 1)]
+    return states, weight
+
+
+def test_targets_are_the_main_heads_greedy_tokens_k_positions_on():
+    states, weight = heads()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # row 1 has 4 tokens
+    # drafters that copy the main head's state k positions on draft exactly its greedy tokens
+    perfect = [states[0]] + [torch.cat([states[0][:, k:], states[0][:, :k]], 1).detach().requires_grad_()
+                             for k in (1, 2)]
+    out = drafter_loss(perfect, weight, mask)
+    assert out["drafter/match1"] == 1 and out["drafter/match2"] == 1
+    worse = drafter_loss(states, weight, mask)
+    assert worse["loss"] > out["loss"] and worse["drafter/match1"] < 1
+    # only the drafters' states get a gradient; the main head's tokens are fixed targets
+    worse["loss"].backward()
+    assert states[0].grad is None and states[1].grad.abs().sum() > 0
+    # a padded position or one past a caption's last token is never a target: changing it changes nothing
+    states2 = [s.detach().clone() for s in states]
+    states2[1][1, 3:] = 100.0  # row 1: position 3 predicts past the caption's end, 4 and 5 are padding
+    states2[2][1, 2:] = 100.0
+    assert torch.allclose(drafter_loss(states2, weight, mask)["loss"], worse["loss"])
+
+
+def test_a_draft_vocabulary_scores_its_rows_only_and_skips_targets_outside_it():
+    states, weight = heads()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    greedy = (states[0] @ weight.T).argmax(-1)
+    vocab = sorted({int(x) for x in greedy[:, 1:5].reshape(-1)})  # the targets of depth 1 (row ends excluded)
+    out = drafter_loss(states, weight, mask, vocab)
+    assert out["drafter/covered1"] == 1
+    # depth 2's targets are greedy[:, 2:5]: all in the vocabulary too
+    missing = [i for i in range(weight.shape[0]) if i not in vocab][:3]
+    narrow = drafter_loss(states, weight, mask, [vocab[0], *missing])
+    assert 0 <= narrow["drafter/covered1"] < 1
+    # reference: depth k at t < 5 - k (t + k is not the last position) against greedy[t + k], over the draft rows
+    rows, index = weight[vocab], torch.tensor([vocab.index(int(x)) if int(x) in vocab else -1 for x in range(11)])
+    ce = [torch.nn.functional.cross_entropy((states[k][:, :5 - k] @ rows.T).reshape(-1, len(vocab)),
+                                            index[greedy[:, k:5]].reshape(-1)) for k in (1, 2)]
+    assert torch.allclose(out["loss"], (ce[0] + ce[1]) / 2, atol=1e-6)
+
+
+def test_a_student_without_mtp_depths_is_refused():
+    states, weight = heads(depth=0)
+    with pytest.raises(ValueError, match="mtp_depth = 0"):
+        drafter_loss(states, weight, torch.ones(2, 6))
