@@ -161,6 +161,8 @@ class LossConfig:
     # > 0: the language loss from the heads' hidden states, this many positions' full-vocabulary logits at a
     # time (distill/chunked.py; docs/losses.md, "Chunked head"; configs/default.yaml: 32); 0: all dense at once
     chunk_size: int = 0
+    # the drafter term: the captions' first 1..N tokens prompt the student's greedy captions it learns from
+    drafter_prompt_tokens: int = 3
     language: bool = True  # false: no language term at all (vision-only)
     vision: bool = True  # false: ignore the vision teachers (a CE-only baseline sets this and ce_weight=1)
     contrastive: bool = True  # false: drop the contrastive term from every stage (the CE-only baseline)

@@ -42,6 +42,9 @@ def check(cfg: DictConfig) -> None:
         check_device_name(cfg.evaluate.device)
     except ValueError as e:
         raise ConfigError(f"config key 'evaluate.device': {e}") from None
+    if cfg.loss.drafter_prompt_tokens < 1:
+        raise ConfigError("config key 'loss.drafter_prompt_tokens': must be >= 1, got "
+                          f"{cfg.loss.drafter_prompt_tokens}")
     if cfg.loss.chunk_size < 0:
         raise ConfigError(f"config key 'loss.chunk_size': must be >= 0 (0 = off), got {cfg.loss.chunk_size}")
     s = cfg.student

@@ -3,8 +3,10 @@
 Self-speculative decoding accepts a draft only when it equals the main head's greedy token, so what a
 drafter should predict is the main head, not the ground-truth caption (Medusa-2 and EAGLE train their
 drafters on the target model's outputs for the same reason). With the main model frozen, MTP depth k at
-caption position t is taught the main head's argmax at position t + k (both predict caption token
-t + k + 1), teacher-forced on the training captions: one forward, no generation, no teacher.
+position t is taught the main head's argmax at position t + k (both predict token t + k + 1), over the
+student's own greedy captions: each training caption's first 1..N tokens (N = `loss.drafter_prompt_tokens`)
+prompt a greedy continuation, so the drafters learn the prefixes they will see at decoding time (a student
+that continues "a" with ", the digit ..." is off the training captions after one token). No teacher runs.
 
 The drafts of speculative decoding choose from `config.draft_vocab` (the training captions' token ids)
 when the student has one, so the drafter scores only those rows of the shared output head, and a
@@ -18,6 +20,29 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+@torch.no_grad()
+def greedy_captions(model, pixel_values: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                    max_prompt_tokens: int) -> tuple[Tensor, Tensor]:
+    """The model's greedy continuations of the captions' first p tokens, p drawn from 1..`max_prompt_tokens`
+    (torch's RNG; capped at the shortest caption less one token), as (input_ids [B, p + n], attention_mask):
+    right-padded with eos after each row's first eos, the captions' own ids for the prompt. At most as many new
+    tokens as the batch's longest caption."""
+    shortest = int(attention_mask.sum(1).min())
+    p = min(int(torch.randint(1, max_prompt_tokens + 1, ())), max(shortest - 1, 1))
+    eos = model.config.eos_token_id
+    training = model.training
+    model.eval()
+    try:
+        ids = model.greedy_generate(pixel_values, input_ids[:, :p], input_ids.shape[1], eos_token_id=eos)
+    finally:
+        model.train(training)
+    mask = torch.ones_like(ids)
+    if eos is not None:  # keep up to each row's first generated eos
+        ended = (ids[:, p:] == eos).long()
+        mask[:, p:] = (ended.cumsum(1) - ended) == 0
+    return ids, mask
 
 
 def drafter_loss(states: Sequence[Tensor], weight: Tensor, attention_mask: Tensor,

@@ -23,7 +23,7 @@ from torch import nn
 
 from distill.balance import TrunkTaps, build_balancer
 from distill.chunked import chunked_language_loss
-from distill.drafters import drafter_loss
+from distill.drafters import drafter_loss, greedy_captions
 from distill.losses import LanguageDistillLoss, same_caption, siglip_loss, vision_kd_loss
 from distill.stages import CONTRASTIVE, DRAFTER, LANGUAGE
 from distill.standardize import FeatureStandardizer
@@ -77,6 +77,7 @@ class DistillObjective(nn.Module):
                                             alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth,
                                             uld_weight=loss_cfg.uld_weight)
         self.chunk_size = loss_cfg.chunk_size  # > 0: distill/chunked.py, no full-vocab logits
+        self.drafter_prompt_tokens = loss_cfg.drafter_prompt_tokens
         self.use_language, self.use_contrastive, self.use_drafter = use_language, use_contrastive, use_drafter
         self.vision = list(vision)
         self.terms = (([LANGUAGE] if use_language else []) + list(vision) + ([CONTRASTIVE] if use_contrastive else [])
@@ -93,6 +94,10 @@ class DistillObjective(nn.Module):
         dtype = next(self.student.parameters()).dtype
         decoder = self.use_language or self.use_drafter
         chunked = self.use_language and self.chunk_size > 0
+        if self.use_drafter:  # the drafters learn the student's own greedy captions (distill/drafters.py)
+            ids, mask = greedy_captions(self.student, batch["pixel_values"].to(dtype), batch["input_ids"],
+                                        batch["attention_mask"], self.drafter_prompt_tokens)
+            batch = {**batch, "input_ids": ids, "attention_mask": mask}
         out = self.student(pixel_values=batch["pixel_values"].to(dtype),
                            input_ids=batch["input_ids"] if decoder or self.use_contrastive else None,
                            attention_mask=batch["attention_mask"], text_logits_only=True,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from distill.drafters import drafter_loss
+import student
+from distill.drafters import drafter_loss, greedy_captions
 
 
 def heads(b=2, t=6, d=8, v=11, depth=2, seed=0):
@@ -56,3 +57,29 @@ def test_a_student_without_mtp_depths_is_refused():
     states, weight = heads(depth=0)
     with pytest.raises(ValueError, match="mtp_depth = 0"):
         drafter_loss(states, weight, torch.ones(2, 6))
+
+
+def test_the_drafters_learn_from_the_students_own_greedy_captions():
+    torch.manual_seed(0)
+    model = student.CogViTMTPForDistillation(student.load_preset("tiny", initializer_range=0.2, mtp_depth=2))
+    g = torch.Generator().manual_seed(1)
+    pixels, captions = torch.randn(3, 3, 28, 28, generator=g), torch.randint(8, 256, (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[2, 4:] = 0  # the shortest caption has 4 tokens: prompts of at most 3
+    with torch.no_grad():  # eos = row 0's second new token after a 3-token prompt, so rows end at different steps
+        model.config.eos_token_id = int(model.eval().greedy_generate(pixels[:1], captions[:1, :3], 2)[0, 4])
+    model.train()
+    torch.manual_seed(5)
+    ids, got = greedy_captions(model, pixels, captions, mask, max_prompt_tokens=8)
+    torch.manual_seed(5)
+    p = min(int(torch.randint(1, 9, ())), 3)
+    assert model.training  # restored
+    with torch.no_grad():
+        want = model.eval().greedy_generate(pixels, captions[:, :p], 6)
+    assert torch.equal(ids, want) and torch.equal(ids[:, :p], captions[:, :p])
+    eos = model.config.eos_token_id
+    for r in range(3):  # a row's mask covers its tokens up to its first generated eos, nothing after
+        new, n = ids[r, p:].tolist(), int(got[r].sum())
+        assert n == p + (new.index(eos) + 1 if eos in new else len(new))
+        assert got[r, :n].all() and not got[r, n:].any()
+    assert got.sum(1).tolist() != [ids.shape[1]] * 3  # some row stopped early
