@@ -17,6 +17,7 @@ from distill.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()
 
+import prefect.main  # noqa: E402, F401  (sets up its console log handlers on the real stderr, not a test's captured one)
 import pytest  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
