@@ -152,3 +152,17 @@ def test_init_from_must_match_the_run(tiny_collected, tmp_path):
                           f"train.init_from={cfg.output_dir}/student", configs=CONFIGS)
     with pytest.raises(ValueError, match="mtp_depth=2"):
         run_train(other)
+
+
+def test_a_round_keeps_the_runs_drafter_stage(tmp_path):
+    from distill.config import load_config
+    from distill.onpolicy import round_config
+    from distill.stages import resolve_stages
+    plain = round_config(load_config(list(CONFIGS)), tmp_path / "r1", tmp_path / "student", None)
+    assert [(s.name, s.terms) for s in resolve_stages(plain, True)] == [("onpolicy", ("language",))]
+    drafter = "{name: drafters, steps: 7, losses: [drafter], trainable: [mtp], micro_batch_size: 4}"
+    cfg = load_config(list(CONFIGS), [f"train.stages=[{{name: joint, steps: 5}}, {drafter}]"])
+    stages = resolve_stages(round_config(cfg, tmp_path / "r1", tmp_path / "student", tmp_path / "r1"), True)
+    assert [(s.name, s.steps, s.terms, s.parts) for s in stages] == [
+        ("onpolicy", cfg.onpolicy.steps, ("language",), tuple(p.value for p in cfg.onpolicy.trainable)),
+        ("drafters", 7, ("drafter",), ("mtp",))]
