@@ -34,7 +34,7 @@ from data.shards import load_manifest, read_shard, write_shard  # noqa: E402
 from data.targets import LogprobEncoding, decode_language_row, language_table  # noqa: E402
 from distill.config import cache_path, load_config, shards_path, teacher_configs, to_container  # noqa: E402
 from distill.losses import LOGPROB_FLOOR  # noqa: E402
-from teachers.collect import collect_shard  # noqa: E402
+from teachers.collect import collect_shard, spare_capacity  # noqa: E402
 from teachers.registry import load_teacher  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def best_of_interleaved(fns, repeats: int) -> list[float]:
     return [min(t) for t in times]
 
 
-def timers(teacher, language: bool, shard, bs: int, src: Path, out: Path, compression: str):
+def timers(teacher, language: bool, shard, bs: int, src: Path, out: Path, compression: str, prefetch: bool | None):
     """(bare forward over the shard's batches, full collection of the shard) as callables."""
     if language:
         token_ids, _ = teacher.encode(shard.column("caption").to_pylist())
@@ -114,7 +114,7 @@ def timers(teacher, language: bool, shard, bs: int, src: Path, out: Path, compre
         for f in out.glob("*"):
             f.unlink()
         return collect_shard(teacher, src, out, producer_digest="bench", batch_size=bs,
-                             compression=compression, progress=False)
+                             compression=compression, progress=False, prefetch=prefetch)
     return bare, collect
 
 
@@ -150,14 +150,17 @@ def main() -> None:
         for tcfg in teacher_configs(cfg):
             teacher = load_teacher(tcfg, cache_path(cfg, "teachers"))
             language = tcfg.kind == "hf_causal_lm"
-            bare, collect = timers(teacher, language, shard, bs, src, Path(tmp) / tcfg.name, cfg.collect.compression)
+            bare, collect = timers(teacher, language, shard, bs, src, Path(tmp) / tcfg.name, cfg.collect.compression,
+                                  cfg.collect.prefetch)
             with torch.inference_mode():
                 bare()  # warm-up
                 t_bare, t_collect = best_of_interleaved([bare, collect], args.repeats)
             entry = collect()
             fig = {"bare_s": round(t_bare, 3), "collect_s": round(t_collect, 3),
                    "throughput_ratio": round(t_bare / t_collect, 3),
-                   "samples_per_s": round(shard.num_rows / t_collect, 1)}
+                   "samples_per_s": round(shard.num_rows / t_collect, 1),
+                   "prefetch_thread": not language and (spare_capacity(teacher) if cfg.collect.prefetch is None
+                                                        else cfg.collect.prefetch)}
             if language:
                 float32_rows = [r for lo in range(0, shard.num_rows, bs)
                                 for r in teacher.rows(shard.slice(lo, bs).to_pylist())]

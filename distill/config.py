@@ -118,6 +118,9 @@ class CollectConfig:
     batch_size: int = 32  # teacher forward batch
     retries: int = 1  # Prefect retries of a failed shard task
     compression: Compression = Compression.zstd  # Arrow IPC buffer compression of target shards
+    # decode and resize the next image batch in a thread during the teacher's forward; null: only when a core is
+    # spare or the teacher is on a GPU (on a CPU the forward fills, the thread contends: docs/collection.md)
+    prefetch: bool | None = None
     progress: bool = True  # tqdm bars
 
 

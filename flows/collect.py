@@ -68,7 +68,8 @@ def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict
     tcfg, teacher, producer = collect_teacher(cfg, teacher_name)
     return collect_shard(teacher, shards_path(cfg, "samples", shard_file), shards_path(cfg, "targets", teacher_name),
                          producer_digest=producer, batch_size=cfg.collect.batch_size,
-                         compression=cfg.collect.compression, progress=cfg.collect.progress)
+                         compression=cfg.collect.compression, progress=cfg.collect.progress,
+                         prefetch=cfg.collect.prefetch)
 
 
 @task(name="finalize-targets", task_run_name="{teacher_name}/finalize")

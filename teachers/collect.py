@@ -76,11 +76,23 @@ def finished_entry(out_path: Path, samples_sha256: str, producer_digest: str) ->
     return None
 
 
+def spare_capacity(teacher) -> bool:
+    """Whether the forward leaves a core free for a decoding thread: the teacher runs on an accelerator, or
+    torch's forward uses fewer threads than the machine has cores."""
+    device = getattr(teacher, "device", None)
+    accelerator = device is not None and torch.device(device).type != "cpu"
+    return accelerator or torch.get_num_threads() < (os.cpu_count() or 1)
+
+
 def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, producer_digest: str,
-                  batch_size: int = 32, compression: str | None = "zstd", progress: bool = True) -> dict:
+                  batch_size: int = 32, compression: str | None = "zstd", progress: bool = True,
+                  prefetch: bool | None = None) -> dict:
     """Write the target shard for `samples_path`; returns its manifest entry plus run figures.
 
-    `forwards` in the result counts teacher forward passes (0 when the shard was already done).
+    `forwards` in the result counts teacher forward passes (0 when the shard was already done). `prefetch`:
+    prepare (decode, resize) the next batch in a thread during the forward, for teachers that split `rows`
+    into `prepare` and `rows_from`; None = only with `spare_capacity` (on a CPU whose cores the forward
+    fills, the thread just contends with it: docs/collection.md).
     """
     samples_path, out_dir = Path(samples_path), Path(out_dir)
     compression = getattr(compression, "value", compression)  # the config's Compression enum -> pyarrow's str
@@ -98,10 +110,12 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     bar = tqdm(total=len(ids), desc=f"{ident['name']} {samples_path.name}", disable=not progress,
                unit="row", leave=False)
     batches = (samples.slice(lo, batch_size).to_pylist() for lo in range(0, len(ids), batch_size))
-    # A teacher that splits `rows` into `prepare` (decode, preprocess) and `rows_from` gets the next
+    # A teacher that splits `rows` into `prepare` (decode, preprocess) and `rows_from` can get the next
     # batch prepared in a thread while the current one runs forward.
     split = callable(getattr(teacher, "prepare", None)) and callable(getattr(teacher, "rows_from", None))
-    stream = Prefetch(((b, teacher.prepare(b)) for b in batches), depth=2) if split else ((b, b) for b in batches)
+    threaded = split and (spare_capacity(teacher) if prefetch is None else prefetch)
+    stream = ((b, teacher.prepare(b)) for b in batches) if split else ((b, b) for b in batches)
+    stream = Prefetch(stream, depth=2) if threaded else stream
     try:
         for batch, prepared in stream:
             out = teacher.rows_from(prepared) if split else teacher.rows(batch)
@@ -111,7 +125,7 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
             forwards += 1
             bar.update(len(batch))
     finally:
-        if split:
+        if threaded:
             stream.close()
     bar.close()
 

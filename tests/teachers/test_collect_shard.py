@@ -1,16 +1,19 @@
-"""collect_shard with real tiny teachers: the vision batches prepared a batch ahead give the same rows as
-`rows`, a failing decode surfaces, and language shards carry the configured encoding and tempered tails."""
+"""collect_shard with real tiny teachers: the vision batches prepared a batch ahead (or in line) give the same
+rows as `rows`, a failing decode surfaces, and language shards carry the configured encoding and tempered tails."""
 
 import io
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from data.shards import read_shard, write_shard
 from data.targets import LogprobEncoding, decode_language_row, decode_vision, language_encoding
-from teachers.collect import collect_shard
+from teachers.collect import collect_shard, spare_capacity
 from teachers.language import HFCausalLMTeacher
 from teachers.tiny import ensure_tiny_teacher
 from teachers.vision import HFVisionTeacher
@@ -31,11 +34,13 @@ def samples_shard(path, n, bad=None):
     return path
 
 
-def test_prefetched_vision_collection_equals_rows(tmp_path, cache_dir):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_vision_collection_equals_rows_with_and_without_the_prefetch_thread(tmp_path, cache_dir, prefetch):
     teacher = HFVisionTeacher(dict(name="vis", kind="hf_vision", source=str(ensure_tiny_teacher("vit", cache_dir)),
                                    image_size=32), cache_dir)
     src = samples_shard(tmp_path / "shard-00000.arrow", 11)
-    entry = collect_shard(teacher, src, tmp_path / "out", producer_digest="t", batch_size=4, progress=False)
+    entry = collect_shard(teacher, src, tmp_path / "out", producer_digest="t", batch_size=4, progress=False,
+                          prefetch=prefetch)
     assert entry["forwards"] == 3 and entry["rows"] == 11
     summary, features = decode_vision(read_shard(tmp_path / "out" / "shard-00000.arrow"))
     want = teacher.rows(read_shard(src).to_pylist())
@@ -44,12 +49,23 @@ def test_prefetched_vision_collection_equals_rows(tmp_path, cache_dir):
     np.testing.assert_allclose(summary.astype(np.float32), np.stack([r["summary"] for r in want]), rtol=1e-3, atol=1e-3)
 
 
-def test_a_bad_image_in_a_prefetched_batch_surfaces(tmp_path, cache_dir):
+def test_the_prefetch_thread_runs_only_with_a_spare_core_or_an_accelerator(monkeypatch):
+    cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not spare_capacity(cpu) and spare_capacity(gpu)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert spare_capacity(cpu)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_a_bad_image_surfaces_with_and_without_the_prefetch_thread(tmp_path, cache_dir, prefetch):
     teacher = HFVisionTeacher(dict(name="vis", kind="hf_vision", source=str(ensure_tiny_teacher("vit", cache_dir)),
                                    image_size=32), cache_dir)
     src = samples_shard(tmp_path / "shard-00000.arrow", 9, bad=6)
     with pytest.raises(ValueError, match="cannot be decoded"):
-        collect_shard(teacher, src, tmp_path / "out", producer_digest="t", batch_size=4, progress=False)
+        collect_shard(teacher, src, tmp_path / "out", producer_digest="t", batch_size=4, progress=False,
+                      prefetch=prefetch)
     assert not (tmp_path / "out" / "shard-00000.arrow").exists()
 
 
