@@ -27,15 +27,15 @@ def greedy_captions(model, pixel_values: Tensor, input_ids: Tensor, attention_ma
                     max_prompt_tokens: int) -> tuple[Tensor, Tensor]:
     """The model's greedy continuations of the captions' first p tokens, p drawn from 1..`max_prompt_tokens`
     (torch's RNG; capped at the shortest caption less one token), as (input_ids [B, p + n], attention_mask):
-    right-padded with eos after each row's first eos, the captions' own ids for the prompt. At most as many new
-    tokens as the batch's longest caption."""
+    right-padded with eos after each row's first eos, the captions' own ids for the prompt. No longer than the
+    batch's captions (p + n = their padded length), so the sequence fits wherever the captions did."""
     shortest = int(attention_mask.sum(1).min())
     p = min(int(torch.randint(1, max_prompt_tokens + 1, ())), max(shortest - 1, 1))
     eos = model.config.eos_token_id
     training = model.training
     model.eval()
     try:
-        ids = model.greedy_generate(pixel_values, input_ids[:, :p], input_ids.shape[1], eos_token_id=eos)
+        ids = model.greedy_generate(pixel_values, input_ids[:, :p], input_ids.shape[1] - p, eos_token_id=eos)
     finally:
         model.train(training)
     mask = torch.ones_like(ids)
