@@ -34,7 +34,7 @@ from data.shards import load_manifest, read_shard, write_shard  # noqa: E402
 from data.targets import LogprobEncoding, decode_language_row, language_table  # noqa: E402
 from distill.config import cache_path, load_config, shards_path, teacher_configs, to_container  # noqa: E402
 from distill.losses import LOGPROB_FLOOR  # noqa: E402
-from teachers.collect import collect_shard, spare_capacity  # noqa: E402
+from teachers.collect import collect_shard, prefetch_thread  # noqa: E402
 from teachers.registry import load_teacher  # noqa: E402
 
 
@@ -159,8 +159,7 @@ def main() -> None:
             fig = {"bare_s": round(t_bare, 3), "collect_s": round(t_collect, 3),
                    "throughput_ratio": round(t_bare / t_collect, 3),
                    "samples_per_s": round(shard.num_rows / t_collect, 1),
-                   "prefetch_thread": not language and (spare_capacity(teacher) if cfg.collect.prefetch is None
-                                                        else cfg.collect.prefetch)}
+                   "prefetch_thread": prefetch_thread(teacher, cfg.collect.prefetch)}
             if language:
                 float32_rows = [r for lo in range(0, shard.num_rows, bs)
                                 for r in teacher.rows(shard.slice(lo, bs).to_pylist())]

@@ -84,6 +84,16 @@ def spare_capacity(teacher) -> bool:
     return accelerator or torch.get_num_threads() < (os.cpu_count() or 1)
 
 
+def split_rows(teacher) -> bool:
+    """Whether the teacher splits `rows` into `prepare` (decode, preprocess) and `rows_from` (forward)."""
+    return callable(getattr(teacher, "prepare", None)) and callable(getattr(teacher, "rows_from", None))
+
+
+def prefetch_thread(teacher, prefetch: bool | None) -> bool:
+    """Whether `collect_shard(..., prefetch=prefetch)` prepares the next batch in a thread."""
+    return split_rows(teacher) and (spare_capacity(teacher) if prefetch is None else prefetch)
+
+
 def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, producer_digest: str,
                   batch_size: int = 32, compression: str | None = "zstd", progress: bool = True,
                   prefetch: bool | None = None) -> dict:
@@ -112,8 +122,7 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     batches = (samples.slice(lo, batch_size).to_pylist() for lo in range(0, len(ids), batch_size))
     # A teacher that splits `rows` into `prepare` (decode, preprocess) and `rows_from` can get the next
     # batch prepared in a thread while the current one runs forward.
-    split = callable(getattr(teacher, "prepare", None)) and callable(getattr(teacher, "rows_from", None))
-    threaded = split and (spare_capacity(teacher) if prefetch is None else prefetch)
+    split, threaded = split_rows(teacher), prefetch_thread(teacher, prefetch)
     stream = ((b, teacher.prepare(b)) for b in batches) if split else ((b, b) for b in batches)
     stream = Prefetch(stream, depth=2) if threaded else stream
     try:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data.shards import read_shard, write_shard
 from data.targets import LogprobEncoding, decode_language_row, decode_vision, language_encoding
-from teachers.collect import collect_shard, spare_capacity
+from teachers.collect import collect_shard, prefetch_thread, spare_capacity
 from teachers.language import HFCausalLMTeacher
 from teachers.tiny import ensure_tiny_teacher
 from teachers.vision import HFVisionTeacher
@@ -56,6 +56,10 @@ def test_the_prefetch_thread_runs_only_with_a_spare_core_or_an_accelerator(monke
     assert not spare_capacity(cpu) and spare_capacity(gpu)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert spare_capacity(cpu)
+    # a teacher without prepare/rows_from never gets the thread; an explicit setting wins over the rule
+    split = SimpleNamespace(device=torch.device("cpu"), prepare=lambda b: b, rows_from=lambda p: p)
+    assert prefetch_thread(split, None) and not prefetch_thread(split, False)
+    assert not prefetch_thread(cpu, True) and not prefetch_thread(gpu, None)
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
