@@ -9,8 +9,9 @@ mean KL(float32 top-k+tail || decoded), over the k+1 buckets) of every `LogprobE
 Prints one JSON object. Both timings run in this process over the same batches of one samples
 shard: `bare` is the teacher's forward alone on already tokenised / preprocessed batches;
 `collect` is the whole `collect_shard` (tokenise or decode, forward, top-k and tail, Arrow
-encoding, compression, atomic write, sha256), timed in turn `--repeats` times, the fastest of each
-counting. The ratio is bare time ÷ collect time (goal ≥ 0.90).
+encoding, compression, atomic write, sha256), timed in turn `--repeats` times. `throughput_ratio` is
+the fastest bare time ÷ the fastest collect time; `throughput_ratio_paired` is the median of each bare
+run ÷ the collection run right after it, which cancels the machine's drift (goal ≥ 0.90).
 """
 
 import argparse
@@ -34,7 +35,7 @@ from data.shards import load_manifest, read_shard, write_shard  # noqa: E402
 from data.targets import LogprobEncoding, decode_language_row, language_table  # noqa: E402
 from distill.config import cache_path, load_config, shards_path, teacher_configs, to_container  # noqa: E402
 from distill.losses import LOGPROB_FLOOR  # noqa: E402
-from teachers.collect import collect_shard, prefetch_thread  # noqa: E402
+from teachers.collect import TABLES, collect_shard, prefetch_thread, split_rows  # noqa: E402
 from teachers.registry import load_teacher  # noqa: E402
 
 
@@ -84,15 +85,15 @@ def stored_rows(folder: Path) -> tuple[dict, list[tuple[list[str], list[dict]]]]
     return manifest, shards
 
 
-def best_of_interleaved(fns, repeats: int) -> list[float]:
-    """The fastest of `repeats` runs of each function, run in turn (so drift of the machine hits all alike)."""
+def interleaved_times(fns, repeats: int) -> list[list[float]]:
+    """Seconds of `repeats` runs of each function, run in turn (so drift of the machine hits all alike)."""
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, t in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
             t.append(time.perf_counter() - start)
-    return [min(t) for t in times]
+    return times
 
 
 def timers(teacher, language: bool, shard, bs: int, src: Path, out: Path, compression: str, prefetch: bool | None):
@@ -116,6 +117,20 @@ def timers(teacher, language: bool, shard, bs: int, src: Path, out: Path, compre
         return collect_shard(teacher, src, out, producer_digest="bench", batch_size=bs,
                              compression=compression, progress=False, prefetch=prefetch)
     return bare, collect
+
+
+def overhead(teacher, shard, bs: int, path: Path, compression, repeats: int) -> dict:
+    """The fastest seconds of what collection adds to the forward, per part, for a teacher that splits `rows`:
+    `prepare` (decode and preprocess every batch) and `write` (the Arrow table, compression, atomic write)."""
+    compression = getattr(compression, "value", compression)
+    batches = [shard.slice(lo, bs).to_pylist() for lo in range(0, shard.num_rows, bs)]
+    ids, ident = shard.column("id").to_pylist(), teacher.identity()
+    with torch.inference_mode():
+        rows = [r for b in batches for r in teacher.rows_from(teacher.prepare(b))]
+        prepare, write = interleaved_times([lambda: [teacher.prepare(b) for b in batches],
+                                            lambda: write_shard(path, TABLES[teacher.modality](ids, rows, ident),
+                                                                compression)], repeats)
+    return {"prepare": round(min(prepare), 3), "write": round(min(write), 3)}
 
 
 def main() -> None:
@@ -154,12 +169,18 @@ def main() -> None:
                                   cfg.collect.prefetch)
             with torch.inference_mode():
                 bare()  # warm-up
-                t_bare, t_collect = best_of_interleaved([bare, collect], args.repeats)
+                bares, collects = interleaved_times([bare, collect], args.repeats)
             entry = collect()
+            t_bare, t_collect = min(bares), min(collects)
             fig = {"bare_s": round(t_bare, 3), "collect_s": round(t_collect, 3),
                    "throughput_ratio": round(t_bare / t_collect, 3),
+                   # each bare run against the collection run right after it: drift of the machine cancels
+                   "throughput_ratio_paired": round(float(np.median(np.divide(bares, collects))), 3),
                    "samples_per_s": round(shard.num_rows / t_collect, 1),
                    "prefetch_thread": prefetch_thread(teacher, cfg.collect.prefetch)}
+            if split_rows(teacher):
+                fig["overhead_s"] = overhead(teacher, shard, bs, Path(tmp) / "overhead.arrow",
+                                             cfg.collect.compression, args.repeats)
             if language:
                 float32_rows = [r for lo in range(0, shard.num_rows, bs)
                                 for r in teacher.rows(shard.slice(lo, bs).to_pylist())]
