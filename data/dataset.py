@@ -185,6 +185,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
     Items moved into a student tokenizer's positions (`CrossTokenizer`) carry `exact` and `approx` masks:
     `lang["mask"]` is then the exact positions (the sparse KD) and `lang["approx"]` the others (ULD)."""
     n, length = len(items), max(len(it["input_ids"]) for it in items)
+    generated = torch.tensor([[not it.get("ground_truth", True)] for it in items])
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(n, length, dtype=torch.long)
     for b, it in enumerate(items):
@@ -193,8 +194,7 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
     batch = {"ids": [it["id"] for it in items], "pixel_values": torch.stack([it["pixel_values"] for it in items]),
              "input_ids": input_ids, "attention_mask": attention_mask,
              # CE labels: the caption tokens of ground-truth rows (data/mix.py marks generated rows)
-             "labels": input_ids.masked_fill((attention_mask == 0) | torch.tensor(
-                 [[not it.get("ground_truth", True)] for it in items]), -100),
+             "labels": input_ids.masked_fill((attention_mask == 0) | generated, -100),
              "label": torch.tensor([-1 if it["label"] is None else it["label"] for it in items])}
     if "lang" in items[0]:
         k = items[0]["lang"]["topk_ids"].shape[1]
@@ -219,6 +219,8 @@ def collate(items: list[dict], pad_id: int = 0) -> dict:
                 lang[key][b, : len(it["input_ids"])] = it["lang"][key]
         if "exact" in lang:  # the sparse KD where a teacher token is a student token, ULD where not
             lang["mask"], lang["approx"] = mask & lang.pop("exact"), mask & lang["approx"]
+        if generated.any():  # rows the student generated: the loss's generated_kind divergence
+            lang["generated"] = generated.expand(n, length).clone()
         batch["lang"] = lang
     batch["vision"] = {name: {key: torch.stack([it["vision"][name][key] for it in items])
                               for key in ("summary", "features")} for name in items[0]["vision"]}

@@ -27,7 +27,7 @@ def _flat(t: SparseTargets) -> SparseTargets:
     def f(x):
         return None if x is None else x.reshape(1, -1, *x.shape[2:])
     return SparseTargets(f(t.topk_ids), f(t.topk_logprobs), f(t.tail_logprob), f(t.mask), f(t.tempered_tail),
-                         t.tail_temperatures, t.teacher_vocab_size, f(t.approx))
+                         t.tail_temperatures, t.teacher_vocab_size, f(t.approx), f(t.generated))
 
 
 def _head_terms(spec: LanguageDistillLoss, depth: int, length: int, targets: SparseTargets,
@@ -58,7 +58,8 @@ def _term_sum(spec: LanguageDistillLoss, key: str, logits: Tensor, target) -> Te
         labels = F.pad(target, (1, 0), value=spec.ignore_index)
         return causal_ce_loss(logits, labels, 0, spec.ignore_index) * (target != spec.ignore_index).sum()
     if key.startswith("lang_kd"):
-        return language_kd_loss(logits, target, spec.kind, spec.temperature, reduction="none").sum()
+        return language_kd_loss(logits, target, spec.kind, spec.temperature, reduction="none",
+                                generated_kind=spec.generated_kind).sum()
     from distill.xtoken import uld_loss  # imports distill.losses
     return uld_loss(logits, target, reduction="none").sum()
 

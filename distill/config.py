@@ -157,6 +157,8 @@ class Balance(str, Enum):
 class LossConfig:
     """The dual-teacher objective and its balancing (docs/losses.md)."""
     kd_kind: KDKind = KDKind.forward_kl  # forward_kl = KL(teacher||student) | reverse_kl | jsd
+    # the KD on rows the student generated (on-policy rows, data/mix.py); null: kd_kind
+    generated_kd_kind: KDKind | None = None
     temperature: float = 1.0  # softens teacher and student alike (the teacher tail at T != 1: docs/losses.md)
     ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
     uld_weight: float = 1.0  # student.tokenizer: weight of ULD (unaligned tokens) in the KD (docs/losses.md)
@@ -279,9 +281,11 @@ class OnPolicyConfig:
     mix: float = 0.5  # lambda: the on-policy share of every training window (0: offline shards only, no teacher)
     steps: int = 40  # optimizer steps per round
     lr: float | None = None  # null: train.lr
-    # The divergence of the rounds (GKD: JSD or reverse KL on student samples). Near agreement JSD is about KL/4,
+    # The divergence on the student's samples (GKD: JSD or reverse KL). Near agreement JSD is about KL/4,
     # so next to loss.ce_weight it is outweighed by CE (measured: docs/onpolicy.md)
     kd_kind: KDKind = KDKind.jsd
+    # The divergence on the rounds' offline rows; null: kd_kind (every row alike)
+    offline_kd_kind: KDKind | None = None
     # null: loss.ce_weight. CE covers the offline rows alone: on-policy rows are the student's own tokens
     ce_weight: float | None = None
     # the parts the rounds train; the vision tower and its adaptor heads stay frozen (the rounds have no vision term)

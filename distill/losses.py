@@ -47,6 +47,9 @@ class SparseTargets:
     # Cross-tokenizer students: [B, L] bool, positions whose next student token does not align 1:1 with a
     # teacher token (data/align.py); they take the ULD loss (distill/xtoken.py), `mask` the sparse KD.
     approx: Tensor | None = None
+    # Rows the student generated (on-policy rows, data/mix.py): [B, L] bool; they take the loss's
+    # `generated_kind` divergence, the other rows its `kind`.
+    generated: Tensor | None = None
 
     @classmethod
     def from_mapping(cls, batch: Mapping[str, Tensor]) -> SparseTargets:
@@ -55,15 +58,16 @@ class SparseTargets:
             raise KeyError(f"language targets are missing keys {missing}")
         return cls(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], batch["mask"],
                    batch.get("tempered_tail"), tuple(batch.get("tail_temperatures", ())),
-                   int(batch.get("teacher_vocab_size", 0)), batch.get("approx"))
+                   int(batch.get("teacher_vocab_size", 0)), batch.get("approx"), batch.get("generated"))
 
     def __getitem__(self, index) -> SparseTargets:
         """Index the batch/position dims, e.g. `targets[:, :n]`."""
         tempered = None if self.tempered_tail is None else self.tempered_tail[index]
         approx = None if self.approx is None else self.approx[index]
+        generated = None if self.generated is None else self.generated[index]
         return SparseTargets(self.topk_ids[index], self.topk_logprobs[index],
                              self.tail_logprob[index], self.mask[index], tempered, self.tail_temperatures,
-                             self.teacher_vocab_size, approx)
+                             self.teacher_vocab_size, approx, generated)
 
 
 def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
@@ -87,9 +91,10 @@ def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
 
     tempered = None if targets.tempered_tail is None else shift(targets.tempered_tail, 0.0)
     approx = None if targets.approx is None else shift(targets.approx, False)
+    generated = None if targets.generated is None else shift(targets.generated, False)
     return SparseTargets(shift(targets.topk_ids, 0), shift(targets.topk_logprobs, 0.0),
                          shift(targets.tail_logprob, 0.0), shift(targets.mask, False), tempered,
-                         targets.tail_temperatures, targets.teacher_vocab_size, approx)
+                         targets.tail_temperatures, targets.teacher_vocab_size, approx, generated)
 
 
 def _check_targets(logits: Tensor, t: SparseTargets) -> None:
@@ -211,16 +216,19 @@ def _divergence(log_p: Tensor, log_q: Tensor, valid: Tensor, kind: str) -> Tenso
 
 def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
                      kind: str = "forward_kl", temperature: float = 1.0,
-                     reduction: str = "mean") -> Tensor:
+                     reduction: str = "mean", generated_kind: str | None = None) -> Tensor:
     """Sparse KD between stored teacher top-k + tail and the student's full logits [B, L, V].
 
     `kind`: forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher), or jsd.
+    `generated_kind` (None = `kind`): the divergence at `targets.generated` positions (rows the student
+    generated), as GKD takes reverse KL or JSD on student samples while the offline rows keep `kind`.
     The result is multiplied by temperature**2 (keeps gradient scale independent of tau).
     reduction="mean": mean over valid positions (0 when there are none); "none": [B, L], 0 at
     masked positions. Computed in float32 whatever the input dtypes.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown KD kind {kind!r}; expected one of {KINDS}")
+    for name in (kind, generated_kind or kind):
+        if name not in KINDS:
+            raise ValueError(f"unknown KD kind {name!r}; expected one of {KINDS}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if reduction not in ("mean", "none"):
@@ -230,7 +238,11 @@ def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[st
     _check_targets(student_logits, targets)
     log_p, log_q, valid = _buckets(student_logits, targets, temperature)
     mask = targets.mask.bool()
-    per_position = torch.where(mask, _divergence(log_p, log_q, valid, kind), 0.0) * temperature**2
+    divergence = _divergence(log_p, log_q, valid, kind)
+    if generated_kind not in (None, kind) and targets.generated is not None and targets.generated.any():
+        divergence = torch.where(targets.generated.bool(), _divergence(log_p, log_q, valid, generated_kind),
+                                 divergence)
+    per_position = torch.where(mask, divergence, 0.0) * temperature**2
     if reduction == "none":
         return per_position
     return per_position.sum() / mask.sum().clamp_min(1)
@@ -259,6 +271,7 @@ class LanguageDistillLoss(nn.Module):
         loss    = depth_0 + sum_{d>=1} mtp_weights[d-1] * depth_d
 
     Head d (0 = main) at position i predicts token i+1+d; its KD target is the teacher at i+d.
+    `generated_kind` (None = `kind`): the KD divergence on rows the student generated (`SparseTargets.generated`).
     ULD_d (distill/xtoken.py) only with targets that carry `approx` positions (a cross-tokenizer student);
     KD_d then covers the `mask` (exact) positions alone.
     Returns {"loss", "ce", "lang_kd", "lang_uld", "ce/mtp{d}", "lang_kd/mtp{d}", "lang_uld/mtp{d}"} (CE keys
@@ -266,10 +279,12 @@ class LanguageDistillLoss(nn.Module):
     """
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.0,
-                 mtp_weights: Sequence[float] = (), ignore_index: int = -100, uld_weight: float = 1.0):
+                 mtp_weights: Sequence[float] = (), ignore_index: int = -100, uld_weight: float = 1.0,
+                 generated_kind: str | None = None):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown KD kind {kind!r}; expected one of {KINDS}")
+        for name in (kind, generated_kind or kind):
+            if name not in KINDS:
+                raise ValueError(f"unknown KD kind {name!r}; expected one of {KINDS}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (CE weight) must be in [0, 1], got {alpha}")
         if any(w < 0 for w in mtp_weights):
@@ -277,6 +292,7 @@ class LanguageDistillLoss(nn.Module):
         if not uld_weight >= 0:
             raise ValueError(f"uld_weight must be >= 0, got {uld_weight}")
         self.kind, self.temperature, self.alpha, self.uld_weight = kind, temperature, alpha, uld_weight
+        self.generated_kind = generated_kind  # the KD on generated rows (`SparseTargets.generated`); None: kind
         self.mtp_weights = list(mtp_weights)
         self.ignore_index = ignore_index
 
@@ -300,7 +316,8 @@ class LanguageDistillLoss(nn.Module):
             if self.alpha < 1:
                 # MTP heads may be shorter than L (no input token beyond the sequence end).
                 shifted = shift_targets(targets, depth)[:, : head.shape[1]]
-                out["lang_kd" + suffix] = kd = language_kd_loss(head, shifted, self.kind, self.temperature)
+                out["lang_kd" + suffix] = kd = language_kd_loss(head, shifted, self.kind, self.temperature,
+                                                                generated_kind=self.generated_kind)
                 if shifted.approx is not None:  # the teacher's distribution where tokens do not line up
                     from distill.xtoken import uld_loss  # imports this module
                     out["lang_uld" + suffix] = uld = uld_loss(head, replace(shifted, mask=shifted.approx))

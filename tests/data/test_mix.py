@@ -67,7 +67,11 @@ def test_generated_rows_carry_no_ce_labels():
 
     from data.dataset import collate
     items = [{"id": str(b), "input_ids": torch.tensor([1, 5, 6, 2]), "pixel_values": torch.zeros(3, 4, 4),
-              "label": None, "vision": {}} for b in range(2)]
+              "label": None, "vision": {}, "lang": {"topk_ids": torch.zeros(4, 3, dtype=torch.long),
+                                                    "topk_logprobs": torch.zeros(4, 3), "tail_logprob": torch.zeros(4)}}
+             for b in range(2)]
     items[1]["ground_truth"] = False
-    labels = collate(items)["labels"]
-    assert labels[0].tolist() == [1, 5, 6, 2] and (labels[1] == -100).all()
+    batch = collate(items)
+    assert batch["labels"][0].tolist() == [1, 5, 6, 2] and (batch["labels"][1] == -100).all()
+    assert "generated" not in collate(items[:1])["lang"]  # offline rows only: no field at all
+    assert batch["lang"]["generated"].tolist() == [[False] * 4, [True] * 4]  # the KD's generated_kind rows

@@ -80,6 +80,17 @@ def test_any_chunk_size_and_number_of_mtp_depths(chunk_size, depths):
     assert_same(*both(spec, hidden, weight, targets, labels, chunk_size))
 
 
+def test_generated_rows_match_the_dense_loss():
+    hidden, weight, targets, labels = case("plain", seed=3)
+    targets.generated = torch.tensor([[True], [False]]).expand(B, T)
+    spec = LanguageDistillLoss("forward_kl", 1.0, 0.5, mtp_weights=[0.5, 0.25], generated_kind="reverse_kl")
+    dense, dense_grads, chunked, chunked_grads = both(spec, hidden, weight, targets, labels, chunk_size=3)
+    assert_same(dense, dense_grads, chunked, chunked_grads)
+    plain = LanguageDistillLoss("forward_kl", 1.0, 0.5, mtp_weights=[0.5, 0.25])(
+        F.linear(hidden[0], weight), targets, labels, [F.linear(h, weight) for h in hidden[1:]])
+    assert not torch.isclose(plain["lang_kd"], dense["lang_kd"])  # the generated row's divergence counts
+
+
 def test_without_gradients_the_values_are_the_same():
     hidden, weight, targets, labels = case("trimmed", seed=2)
     spec = LanguageDistillLoss("jsd", 1.0, 0.5, mtp_weights=[0.5, 0.5])

@@ -384,3 +384,25 @@ def test_tempered_tail_follows_mtp_shift_slicing_and_mappings():
     bad = SparseTargets(t.topk_ids, t.topk_logprobs, t.tail_logprob, t.mask, tt[..., :0], (2.0,))
     with pytest.raises(ValueError, match="tempered_tail has shape"):
         language_kd_loss(torch.randn(2, 6, 30), bad, temperature=2.0)
+
+
+def test_generated_rows_take_their_own_divergence():
+    """`generated_kind` applies at the positions of generated rows only; the other rows keep `kind`, and the
+    mean is over all valid positions alike (GKD: reverse KL on the student's samples, forward KL offline)."""
+    teacher, student = make_case(3, 5, 40, 2.0, 2.0, seed=7)
+    t = sparse_targets(teacher, 8)
+    t.generated = torch.tensor([[False], [True], [False]]).expand(3, 5)
+    fwd = language_kd_loss(student.float(), t, "forward_kl", reduction="none")
+    rev = language_kd_loss(student.float(), t, "reverse_kl", reduction="none")
+    mixed = language_kd_loss(student.float(), t, "forward_kl", reduction="none", generated_kind="reverse_kl")
+    torch.testing.assert_close(mixed, torch.where(t.generated, rev, fwd))
+    assert not torch.allclose(mixed, fwd)
+    mean = language_kd_loss(student.float(), t, "forward_kl", generated_kind="reverse_kl")
+    torch.testing.assert_close(mean, mixed.mean())
+    # the field follows the MTP shift, and a loss without generated_kind ignores it
+    assert shift_targets(t, 2).generated[1, :3].all() and not shift_targets(t, 2).generated[1, 3:].any()
+    torch.testing.assert_close(language_kd_loss(student.float(), t, "forward_kl", reduction="none"), fwd)
+    with pytest.raises(ValueError, match="unknown KD kind 'kl'"):
+        language_kd_loss(student.float(), t, "forward_kl", generated_kind="kl")
+    spec = LanguageDistillLoss("forward_kl", alpha=0.0, generated_kind="reverse_kl")
+    torch.testing.assert_close(spec(student.float(), t)["lang_kd"], mean)

@@ -160,6 +160,11 @@ def test_a_round_keeps_the_runs_drafter_stage(tmp_path):
     from distill.stages import resolve_stages
     plain = round_config(load_config(list(CONFIGS)), tmp_path / "r1", tmp_path / "student", None)
     assert [(s.name, s.terms) for s in resolve_stages(plain, True)] == [("onpolicy", ("language",))]
+    # onpolicy.kd_kind on the continuations; the offline rows take onpolicy.offline_kd_kind (null: the same)
+    assert plain.loss.kd_kind == plain.loss.generated_kd_kind == plain.onpolicy.kd_kind
+    split = load_config(list(CONFIGS), ["onpolicy.kd_kind=reverse_kl", "onpolicy.offline_kd_kind=forward_kl"])
+    split = round_config(split, tmp_path / "r1", tmp_path / "student", None)
+    assert (split.loss.kd_kind, split.loss.generated_kd_kind) == ("forward_kl", "reverse_kl")
     drafter = "{name: drafters, steps: 7, losses: [drafter], trainable: [mtp], micro_batch_size: 4}"
     cfg = load_config(list(CONFIGS), [f"train.stages=[{{name: joint, steps: 5}}, {drafter}]"])
     stages = resolve_stages(round_config(cfg, tmp_path / "r1", tmp_path / "student", tmp_path / "r1"), True)
