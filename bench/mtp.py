@@ -30,6 +30,8 @@ the draft vocabulary: every draft is accepted, which measures the decoding mecha
 upper bound); with `--accept model` (default) an untrained student's drafts are almost never accepted (a
 lower bound); `both` runs the two. Each result row says which (`accept`).
 `--top-k 1 2` runs a chain of drafts and a tree (top-k candidates per depth, see student/speculative.py).
+`costs_ms`: the parts of a step timed alone on the first prompt (median ms): the image encoding, the prefill,
+the decoder and the output head over 1 and over D + 1 positions, one MTP depth with its draft head.
 Writes the JSON to `--out` (atomically) and prints it.
 """
 
@@ -50,6 +52,8 @@ from data.dataset import image_tensor  # noqa: E402
 from data.shards import load_manifest, read_shard  # noqa: E402
 from data.targets import decode_language_row  # noqa: E402
 from student import speculative_generate  # noqa: E402
+from student.decoder import KVCache  # noqa: E402
+from student.speculative import greedy_tokens  # noqa: E402
 from student.speculative_batch import speculative_generate_batch  # noqa: E402
 
 
@@ -156,6 +160,50 @@ def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model",
     }
 
 
+def costs_ms(model, prompt, depth: int, draft_vocab, repeats: int = 50) -> dict:
+    """Median milliseconds of the parts of a decoding step for one prompt: what a greedy token costs (decoder
+    forward and output head over 1 position) against what a speculative round adds (depth + 1 positions, and
+    `depth` MTP forwards with their draft heads). Timed alone, so the sum leaves out the loops' own work."""
+    _, pixels, ids = prompt
+
+    def median(fn):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return round(1000 * float(np.median(times)), 3)
+
+    _, _, image = model.encode_image(pixels)
+    prefix = torch.cat([image, model.decoder.embed_tokens(ids)], dim=1)
+    cache = KVCache(len(model.decoder.layers), max_length=prefix.shape[1] + depth + 1)
+
+    def decoder(q):
+        cache.crop(0)
+        model.forward_decoder(prefix, num_image_tokens=image.shape[1], cache=cache)
+        return lambda: (model.forward_decoder(prefix[:, -q:], cache=cache), cache.crop(prefix.shape[1]))
+
+    h = model.forward_decoder(prefix[:, -1:], cache=cache)[0].expand(1, depth + 1, -1).contiguous()
+    head = model.lm_head.weight if draft_vocab is None else model.lm_head.weight[torch.as_tensor(draft_vocab)]
+    mtp_cache = KVCache(1, max_length=prefix.shape[1] + 2)
+    model.forward_mtp_depth(1, prefix[:, :-2], prefix[:, :-2], cache=mtp_cache)
+    start = mtp_cache.length
+
+    def mtp():  # one depth over two new positions (about tau's), then its draft head on the last
+        out, _ = model.forward_mtp_depth(1, prefix[:, -2:], prefix[:, -2:], cache=mtp_cache)
+        mtp_cache.crop(start)
+        return (head @ model.mtp[0].norm(out[0, -1:]).expand(2, -1).T).argmax(0)
+
+    return {"encode_image": median(lambda: model.encode_image(pixels)),
+            "prefill": median(lambda: model.forward_decoder(prefix, num_image_tokens=image.shape[1],
+                                                            cache=KVCache(len(model.decoder.layers),
+                                                                          max_length=prefix.shape[1]))),
+            "decoder_1": median(decoder(1)), f"decoder_{depth + 1}": median(decoder(depth + 1)),
+            "head_1": median(lambda: greedy_tokens(model, h[:, :1])),
+            f"head_{depth + 1}": median(lambda: greedy_tokens(model, h)),
+            "mtp_depth_with_draft_head": median(mtp)}
+
+
 def load_model(args):
     if args.preset:
         torch.manual_seed(0)
@@ -221,11 +269,12 @@ def main() -> None:
         for mode in modes:
             results += [run(models[mode], prompts, d, n, eos, v, mode, k, args.batch)
                         for n in args.max_new_tokens for v in vocabs for k in top_ks for d in depths]
+        costs = costs_ms(model, prompts[0], depths[-1], vocabs[-1])
     report = {"student": args.preset and f"untrained preset {args.preset}" or args.student,
               "mtp_depth": model.config.mtp_depth, "samples": len(prompts),
               "prompt_tokens": args.prompt_tokens, "batch": args.batch, "eos": eos, "draft_vocab": args.draft_vocab,
               "threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "costs_ms": costs, "results": results}
     text = json.dumps(report, indent=1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
