@@ -318,6 +318,16 @@ def _one_line(e: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key and key not in msg else msg
 
 
+def check_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` after the checks its types cannot express (distill/config_check.py); ConfigError if one fails."""
+    from distill.config_check import check  # it reads this module's schema: imported once both exist
+    try:
+        check(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    return cfg
+
+
 def load_config(path: str | Path | dict | list | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
     """Merge YAML files or config dicts (later ones win) and `key=value` overrides onto the schema, and
     validate them. A dict is a config as `to_container` gives it (a deployment's parameter)."""
@@ -342,20 +352,17 @@ def load_config(path: str | Path | dict | list | None = None, overrides: list[st
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
-    from distill.config_check import check  # it reads this module's schema: imported once both exist
-    try:
-        check(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
-    return cfg
+    return check_config(cfg)
 
 
 def from_dict(d: dict) -> DictConfig:
-    """Rebuild a validated config from `to_container` output (how flows pass configs to tasks)."""
+    """Rebuild a validated config from `to_container` output (how flows pass configs to tasks): the schema's
+    types and the same checks as `load_config`."""
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), d)
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), d)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
+    return check_config(cfg)
 
 
 def teacher_configs(cfg: DictConfig) -> list:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from data.dataset import DistillDataset, collate, image_tensor
 from data.shards import ShardError, ShardWriter, digest, load_manifest, read_shard, sha256_file, write_manifest
 from data.targets import SAMPLES_SCHEMA, decode_language_row
-from distill.config import from_dict, shards_path, to_container
+from distill.config import check_config, from_dict, shards_path, to_container
 from distill.losses import language_kd_loss
 
 log = logging.getLogger(__name__)
@@ -159,4 +159,4 @@ def round_config(cfg, round_dir: Path, init_from: Path, mix_dir: Path | None):
         "train": {"stages": [stage, *drafters], "max_steps": None, "resume": True, "init_from": str(init_from),
                   "mix_shards": [str(mix_dir)] if mix_dir else [], "mix_fraction": op.mix},
         "evaluate": {"student": None, "baseline": None}})
-    return round_cfg
+    return check_config(round_cfg)

@@ -152,3 +152,12 @@ def test_help_lists_the_top_level_config_keys(argv, capsys):
         assert meaning and any(line.split() == [key, *meaning.split()] for line in out.splitlines()), key
     if argv != ["--help"]:
         assert "--print-config" in out
+
+
+def test_from_dict_runs_the_same_checks_as_load_config():
+    """Flows rebuild configs with from_dict: a dict that load_config would refuse is refused there too."""
+    from distill.config import from_dict, to_container
+    bad = to_container(load_config("configs/tiny.yaml"))
+    bad["loss"]["chunk_size"] = -1
+    with pytest.raises(ConfigError, match="loss.chunk_size"):
+        from_dict(bad)
