@@ -45,6 +45,9 @@ def greedy_captions(model, pixel_values: Tensor, input_ids: Tensor, attention_ma
     return ids, mask
 
 
+GREEDY_CHUNK = 256  # positions whose full-vocabulary logits exist at once (about 50 MB at V = 49,152)
+
+
 def drafter_loss(states: Sequence[Tensor], weight: Tensor, attention_mask: Tensor,
                  draft_vocab: Sequence[int] | None = None) -> dict[str, Tensor]:
     """`states` = (main, MTP depth 1..D) post-norm head inputs [B, T, d] at the caption positions (entry t
@@ -62,8 +65,9 @@ def drafter_loss(states: Sequence[Tensor], weight: Tensor, attention_mask: Tenso
     mask = attention_mask.bool()
     # a position whose input is the caption's last token predicts past its end: no greedy step goes there
     mask = mask & F.pad(mask[:, 1:], (0, 1), value=False)
-    with torch.no_grad():
-        greedy = (main.detach() @ weight.detach().T).argmax(-1)  # [B, T]: the main head's token after t
+    with torch.no_grad():  # [B, T]: the main head's token after t, GREEDY_CHUNK positions' logits at a time
+        flat = main.detach().reshape(-1, main.shape[-1])
+        greedy = torch.cat([(c @ weight.detach().T).argmax(-1) for c in flat.split(GREEDY_CHUNK)]).view(main.shape[:2])
     rows = weight
     if draft_vocab is not None:
         ids = torch.as_tensor(list(draft_vocab), dtype=torch.long, device=weight.device)

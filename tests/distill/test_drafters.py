@@ -53,6 +53,17 @@ def test_a_draft_vocabulary_scores_its_rows_only_and_skips_targets_outside_it():
     assert torch.allclose(out["loss"], (ce[0] + ce[1]) / 2, atol=1e-6)
 
 
+def test_the_greedy_targets_are_the_same_in_chunks(monkeypatch):
+    """The main head's argmax is taken a few positions at a time (no [B, T, V] logits at once): the same loss."""
+    import distill.drafters
+    states, weight = heads(b=3, t=7)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    whole = drafter_loss(states, weight, mask)
+    monkeypatch.setattr(distill.drafters, "GREEDY_CHUNK", 4)  # 21 positions: 6 chunks, the last one short
+    chunked = drafter_loss(states, weight, mask)
+    assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
+
+
 def test_a_student_without_mtp_depths_is_refused():
     states, weight = heads(depth=0)
     with pytest.raises(ValueError, match="mtp_depth = 0"):
