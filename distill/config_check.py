@@ -8,7 +8,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from data.devices import check_device_name
-from distill.config import PROJECT_ROOT, STUDENT_PRESETS, ConfigError, Vocab, teacher_configs
+from distill.config import PROJECT_ROOT, STUDENT_PRESETS, ConfigError, teacher_configs
+from distill.schema import Vocab
 from teachers.registry import check_kind
 
 

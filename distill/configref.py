@@ -1,4 +1,4 @@
-"""The config reference (docs/config.md), generated from the typed schema in distill/config.py so
+"""The config reference (docs/config.md), generated from the typed schema in distill/schema.py so
 that it cannot drift: every key, its type, its default, and the comment written beside the field.
 
     python -m distill.configref > docs/config.md      (or: make docs)
@@ -12,12 +12,12 @@ import io
 import tokenize
 from enum import Enum
 
-from distill import config as schema
+from distill import schema
 from teachers import registry
 
 HEADER = """# Config reference
 
-Generated from the typed schema (`distill/config.py`, `teachers/registry.py`) by
+Generated from the typed schema (`distill/schema.py`, `teachers/registry.py`) by
 `python -m distill.configref > docs/config.md` (`make docs`); a test fails when this file is stale.
 Set keys in a YAML file (`--config`, repeatable: later files win) or on the command line as
 `key=value` (`train.lr=3e-4`, `teachers.vision.0.image_size=112`). An unknown key, a wrong type or

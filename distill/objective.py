@@ -24,7 +24,8 @@ from torch import nn
 from distill.balance import TrunkTaps, build_balancer
 from distill.chunked import chunked_language_loss
 from distill.drafters import drafter_loss, greedy_captions
-from distill.losses import LanguageDistillLoss, same_caption, siglip_loss, vision_kd_loss
+from distill.image_losses import same_caption, siglip_loss, vision_kd_loss
+from distill.losses import LanguageDistillLoss
 from distill.stages import CONTRASTIVE, DRAFTER, LANGUAGE
 from distill.standardize import FeatureStandardizer
 

@@ -20,7 +20,6 @@ from data.shards import clean_temp_files, digest, run_lock
 from distill import tracking
 from distill.config import (
     ConfigError,
-    Runner,
     cache_path,
     from_dict,
     output_path,
@@ -29,6 +28,7 @@ from distill.config import (
     teacher_configs,
     to_container,
 )
+from distill.schema import Runner
 from flows.artifacts import link_mlflow_run
 from teachers.collect import check_vocab, collect_shard, finalize_targets
 from teachers.contract import Modality, check_teacher

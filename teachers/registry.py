@@ -54,7 +54,7 @@ class TeacherSourceError(OSError):
 
 @dataclass
 class TeacherConfig:
-    """One teacher; also the `teachers:` entries of the run config schema (distill/config.py)."""
+    """One teacher; also the `teachers:` entries of the run config schema (distill/schema.py)."""
     name: str  # unique, used as a key everywhere
     kind: str  # hf_causal_lm | hf_vision | efficientnet_lite0 | a dotted path package.module:Class (docs/teachers.md)
     source: str = ""  # local folder | hub id | "pkg:<python_package>" | "tiny-random:<arch>"

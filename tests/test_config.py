@@ -105,20 +105,20 @@ def test_config_enums_are_the_registries():
 
     from data.images import RESAMPLE
     from data.sources import SOURCES
-    from distill import config
+    from distill import schema
     from distill.balance import BALANCERS
     from distill.losses import DIVERGENCES, _divergence
     from distill.standardize import MODES
     from teachers.registry import DTYPES, TeacherConfig
-    assert [e.value for e in config.KDKind] == list(DIVERGENCES)
-    assert [e.value for e in config.Resample] == list(RESAMPLE)
+    assert [e.value for e in schema.KDKind] == list(DIVERGENCES)
+    assert [e.value for e in schema.Resample] == list(RESAMPLE)
     x = torch.zeros(1, 3)
     expected = r"unknown KD kind 'kl'; expected one of \('forward_kl', 'reverse_kl', 'jsd'\)"
     with pytest.raises(ValueError, match=expected):
         _divergence(x, x, x.bool(), "kl")  # no silent fallback to any kind
-    assert [e.value for e in config.Balance] == list(BALANCERS)
-    assert {e.value for e in config.Standardize} == set(MODES)
-    assert [e.value for e in config.SourceKind] == list(SOURCES)
+    assert [e.value for e in schema.Balance] == list(BALANCERS)
+    assert {e.value for e in schema.Standardize} == set(MODES)
+    assert [e.value for e in schema.SourceKind] == list(SOURCES)
     assert TeacherConfig.__dataclass_fields__["dtype"].default.value == DTYPES[0]
 
 
@@ -139,8 +139,8 @@ def test_print_config_prints_the_resolved_yaml_and_runs_nothing(capsys, monkeypa
 
 @pytest.mark.parametrize("argv", [["--help"], ["collect", "--help"], ["train", "--help"]])
 def test_help_lists_the_top_level_config_keys(argv, capsys):
-    from distill.config import Config
     from distill.configref import top_level_keys
+    from distill.schema import Config
     with pytest.raises(SystemExit) as done:
         main(argv)
     assert done.value.code == 0

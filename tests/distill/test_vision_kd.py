@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from data.featurestats import FeatureStatsAccumulator
-from distill.losses import vision_kd_loss
+from distill.image_losses import vision_kd_loss
 from distill.standardize import FeatureStandardizer, equalizing_rotation, hadamard
 
 

@@ -54,7 +54,7 @@ def test_trunk_norms_are_the_weighted_term_gradients(train_cfg):
     torch.manual_seed(0)
     out = objective.student(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                             text_logits_only=True, branch_hook=hook)
-    from distill.losses import vision_kd_loss
+    from distill.image_losses import vision_kd_loss
     lang = objective.language(out.logits, batch["lang"], labels=batch["labels"], mtp_logits=out.mtp_logits)["loss"]
     vit = vision_kd_loss(out.teacher_outputs["vit"]["summary"], out.teacher_outputs["vit"]["features"],
                          batch["vision"]["vit"]["summary"], batch["vision"]["vit"]["features"], out.mask["vit"],
