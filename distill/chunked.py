@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses import LanguageDistillLoss, SparseTargets, causal_ce_loss, language_kd_loss, shift_targets
+from distill.losses import (
+    LanguageDistillLoss,
+    SparseTargets,
+    causal_ce_loss,
+    kd_position_weights,
+    language_kd_loss,
+    shift_targets,
+)
 
 
 def _flat(t: SparseTargets) -> SparseTargets:
@@ -32,8 +39,8 @@ def _flat(t: SparseTargets) -> SparseTargets:
 
 def _head_terms(spec: LanguageDistillLoss, depth: int, length: int, targets: SparseTargets,
                 labels: Tensor | None) -> list[tuple[str, float, Tensor, object]]:
-    """Head `depth`'s terms as (key, weight in the depth's term, denominator, flat [1, B * length] target),
-    the same terms, in the same order, as `LanguageDistillLoss.forward`."""
+    """Head `depth`'s terms as (key, weight in the depth's term, denominator, flat [1, B * length] target,
+    flat per-position weights or None), the same terms, in the same order, as `LanguageDistillLoss.forward`."""
     suffix = "" if depth == 0 else f"/mtp{depth}"
     terms = []
     if spec.alpha > 0:  # labels[i + 1 + depth] for position i, as causal_ce_loss aligns them
@@ -42,24 +49,29 @@ def _head_terms(spec: LanguageDistillLoss, depth: int, length: int, targets: Spa
         if n > 0:
             ce[:, :n] = labels[:, 1 + depth: 1 + depth + n]
         ce = ce.reshape(1, -1)
-        terms.append(("ce" + suffix, spec.alpha, (ce != spec.ignore_index).sum().clamp_min(1), ce))
+        terms.append(("ce" + suffix, spec.alpha, (ce != spec.ignore_index).sum().clamp_min(1), ce, None))
     if spec.alpha < 1:
         shifted = _flat(shift_targets(targets, depth)[:, :length])
-        terms.append(("lang_kd" + suffix, 1 - spec.alpha, shifted.mask.sum().clamp_min(1), shifted))
+        weights = kd_position_weights(shifted, spec.generated_kd_weight)  # they hold the denominators
+        denom = shifted.mask.sum().clamp_min(1) if weights is None else torch.ones((), device=shifted.mask.device)
+        terms.append(("lang_kd" + suffix, 1 - spec.alpha, denom, shifted, weights))
         if shifted.approx is not None:
             uld = replace(shifted, mask=shifted.approx)
-            terms.append(("lang_uld" + suffix, (1 - spec.alpha) * spec.uld_weight, uld.mask.sum().clamp_min(1), uld))
+            terms.append(("lang_uld" + suffix, (1 - spec.alpha) * spec.uld_weight, uld.mask.sum().clamp_min(1), uld,
+                          None))
     return terms
 
 
-def _term_sum(spec: LanguageDistillLoss, key: str, logits: Tensor, target) -> Tensor:
-    """The sum over a chunk's positions (logits [1, c, V]) of one term, from the dense functions."""
+def _term_sum(spec: LanguageDistillLoss, key: str, logits: Tensor, target, weights: Tensor | None) -> Tensor:
+    """The sum over a chunk's positions (logits [1, c, V]) of one term (weighted by `weights` [1, c] if given),
+    from the dense functions."""
     if key.startswith("ce"):  # causal_ce_loss shifts by one: a leading ignored label lines the chunk up
         labels = F.pad(target, (1, 0), value=spec.ignore_index)
         return causal_ce_loss(logits, labels, 0, spec.ignore_index) * (target != spec.ignore_index).sum()
     if key.startswith("lang_kd"):
-        return language_kd_loss(logits, target, spec.kind, spec.temperature, reduction="none",
-                                generated_kind=spec.generated_kind).sum()
+        per_position = language_kd_loss(logits, target, spec.kind, spec.temperature, reduction="none",
+                                        generated_kind=spec.generated_kind)
+        return (per_position if weights is None else per_position * weights).sum()
     from distill.xtoken import uld_loss  # imports distill.losses
     return uld_loss(logits, target, reduction="none").sum()
 
@@ -85,9 +97,10 @@ def _run(spec, heads, weight, hidden, chunk_size, need_w: bool = False, need_h: 
             with torch.no_grad():
                 logits = F.linear(x, weight.detach()).requires_grad_(grads)
             with torch.enable_grad():
-                sums = [_term_sum(spec, key, logits[None], target[:, rows]) for key, _, _, target in terms]
+                sums = [_term_sum(spec, key, logits[None], target[:, rows], None if w is None else w[:, rows])
+                        for key, _, _, target, w in terms]
                 loss = ([1.0, *spec.mtp_weights][d] *
-                        sum(coef * s / denom for (_, coef, denom, _), s in zip(terms, sums, strict=True)))
+                        sum(coef * s / denom for (_, coef, denom, *_), s in zip(terms, sums, strict=True)))
                 g = torch.autograd.grad(loss, logits)[0].to(x.dtype) if grads else None
             if gh is not None:
                 gh.view(-1, h.shape[-1])[rows] = g @ weight.detach()
@@ -96,7 +109,7 @@ def _run(spec, heads, weight, hidden, chunk_size, need_w: bool = False, need_h: 
             elif grad_w is not None:
                 grad_w += g.t() @ x
             total += loss.detach()
-            for i, ((_, _, denom, _), s) in enumerate(zip(terms, sums, strict=True)):
+            for i, ((_, _, denom, *_), s) in enumerate(zip(terms, sums, strict=True)):
                 values[first + i] += s.detach() / denom
     return total, values, grad_w, grad_h
 

@@ -62,6 +62,10 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("config keys 'train.mix_fraction' and 'onpolicy.mix' must be in [0, 1)")
     if cfg.onpolicy.ce_weight is not None and not 0.0 <= cfg.onpolicy.ce_weight <= 1.0:
         raise ConfigError(f"config key 'onpolicy.ce_weight': must be in [0, 1], got {cfg.onpolicy.ce_weight}")
+    for key, value in (("loss.generated_kd_weight", cfg.loss.generated_kd_weight),
+                       ("onpolicy.kd_weight", cfg.onpolicy.kd_weight)):
+        if value is not None and not value >= 0:
+            raise ConfigError(f"config key '{key}': must be >= 0 or null, got {value}")
     if cfg.onpolicy.temperature <= 0 or cfg.onpolicy.prompt_tokens < 1 or cfg.onpolicy.max_new_tokens < 1:
         raise ConfigError("config keys 'onpolicy.temperature', 'onpolicy.prompt_tokens', 'onpolicy.max_new_tokens' "
                           "must be positive")

@@ -213,14 +213,30 @@ def _divergence(log_p: Tensor, log_q: Tensor, valid: Tensor, kind: str) -> Tenso
     return torch.where(valid, DIVERGENCES[kind](log_p, log_q), 0.0).sum(-1)
 
 
+def kd_position_weights(targets: SparseTargets, generated_weight: float | None) -> Tensor | None:
+    """Per-position weights [B, L] that make a KD mean into two: the mean over the offline positions plus
+    `generated_weight` times the mean over the generated ones (`targets.generated`), so the rows the student
+    generated add a term instead of diluting the offline rows' mean. None (one mean over every valid position)
+    when `generated_weight` is None or the targets carry no generated field."""
+    if generated_weight is None or targets.generated is None:
+        return None
+    mask = targets.mask.bool()
+    generated = mask & targets.generated.bool()
+    offline = mask & ~generated
+    return offline / offline.sum().clamp_min(1) + generated_weight * generated / generated.sum().clamp_min(1)
+
+
 def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
                      kind: str = "forward_kl", temperature: float = 1.0,
-                     reduction: str = "mean", generated_kind: str | None = None) -> Tensor:
+                     reduction: str = "mean", generated_kind: str | None = None,
+                     generated_weight: float | None = None) -> Tensor:
     """Sparse KD between stored teacher top-k + tail and the student's full logits [B, L, V].
 
     `kind`: forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher), or jsd.
     `generated_kind` (None = `kind`): the divergence at `targets.generated` positions (rows the student
     generated), as GKD takes reverse KL or JSD on student samples while the offline rows keep `kind`.
+    `generated_weight` (None = one mean): the mean reduces to offline mean + generated_weight x generated mean
+    (`kd_position_weights`); reduction="none" leaves the positions unweighted.
     The result is multiplied by temperature**2 (keeps gradient scale independent of tau).
     reduction="mean": mean over valid positions (0 when there are none); "none": [B, L], 0 at
     masked positions. Computed in float32 whatever the input dtypes.
@@ -244,6 +260,9 @@ def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[st
     per_position = torch.where(mask, divergence, 0.0) * temperature**2
     if reduction == "none":
         return per_position
+    weights = kd_position_weights(targets, generated_weight)
+    if weights is not None:
+        return (per_position * weights).sum()
     return per_position.sum() / mask.sum().clamp_min(1)
 
 
@@ -270,7 +289,8 @@ class LanguageDistillLoss(nn.Module):
         loss    = depth_0 + sum_{d>=1} mtp_weights[d-1] * depth_d
 
     Head d (0 = main) at position i predicts token i+1+d; its KD target is the teacher at i+d.
-    `generated_kind` (None = `kind`): the KD divergence on rows the student generated (`SparseTargets.generated`).
+    `generated_kind` (None = `kind`): the KD divergence on rows the student generated (`SparseTargets.generated`);
+    `generated_kd_weight` (None = one mean over every row): KD_d = offline mean + weight x generated mean.
     ULD_d (distill/xtoken.py) only with targets that carry `approx` positions (a cross-tokenizer student);
     KD_d then covers the `mask` (exact) positions alone.
     Returns {"loss", "ce", "lang_kd", "lang_uld", "ce/mtp{d}", "lang_kd/mtp{d}", "lang_uld/mtp{d}"} (CE keys
@@ -279,7 +299,7 @@ class LanguageDistillLoss(nn.Module):
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.0,
                  mtp_weights: Sequence[float] = (), ignore_index: int = -100, uld_weight: float = 1.0,
-                 generated_kind: str | None = None):
+                 generated_kind: str | None = None, generated_kd_weight: float | None = None):
         super().__init__()
         for name in (kind, generated_kind or kind):
             if name not in KINDS:
@@ -290,8 +310,11 @@ class LanguageDistillLoss(nn.Module):
             raise ValueError(f"mtp_weights must be >= 0, got {list(mtp_weights)}")
         if not uld_weight >= 0:
             raise ValueError(f"uld_weight must be >= 0, got {uld_weight}")
+        if generated_kd_weight is not None and not generated_kd_weight >= 0:
+            raise ValueError(f"generated_kd_weight must be >= 0 or None, got {generated_kd_weight}")
         self.kind, self.temperature, self.alpha, self.uld_weight = kind, temperature, alpha, uld_weight
         self.generated_kind = generated_kind  # the KD on generated rows (`SparseTargets.generated`); None: kind
+        self.generated_kd_weight = generated_kd_weight  # None: one KD mean; else offline + weight x generated mean
         self.mtp_weights = list(mtp_weights)
         self.ignore_index = ignore_index
 
@@ -316,7 +339,8 @@ class LanguageDistillLoss(nn.Module):
                 # MTP heads may be shorter than L (no input token beyond the sequence end).
                 shifted = shift_targets(targets, depth)[:, : head.shape[1]]
                 out["lang_kd" + suffix] = kd = language_kd_loss(head, shifted, self.kind, self.temperature,
-                                                                generated_kind=self.generated_kind)
+                                                                generated_kind=self.generated_kind,
+                                                                generated_weight=self.generated_kd_weight)
                 if shifted.approx is not None:  # the teacher's distribution where tokens do not line up
                     from distill.xtoken import uld_loss  # imports this module
                     out["lang_uld" + suffix] = uld = uld_loss(head, replace(shifted, mask=shifted.approx))

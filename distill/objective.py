@@ -77,7 +77,8 @@ class DistillObjective(nn.Module):
         self.language = LanguageDistillLoss(loss_cfg.kd_kind, loss_cfg.temperature,
                                             alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth,
                                             uld_weight=loss_cfg.uld_weight,
-                                            generated_kind=loss_cfg.generated_kd_kind)
+                                            generated_kind=loss_cfg.generated_kd_kind,
+                                            generated_kd_weight=loss_cfg.generated_kd_weight)
         self.chunk_size = loss_cfg.chunk_size  # > 0: distill/chunked.py, no full-vocab logits
         self.drafter_prompt_tokens = loss_cfg.drafter_prompt_tokens
         self.use_language, self.use_contrastive, self.use_drafter = use_language, use_contrastive, use_drafter

@@ -144,9 +144,9 @@ def onpolicy_kl(student_dir: Path, folder: Path, language: str, prompt_tokens: i
 def round_config(cfg, round_dir: Path, init_from: Path, mix_dir: Path | None):
     """The config of one round's training and evaluation: the run's config with the round's output folder, the
     previous student as the start, one stage `onpolicy` with the language term alone (onpolicy.kd_kind on the
-    continuations, onpolicy.offline_kd_kind on the offline rows, onpolicy.ce_weight) training onpolicy.trainable,
-    and the continuations mixed in at onpolicy.mix. The run's drafter stages follow it, so the round's student
-    drafts for speculative decoding as the run's did."""
+    continuations, onpolicy.offline_kd_kind on the offline rows, onpolicy.kd_weight, onpolicy.ce_weight) training
+    onpolicy.trainable, and the continuations mixed in at onpolicy.mix. The run's drafter stages follow it, so the
+    round's student drafts for speculative decoding as the run's did."""
     op = cfg.onpolicy
     stage = {"name": ORIGIN, "steps": op.steps, "losses": ["language"], "trainable": [p.value for p in op.trainable],
              "lr": op.lr or cfg.train.lr, "warmup_steps": min(cfg.train.warmup_steps, op.steps // 4)}
@@ -154,6 +154,7 @@ def round_config(cfg, round_dir: Path, init_from: Path, mix_dir: Path | None):
     round_cfg = OmegaConf.merge(from_dict(to_container(cfg)), {
         "output_dir": str(round_dir), "shards_dir": str(shards_path(cfg)),
         "loss": {"kd_kind": op.offline_kd_kind or op.kd_kind, "generated_kd_kind": op.kd_kind,
+                 "generated_kd_weight": op.kd_weight,
                  "ce_weight": cfg.loss.ce_weight if op.ce_weight is None else op.ce_weight,
                  "vision": False, "contrastive": False},
         "train": {"stages": [stage, *drafters], "max_steps": None, "resume": True, "init_from": str(init_from),

@@ -143,6 +143,9 @@ class LossConfig:
     kd_kind: KDKind = KDKind.forward_kl  # forward_kl = KL(teacher||student) | reverse_kl | jsd
     # the KD on rows the student generated (on-policy rows, data/mix.py); null: kd_kind
     generated_kd_kind: KDKind | None = None
+    # null: one KD mean over every row; a number w: the offline rows' KD mean + w x the generated rows' mean, so
+    # generated rows add a term instead of diluting the offline one
+    generated_kd_weight: float | None = None
     temperature: float = 1.0  # softens teacher and student alike (the teacher tail at T != 1: docs/losses.md)
     ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
     uld_weight: float = 1.0  # student.tokenizer: weight of ULD (unaligned tokens) in the KD (docs/losses.md)
@@ -270,6 +273,9 @@ class OnPolicyConfig:
     kd_kind: KDKind = KDKind.jsd
     # The divergence on the rounds' offline rows; null: kd_kind (every row alike)
     offline_kd_kind: KDKind | None = None
+    # null: one KD mean over the window's rows (the continuations' share of it is `mix`); a number w: the offline
+    # rows' KD mean + w x the continuations' KD mean (loss.generated_kd_weight)
+    kd_weight: float | None = None
     # null: loss.ce_weight. CE covers the offline rows alone: on-policy rows are the student's own tokens
     ce_weight: float | None = None
     # the parts the rounds train; the vision tower and its adaptor heads stay frozen (the rounds have no vision term)

@@ -22,6 +22,8 @@ def test_tiny_and_default_configs_load_with_overrides():
     (["train.zero_stage=two"], "train.zero_stage"),
     (["collect.runner=spark"], "collect.runner"),
     (["data.shard_rows=[1]"], "data.shard_rows"),
+    (["onpolicy.kd_weight=-0.5"], "onpolicy.kd_weight"),
+    (["loss.generated_kd_weight=-1"], "loss.generated_kd_weight"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -91,6 +91,18 @@ def test_generated_rows_match_the_dense_loss():
     assert not torch.isclose(plain["lang_kd"], dense["lang_kd"])  # the generated row's divergence counts
 
 
+def test_generated_kd_weight_matches_the_dense_loss():
+    hidden, weight, targets, labels = case("plain", seed=4)
+    targets.generated = torch.tensor([[True], [False]]).expand(B, T)
+    spec = LanguageDistillLoss("forward_kl", 1.0, 0.5, mtp_weights=[0.5, 0.25], generated_kind="reverse_kl",
+                               generated_kd_weight=2.0)
+    dense, dense_grads, chunked, chunked_grads = both(spec, hidden, weight, targets, labels, chunk_size=3)
+    assert_same(dense, dense_grads, chunked, chunked_grads)
+    pooled = LanguageDistillLoss("forward_kl", 1.0, 0.5, mtp_weights=[0.5, 0.25], generated_kind="reverse_kl")(
+        F.linear(hidden[0], weight), targets, labels, [F.linear(h, weight) for h in hidden[1:]])
+    assert not torch.isclose(pooled["lang_kd"], dense["lang_kd"])  # the weight counts
+
+
 def test_without_gradients_the_values_are_the_same():
     hidden, weight, targets, labels = case("trimmed", seed=2)
     spec = LanguageDistillLoss("jsd", 1.0, 0.5, mtp_weights=[0.5, 0.5])

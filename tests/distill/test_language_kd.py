@@ -406,3 +406,27 @@ def test_generated_rows_take_their_own_divergence():
         language_kd_loss(student.float(), t, "forward_kl", generated_kind="kl")
     spec = LanguageDistillLoss("forward_kl", alpha=0.0, generated_kind="reverse_kl")
     torch.testing.assert_close(spec(student.float(), t)["lang_kd"], mean)
+
+
+def test_generated_kd_weight_adds_the_generated_rows_mean():
+    """With `generated_weight` the KD is the offline rows' mean + weight x the generated rows' mean: more or fewer
+    generated rows in a batch no longer change the offline rows' share of the gradient."""
+    teacher, student = make_case(3, 5, 40, 2.0, 2.0, seed=8)
+    t = sparse_targets(teacher, 8)
+    t.mask = t.mask.clone()
+    t.mask[2, 3:] = False  # padding stays out of both means
+    t.generated = torch.tensor([[False], [True], [False]]).expand(3, 5)
+    per = language_kd_loss(student.float(), t, "forward_kl", reduction="none", generated_kind="reverse_kl")
+    offline, generated = t.mask & ~t.generated, t.mask & t.generated
+    expected = per[offline].mean() + 0.3 * per[generated].mean()
+    got = language_kd_loss(student.float(), t, "forward_kl", generated_kind="reverse_kl", generated_weight=0.3)
+    torch.testing.assert_close(got, expected)
+    assert not torch.isclose(got, per[t.mask].mean())  # not the pooled mean
+    spec = LanguageDistillLoss("forward_kl", alpha=0.0, generated_kind="reverse_kl", generated_kd_weight=0.3)
+    torch.testing.assert_close(spec(student.float(), t)["lang_kd"], expected)
+    # no generated field (offline batches): the weight changes nothing
+    t.generated = None
+    torch.testing.assert_close(language_kd_loss(student.float(), t, generated_weight=0.3),
+                               language_kd_loss(student.float(), t))
+    with pytest.raises(ValueError, match="generated_kd_weight must be >= 0"):
+        LanguageDistillLoss(generated_kd_weight=-1.0)

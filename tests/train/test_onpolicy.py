@@ -165,6 +165,9 @@ def test_a_round_keeps_the_runs_drafter_stage(tmp_path):
     split = load_config(list(CONFIGS), ["onpolicy.kd_kind=reverse_kl", "onpolicy.offline_kd_kind=forward_kl"])
     split = round_config(split, tmp_path / "r1", tmp_path / "student", None)
     assert (split.loss.kd_kind, split.loss.generated_kd_kind) == ("forward_kl", "reverse_kl")
+    assert plain.loss.generated_kd_weight is None  # one KD mean, unless onpolicy.kd_weight says otherwise
+    added = round_config(load_config(list(CONFIGS), ["onpolicy.kd_weight=0.5"]), tmp_path / "r1", tmp_path / "s", None)
+    assert added.loss.generated_kd_weight == 0.5
     drafter = "{name: drafters, steps: 7, losses: [drafter], trainable: [mtp], micro_batch_size: 4}"
     cfg = load_config(list(CONFIGS), [f"train.stages=[{{name: joint, steps: 5}}, {drafter}]"])
     stages = resolve_stages(round_config(cfg, tmp_path / "r1", tmp_path / "student", tmp_path / "r1"), True)
