@@ -32,6 +32,8 @@ lower bound); `both` runs the two. Each result row says which (`accept`).
 `--top-k 1 2` runs a chain of drafts and a tree (top-k candidates per depth, see student/speculative.py).
 `costs_ms`: the parts of a step timed alone on the first prompt (median ms): the image encoding, the prefill,
 the decoder and the output head over 1 and over D + 1 positions, one MTP depth with its draft head.
+`aten_ops`: the aten ops a greedy token and a speculative round (depth D, chain, the draft vocabulary) dispatch
+beyond the work per prompt, counted (deterministic), and `tiny_op_us`, the time one tiny op takes here.
 Writes the JSON to `--out` (atomically) and prints it.
 """
 
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import student  # noqa: E402
@@ -204,6 +207,44 @@ def costs_ms(model, prompt, depth: int, draft_vocab, repeats: int = 50) -> dict:
             "mtp_depth_with_draft_head": median(mtp)}
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block (every op pays the same fixed CPU overhead)."""
+
+    def __enter__(self):
+        self.ops = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_counts(model, prompts, depth: int, eos, draft_vocab) -> dict:
+    """Aten ops per greedy token and per speculative round (chain drafting at `depth`), each without the work
+    shared by both per prompt (image, prefill, first token: a run with max_new_tokens=1), and the measured
+    microseconds a tiny op costs on this machine: the decoding loops at batch 1 are dispatch-bound here."""
+    def ops(fn, *args, **kwargs):
+        with OpCounter() as counter:
+            out = fn(*args, **kwargs)
+        return counter.ops, out
+
+    greedy = spec = tokens = rounds = shared_greedy = shared_spec = 0
+    for _, pixels, ids in prompts:
+        shared_greedy += ops(model.greedy_generate, pixels, ids, 1, eos_token_id=eos)[0]
+        shared_spec += ops(speculative_generate, model, pixels, ids, 1, eos, depth=depth, draft_vocab=draft_vocab)[0]
+        greedy += ops(model.greedy_generate, pixels, ids, 32, eos_token_id=eos)[0]
+        n, (_, stats) = ops(speculative_generate, model, pixels, ids, 32, eos, depth=depth, draft_vocab=draft_vocab)
+        spec, tokens, rounds = spec + n, tokens + stats["new_tokens"], rounds + stats["verify_forwards"]
+    x = torch.zeros(8)
+    start = time.perf_counter()
+    for _ in range(10000):
+        x.add_(1.0)
+    return {"depth": depth, "shared_per_prompt": round(shared_greedy / len(prompts), 1),
+            "greedy_per_token": round((greedy - shared_greedy) / max(tokens - len(prompts), 1), 1),
+            "speculative_per_round": round((spec - shared_spec) / max(rounds, 1), 1),
+            "tiny_op_us": round(100 * (time.perf_counter() - start), 2)}
+
+
 def load_model(args):
     if args.preset:
         torch.manual_seed(0)
@@ -270,11 +311,13 @@ def main() -> None:
             results += [run(models[mode], prompts, d, n, eos, v, mode, k, args.batch)
                         for n in args.max_new_tokens for v in vocabs for k in top_ks for d in depths]
         costs = costs_ms(model, prompts[0], depths[-1], vocabs[-1])
+        aten_ops = op_counts(model, prompts, depths[-1], eos, vocabs[-1])
     report = {"student": args.preset and f"untrained preset {args.preset}" or args.student,
               "mtp_depth": model.config.mtp_depth, "samples": len(prompts),
               "prompt_tokens": args.prompt_tokens, "batch": args.batch, "eos": eos, "draft_vocab": args.draft_vocab,
               "threads": torch.get_num_threads(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "costs_ms": costs, "results": results}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "costs_ms": costs, "aten_ops": aten_ops,
+              "results": results}
     text = json.dumps(report, indent=1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
