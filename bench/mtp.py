@@ -208,7 +208,7 @@ def costs_ms(model, prompt, depth: int, draft_vocab, repeats: int = 50) -> dict:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the block (every op pays the same fixed CPU overhead)."""
+    """Counts the aten ops dispatched inside the block (each pays a fixed CPU overhead)."""
 
     def __enter__(self):
         self.ops = 0

@@ -38,7 +38,7 @@ def _flat(t: SparseTargets) -> SparseTargets:
 
 
 def _head_terms(spec: LanguageDistillLoss, depth: int, length: int, targets: SparseTargets,
-                labels: Tensor | None) -> list[tuple[str, float, Tensor, object]]:
+                labels: Tensor | None) -> list[tuple[str, float, Tensor, object, Tensor | None]]:
     """Head `depth`'s terms as (key, weight in the depth's term, denominator, flat [1, B * length] target,
     flat per-position weights or None), the same terms, in the same order, as `LanguageDistillLoss.forward`."""
     suffix = "" if depth == 0 else f"/mtp{depth}"
