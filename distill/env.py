@@ -5,6 +5,9 @@ A value the user already set wins, so a user's PREFECT_API_URL or MLFLOW_TRACKIN
 """
 
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +37,12 @@ def apply_env_defaults() -> None:
         os.environ.setdefault(key, value)
     # Prefect does not create its home, and its sqlite database cannot open in a missing folder.
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    exit_on_sigterm()
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill`, a scheduler's stop) exit like Ctrl-C does, through the process's exit handlers:
+    Prefect stops the temporary server it started (else a uvicorn process outlives the run) and MLflow ends
+    its run. Only where SIGTERM still has its default action, and only from the main thread (Python's rule)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

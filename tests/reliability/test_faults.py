@@ -99,3 +99,20 @@ def test_servers_listen_on_loopback_only(tmp_path):
         ui.wait()
     cmd = launcher_command(load_config(ROOT / "configs/tiny.yaml", ["train.nproc=2"]), tmp_path / "c.yaml", None)
     assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
+
+
+def test_sigterm_runs_the_exit_handlers(tmp_path):
+    """After apply_env_defaults, SIGTERM exits through atexit (where Prefect stops its temporary server) with
+    code 143; without it the process would die at once and the handler never run."""
+    marker = tmp_path / "exit-handlers-ran"
+    script = ("import atexit, pathlib, time\n"
+              "from distill.env import apply_env_defaults\n"
+              "apply_env_defaults()\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert marker.read_text() == "yes"
