@@ -4,7 +4,10 @@ Metrics (MLflow names in brackets):
 - language teacher agreement, per head (main = `main`, MTP depth k = `mtp{k}`): top-1 agreement
   with the teacher's most likely token [eval/agreement/<head>] and the sparse top-k + tail
   KL(teacher‖student) at T=1, as in training [eval/kl/<head>];
-- caption perplexity under the main head, per student token [eval/perplexity];
+- caption perplexity under the main head, per student token [eval/perplexity], and the language teacher's on
+  the same tokens from its stored top-k + tail, a token outside the top-k counted at the whole tail mass: a
+  lower bound of the teacher's perplexity [eval/teacher_perplexity_bound; the teacher's tokenizer only]. A
+  student below it has passed its teacher on the captions, and from there KD pulls against CE;
 - a student with its own tokenizer (`student.tokenizer`) is evaluated through `CrossTokenizer`: agreement and
   KL on the positions whose next token aligns 1:1 with a teacher token, and their share of the positions with
   a teacher target [eval/aligned_fraction];
@@ -95,12 +98,14 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
     depth = model.config.mtp_depth
     heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
     sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
-    nll, n_tokens, unknown, aligned, reachable = 0.0, 0, [0, 0], [0, 0], 0
+    nll, n_tokens, unknown, aligned, reachable, teacher_nll = 0.0, 0, [0, 0], [0, 0], 0, 0.0
     token_map = TokenMap.from_config(model.config)  # a trimmed vocabulary: batches move to the student's ids
     grounded = {"image": [0, 0], "blank": [0, 0]}
     cos = {}
     feats, labels = [], []
     for items, batch in _batches(dataset, batch_size, pad_id, stds, device, cross):
+        if cross is None:  # in the teacher's ids, before a trimmed vocabulary moves them
+            teacher_nll += teacher_caption_nll(batch["lang"], batch["input_ids"])
         if token_map is not None:
             unknown = [a + b for a, b in zip(unknown, token_map.unknown_fraction(batch), strict=True)]
             batch = token_map.batch(batch)
@@ -149,6 +154,8 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         metrics[f"eval/agreement/{h}"] = sums[f"agree/{h}"] / count
         metrics[f"eval/kl/{h}"] = sums[f"kl/{h}"] / count
     metrics["eval/perplexity"] = float(np.exp(nll / max(n_tokens, 1)))
+    if cross is None:
+        metrics["eval/teacher_perplexity_bound"] = float(np.exp(teacher_nll / max(n_tokens, 1)))
     if token_map is not None or cross is not None:
         metrics["eval/teacher_top1_in_vocab"] = reachable / max(sums["count/main"], 1)
     if token_map is not None:  # caption tokens the trimmed vocabulary lacks (they count as its unknown token)
@@ -167,6 +174,15 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         metrics.update(probes(model, train_dataset, dataset, np.concatenate(feats), labels, stds, pad_id, batch_size,
                               device))
     return metrics
+
+
+def teacher_caption_nll(lang: dict, input_ids) -> float:
+    """The sum over the valid positions of -log p_teacher(next caption token), from the stored top-k + tail
+    (teacher ids): a token outside the top-k takes the tail's whole log-mass, so the sum is a lower bound."""
+    nxt = F.pad(input_ids[:, 1:], (0, 1))[..., None]
+    hit = lang["topk_ids"] == nxt
+    logp = torch.where(hit.any(-1), (lang["topk_logprobs"] * hit).sum(-1), lang["tail_logprob"])
+    return float(-torch.where(lang["mask"], logp, 0.0).sum())
 
 
 def agreement_and_kl(logits, targets: SparseTargets, depth: int = 0) -> tuple[float, float, int]:

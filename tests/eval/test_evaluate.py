@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from distill.evaluate import agreement_and_kl, grounded_positions
+from distill.evaluate import agreement_and_kl, grounded_positions, teacher_caption_nll
 from distill.losses import SparseTargets
 from distill.report import better, report
 
@@ -30,6 +30,26 @@ def test_a_model_agrees_with_itself_and_has_zero_kl(depth):
     other = torch.randn(3, 7, 50)
     agree2, kl2, _ = agreement_and_kl(other, _targets_from(logits, 8), depth)
     assert agree2 < n and kl2 > 0.1
+
+
+def test_teacher_caption_nll_reads_the_next_token_from_top_k_or_the_tail():
+    """Position t scores caption token t+1: its top-k log-prob where the teacher ranked it, else the whole tail
+    (an upper bound of its probability); masked positions count nothing."""
+    logits = torch.randn(2, 4, 30)
+    targets = _targets_from(logits, 5)
+    logp = logits.log_softmax(-1)
+    nxt = torch.stack([targets.topk_ids[0, :, 2], targets.topk_ids[1, :, 0]])  # in the top-k ...
+    nxt[1, 1] = logp[1, 1].argsort()[0]  # ... but after position 1 of row 1: the teacher's least likely token
+    ids = torch.cat([torch.zeros(2, 1, dtype=torch.long), nxt[:, :3]], 1)  # position t predicts ids[:, t + 1]
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[:, 3] = False  # nothing after the last token
+    mask[0, 2] = False  # padding
+    lang = {"topk_ids": targets.topk_ids, "topk_logprobs": targets.topk_logprobs,
+            "tail_logprob": targets.tail_logprob, "mask": mask}
+    expected = -(logp[0, 0, nxt[0, 0]] + logp[0, 1, nxt[0, 1]] + logp[1, 0, nxt[1, 0]] + targets.tail_logprob[1, 1]
+                 + logp[1, 2, nxt[1, 2]])
+    assert teacher_caption_nll(lang, ids) == pytest.approx(float(expected), rel=1e-5)
+    assert float(targets.tail_logprob[1, 1]) > float(logp[1, 1, nxt[1, 1]])  # the tail bounds the token's log-prob
 
 
 def test_grounded_positions_find_the_tokens_of_the_word(tiny_collected):
@@ -68,6 +88,7 @@ def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
                 "mtp/tau", "mtp/tokens_per_forward", "mtp/speedup"):
         assert key in m, key
     assert 0 <= m["eval/agreement/main"] <= 1 and m["eval/perplexity"] > 1
+    assert m["eval/teacher_perplexity_bound"] == m["baseline/eval/teacher_perplexity_bound"] > 1  # data alone
     assert "baseline/eval/vision/vit/patch_cos" not in m  # the CE-only student has no vision heads
     text = Path(result["report"]).read_text()
     assert "| eval/agreement/main |" in text and "CE-only baseline" in text
