@@ -32,6 +32,8 @@ lower bound); `both` runs the two. Each result row says which (`accept`).
 `--top-k 1 2` runs a chain of drafts and a tree (top-k candidates per depth, see student/speculative.py).
 `costs_ms`: the parts of a step timed alone on the first prompt (median ms): the image encoding, the prefill,
 the decoder and the output head over 1 and over D + 1 positions, one MTP depth with its draft head.
+At batch 1 `drafting_seconds` is the time the speculative runs spent drafting and `speedup_with_free_drafts`
+the speed-up with that time taken out: what any cheaper drafting could reach at the same tau.
 `aten_ops`: the aten ops a greedy token and a speculative round (depth D, chain, the draft vocabulary) dispatch
 beyond the work per prompt, counted (deterministic), and `tiny_op_us`, the time one tiny op takes here.
 Writes the JSON to `--out` (atomically) and prints it.
@@ -51,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import student  # noqa: E402
+import student.speculative as speculative  # noqa: E402
 from data.dataset import image_tensor  # noqa: E402
 from data.shards import load_manifest, read_shard  # noqa: E402
 from data.targets import decode_language_row  # noqa: E402
@@ -106,10 +109,27 @@ def batches(prompts, size: int):
     return [group[i:i + size] for group in by_length.values() for i in range(0, len(group), size)]
 
 
+class DraftTimer:
+    """Times `student.speculative._draft` (the MTP depths and their draft heads) inside a timed batch-1 run."""
+
+    def __enter__(self):
+        self.seconds, self.draft = 0.0, speculative._draft
+        speculative._draft = self._timed
+        return self
+
+    def _timed(self, *args):
+        start = time.perf_counter()
+        self.draft(*args)
+        self.seconds += time.perf_counter() - start
+
+    def __exit__(self, *exc):
+        speculative._draft = self.draft
+
+
 def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model", top_k=1, batch=1):
     totals = {"new_tokens": 0, "main_forwards": 0, "verify_forwards": 0, "proposed": [0] * depth,
               "accepted": [0] * depth, "sibling_accepted": 0}
-    greedy_s = spec_s = 0.0
+    greedy_s = spec_s = draft_s = 0.0
     differing = []
     row_forwards = 0  # batched forwards x rows in the batch
     for group in batches(prompts, batch):
@@ -118,9 +138,10 @@ def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model",
         expected = model.greedy_generate(pixels, ids, max_new_tokens, eos_token_id=eos)
         mid = time.perf_counter()
         if batch == 1:
-            tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens, eos, depth=depth,
-                                                 draft_vocab=draft_vocab, top_k=top_k)
-            rows = [stats]
+            with DraftTimer() as drafting:
+                tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens, eos, depth=depth,
+                                                     draft_vocab=draft_vocab, top_k=top_k)
+            rows, draft_s = [stats], draft_s + drafting.seconds
         else:
             tokens, stats = speculative_generate_batch(model, pixels, ids, max_new_tokens, eos, depth=depth,
                                                        draft_vocab=draft_vocab, top_k=top_k)
@@ -153,6 +174,10 @@ def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model",
         "greedy_seconds": round(greedy_s, 3),
         "speculative_seconds": round(spec_s, 3),
         "speedup": greedy_s / spec_s,
+        # batch 1: the seconds of the speculative run spent drafting (the MTP depths and draft heads), and the
+        # speed-up if drafting cost nothing: the ceiling of cheaper drafts at this tau
+        **({"drafting_seconds": round(draft_s, 3), "speedup_with_free_drafts": greedy_s / (spec_s - draft_s)}
+           if batch == 1 else {}),
         # per verification round and per greedy token (the prefills included): the speed-up at another tau is
         # about tau * greedy_ms_per_token / speculative_ms_per_round, a round costing the same whatever it accepts
         # (with a batch: per row's round and per row's token)
