@@ -106,7 +106,8 @@ class DistillObjective(nn.Module):
                            attention_mask=batch["attention_mask"], text_logits_only=True,
                            branch_hook=self.taps if self.training and self.measure else None,
                            language=decoder, contrastive=self.use_contrastive,
-                           head_states=chunked or self.use_drafter)
+                           head_states=chunked or self.use_drafter,
+                           teacher_heads=bool(self.vision))  # no masked view in a stage with no vision term
         losses, logs = {}, {}
         if chunked:
             parts = chunked_language_loss(self.language, out.head_states, self.student.get_output_embeddings().weight,

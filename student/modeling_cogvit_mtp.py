@@ -221,7 +221,7 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
     @generation_forward
     def forward(self, pixel_values, input_ids=None, attention_mask=None, labels=None, image_mask=None,
                 return_dict: bool = True, text_logits_only: bool = False, branch_hook=None, language: bool = True,
-                contrastive: bool = False, head_states: bool = False):
+                contrastive: bool = False, head_states: bool = False, teacher_heads: bool = True):
         """pixel_values [B, C, H, W] (H, W multiples of patch_size * spatial_merge_size); input_ids [B, T]
         caption tokens (None: the vision part only, no decoder); attention_mask [B, T] (1 = token, right
         padding only); labels [B, T] caption-aligned targets (usually `input_ids`; IGNORE_INDEX = -100
@@ -256,7 +256,10 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
         self._check_pixels(pixel_values)
         p = self.config.patch_size
         grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)
-        if image_mask is None and self.training and self.config.mask_ratio > 0 and len(self.teacher_heads):
+        heads = self.teacher_heads if teacher_heads else {}
+        if not heads:
+            image_mask = None
+        elif image_mask is None and self.training and self.config.mask_ratio > 0:
             image_mask = sample_image_mask(batch, *grid, self.config.mask_ratio, pixel_values.device)
         if image_mask is not None and tuple(image_mask.shape) != (batch, *grid):
             raise ValueError(f"image_mask has shape {tuple(image_mask.shape)}, expected {(batch, *grid)} "
@@ -276,10 +279,10 @@ class CogViTMTPForDistillation(PreTrainedModel, CogViTMTPGenerationMixin):
             summary, masked_summary = both_summary[:batch], both_summary[batch:]
         names = summary_names(self.config)
         teacher_outputs = {name: head(tap(name, masked_summary[:, names.index(name)]), tap(name, masked_patches), grid)
-                           for name, head in self.teacher_heads.items()}
+                           for name, head in heads.items()}
         mask = None
         if image_mask is not None:
-            mask = {name: pool_mask(image_mask.bool(), head.grid) for name, head in self.teacher_heads.items()}
+            mask = {name: pool_mask(image_mask.bool(), head.grid) for name, head in heads.items()}
         text = {} if not language else self._language(
             tap("language", patches), grid, input_ids, attention_mask, labels, text_logits_only, head_states)
         if contrastive:

@@ -101,4 +101,4 @@ def test_no_mtp_and_no_teachers(make_model, batch):
     pixels, ids, mask = batch
     out = model(pixels, ids, mask, labels=ids, image_mask=torch.ones(2, 4, 4, dtype=torch.bool))
     assert out.mtp_logits == () and out.mtp_losses == () and torch.equal(out.loss, out.lm_loss)
-    assert out.teacher_outputs == {} and out.mask == {}
+    assert out.teacher_outputs == {} and out.mask is None and out.image_mask is None  # no heads, no masked view

@@ -95,6 +95,22 @@ def test_masked_patches_become_the_mask_token(make_model):
     assert not torch.allclose(x_changed[1, N_SUMMARY], x[1, N_SUMMARY])
 
 
+def test_without_teacher_heads_the_tower_runs_the_clean_view_alone(make_model):
+    """A training step with no vision term (`teacher_heads=False`) draws no mask and passes the tower once;
+    with the heads, training mode draws a mask and the tower takes both views."""
+    model = make_model(mask_ratio=0.5).train()
+    pixels, ids = torch.randn(2, 3, 28, 28), torch.zeros(2, 3, dtype=torch.long)
+    sizes = []
+    hook = model.vision.layers[0].register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    plain = model(pixels, ids, teacher_heads=False, text_logits_only=True)
+    both = model(pixels, ids, text_logits_only=True)
+    hook.remove()
+    assert sizes == [2, 4]
+    assert plain.teacher_outputs == {} and plain.image_mask is None and plain.mask is None
+    assert set(both.teacher_outputs) == {"sig", "dino"} and both.image_mask is not None
+    assert plain.logits.shape == both.logits.shape
+
+
 def test_language_reads_the_clean_image(make_model):
     # Masked-image distillation hides patches from the teacher heads only: captions see the whole image.
     model = make_model()
