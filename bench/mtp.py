@@ -331,7 +331,9 @@ def main() -> None:
     prompts = test_prompts(samples, targets, args.n, args.prompt_tokens, args.image_size)
     results = []
     with torch.no_grad():
-        run(model, prompts[:max(2, args.batch)], depths[0], 8, eos, vocabs[-1], batch=args.batch)  # warm-up
+        for d in depths:  # warm-up, also of the output head's layout choice per row count (speculative.head_scores)
+            for k in top_ks:
+                run(model, prompts[:max(2, args.batch)], d, 8, eos, vocabs[-1], top_k=k, batch=args.batch)
         for mode in modes:
             results += [run(models[mode], prompts, d, n, eos, v, mode, k, args.batch)
                         for n in args.max_new_tokens for v in vocabs for k in top_ks for d in depths]

@@ -28,8 +28,9 @@ Cost (what makes it faster than greedy on a small model, whose output head domin
   for the whole generation: no concatenation grows with the sequence.
 - One host sync per round (reading the drafts and the main head's choices to decide acceptance); the drafts
   stay on the device while drafting.
-- `greedy_tokens` scores the output head as `W @ x.T` with at least two columns (MKL's one-column CPU path is
-  2-3x slower); `greedy_generate` uses it too, so the speed-up compares like with like.
+- `greedy_tokens` scores the output head in the faster of two layouts for the number of rows, measured once per
+  shape and thread count on first use (`head_scores`): on CPU which of MKL's paths wins depends on the host;
+  `greedy_generate` uses it too, so the speed-up compares like with like.
 
 Batch size 1 here: rows accept different numbers of drafts, so a batch needs per-row cache lengths and ragged
 position ids in one forward: `speculative_batch.speculative_generate_batch` does that for prompts of one
@@ -52,6 +53,8 @@ Stats (all counts over verification rounds; the first token always comes from th
   top-1 chain); `sibling_accepted`: rounds where a tree sibling was accepted (it counts as depth j's accept);
   `top_k` and `draft_vocab_size`: the settings used.
 """
+
+import time
 
 import torch
 
@@ -97,11 +100,14 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
     # x_L, then this round's drafts.
     tok = text.new_empty(1, total + depth, text.shape[-1])
     tok[:, :prompt_len + 1] = model.mtp_token_embeddings(torch.cat([input_ids, token], dim=1), n_img)
+    head_dim = config.hidden_size // config.num_attention_heads
     mtp_caches = [KVCache(1, max_length=total) for _ in range(depth)]
+    # RoPE and the causal mask of every position, for the MTP depths (cheaper than building them per call)
+    mtp_inputs = (*rope_cos_sin(torch.arange(total, device=device), head_dim, config.rope_theta),
+                  torch.ones(total, total, dtype=torch.bool, device=device).tril())
     fed = torch.empty(1, depth + 1, dtype=torch.long, device=device)  # [x_L, d_1..d_n] of a round
     siblings = torch.empty(depth, top_k - 1, dtype=torch.long, device=device) if top_k > 1 else None
     trees = {}  # n -> (position offsets, attention mask among the nodes) of a tree with n depths
-    head_dim = config.hidden_size // config.num_attention_heads
 
     stats = {"depth": depth, "draft_vocab_size": config.vocab_size if draft_ids is None else len(draft_ids),
              "proposed": [0] * depth, "accepted": [0] * depth, "main_forwards": 1, "tokens_per_round": [],
@@ -110,7 +116,7 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
         length = cache.length  # L: position of the last verified token, not yet in the decoder cache
         n_draft = min(depth, max_new_tokens - len(new) - 1)
         fed[0, 0] = new[-1]
-        _draft(model, n_draft, length, hidden, mtp_caches, tok, fed, siblings, draft_ids, draft_head)
+        _draft(model, n_draft, length, hidden, mtp_caches, tok, fed, siblings, draft_ids, draft_head, mtp_inputs)
 
         # Verify x_L and the drafts with one decoder forward; one host sync reads the drafts and the choices.
         tree = siblings is not None and n_draft > 0
@@ -223,13 +229,42 @@ def greedy_tokens(model, hidden):
 
 
 def _argmax_rows(weight, x):
-    """argmax over the rows of `weight` [V, d] of `weight @ x_i` for each x_i of `x` [n, d] -> [n]. Computed as
-    `weight @ x.T` with at least two columns: on CPU, MKL's matrix-vector product (one column, what a
-    one-token `nn.Linear` runs) is 2-3x slower here than its matrix-matrix product for a large vocab."""
+    """argmax over the rows of `weight` [V, d] of `weight @ x_i` for each x_i of `x` [n, d] -> [n] (the first
+    of tied maxima, as `argmax`; `max(...).indices` is 2-3x faster than `argmax` on CPU)."""
+    return head_scores(weight, x).max(1).indices
+
+
+_LAYOUTS = {}  # (rows, V, d, dtype, threads) -> the faster of _by_rows / _by_columns, measured on first use
+
+
+def head_scores(weight, x):
+    """Scores `x @ weight.T` [n, V] of `x` [n, d] against the rows of `weight` [V, d], in the layout that is
+    faster on this CPU for n rows (same values up to float rounding). On CPU the two layouts run different MKL
+    paths and which wins depends on the host: one host ran one row 2-3x slower than a [V, 2] product, another
+    ran the [V, n] product 2x slower than the [n, V] one at every n. Each is timed a few times on first use."""
+    if x.device.type != "cpu":
+        return _by_rows(weight, x)
+    key = (x.shape[0], *weight.shape, weight.dtype, torch.get_num_threads())
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = min((_by_rows, _by_columns), key=lambda layout: _seconds(layout, weight, x))
+    return _LAYOUTS[key](weight, x)
+
+
+def _by_rows(weight, x):
+    return x @ weight.T  # what a one-token nn.Linear runs
+
+
+def _by_columns(weight, x):
     n = x.shape[0]
-    if n == 1:
-        x = torch.cat([x, x])
-    return (weight @ x.T).argmax(0)[:n]
+    return (weight @ (torch.cat([x, x]) if n == 1 else x).T).T[:n]  # [V, >= 2]: a matrix-matrix product
+
+
+def _seconds(layout, weight, x, repeats: int = 3) -> float:
+    layout(weight, x)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        layout(weight, x)
+    return time.perf_counter() - start
 
 
 def _tree(n, top_k, device):
@@ -256,19 +291,23 @@ def _draft_head(model, draft_vocab):
     return ids, weight[ids]
 
 
-def _draft(model, n_draft, length, hidden, mtp_caches, tok, fed, siblings, draft_ids, draft_head):
+def _draft(model, n_draft, length, hidden, mtp_caches, tok, fed, siblings, draft_ids, draft_head, mtp_inputs):
     """Run MTP depths 1..n_draft at the positions each still needs, up to L-1 (L = `length`), and write the
     drafts d_1..d_n to `fed[:, 1:]` and, for a tree, each depth's next best tokens to `siblings[k-1]` (on the
-    device: no host sync). Leaves each depth's cache at the positions whose inputs are verified."""
+    device: no host sync). Leaves each depth's cache at the positions whose inputs are verified. `mtp_inputs`:
+    cos, sin [total, head_dim] and the causal mask [total, total] of every position (`forward_mtp_depth`'s)."""
+    cos, sin, causal = mtp_inputs
     for k in range(1, n_draft + 1):
         cache = mtp_caches[k - 1]
         start = cache.length
+        mask = None if length - start == 1 else causal[start:length, :length][None, None]  # one query sees all
         # Inputs: h^{k-1} and the tokens x_{start+k}..x_{L-1+k} (verified up to x_L, then d_1..d_{k-1}).
-        out, _ = model.forward_mtp_depth(k, hidden[k - 1:k, start:length], tok[:, start + k:length + k], cache=cache)
+        out = model.mtp[k - 1](hidden[k - 1:k, start:length], tok[:, start + k:length + k], cos[start:length],
+                               sin[start:length], mask, cache)
         hidden[k, start:length] = out[0]
         x = model.mtp[k - 1].norm(out[:, -1])
-        scores = (draft_head @ torch.cat([x, x]).T)[:, 0]  # two columns: see _argmax_rows
-        draft = scores.argmax(0, keepdim=True)
+        scores = head_scores(draft_head, x)[0]
+        draft = scores.max(0, keepdim=True).indices
         fed[:, k] = draft if draft_ids is None else draft_ids[draft]
         if siblings is not None:
             rest = scores.index_fill(0, draft, float("-inf")).topk(siblings.shape[1]).indices

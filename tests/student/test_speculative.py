@@ -269,6 +269,28 @@ def test_greedy_tokens_are_the_argmax_of_the_main_logits():
         assert torch.equal(student.speculative.greedy_tokens(model, hidden), expected)
 
 
+
+def test_head_scores_measures_each_layout_once_and_both_agree():
+    spec = student.speculative
+    weight = torch.randn(300, 16)
+    for n in (1, 2, 3, 5):
+        x = torch.randn(n, 16)
+        expected = x @ weight.T
+        for layout in (spec._by_rows, spec._by_columns):
+            assert layout(weight, x).shape == (n, 300)
+            assert torch.allclose(layout(weight, x), expected, atol=1e-5)
+        key = (n, 300, 16, torch.float32, torch.get_num_threads())
+        spec._LAYOUTS.pop(key, None)
+        assert torch.allclose(spec.head_scores(weight, x), expected, atol=1e-5)
+        chosen = spec._LAYOUTS[key]
+        assert chosen in (spec._by_rows, spec._by_columns)
+        spec._LAYOUTS[key] = spec._by_columns  # a cached choice is used as it stands, not measured again
+        assert torch.equal(spec.head_scores(weight, x), spec._by_columns(weight, x))
+        spec._LAYOUTS[key] = chosen
+        assert torch.equal(spec._argmax_rows(weight, x), expected.argmax(1))
+    tied = torch.zeros(2, 16)  # all scores equal: the first index, as argmax gives
+    assert spec._argmax_rows(weight, tied).tolist() == [0, 0]
+
 @pytest.mark.parametrize("depth,top_k", [(1, 2), (2, 2), (3, 3)])
 def test_tree_drafting_matches_greedy_and_accepts_siblings(depth, top_k):
     # Tiny vocabs: the top-1 draft is often wrong while a sibling is right, so sibling acceptance happens.
