@@ -269,7 +269,6 @@ def test_greedy_tokens_are_the_argmax_of_the_main_logits():
         assert torch.equal(student.speculative.greedy_tokens(model, hidden), expected)
 
 
-
 def test_head_scores_measures_each_layout_once_and_both_agree():
     spec = student.speculative
     weight = torch.randn(300, 16)
@@ -290,6 +289,7 @@ def test_head_scores_measures_each_layout_once_and_both_agree():
         assert torch.equal(spec._argmax_rows(weight, x), expected.argmax(1))
     tied = torch.zeros(2, 16)  # all scores equal: the first index, as argmax gives
     assert spec._argmax_rows(weight, tied).tolist() == [0, 0]
+
 
 @pytest.mark.parametrize("depth,top_k", [(1, 2), (2, 2), (3, 3)])
 def test_tree_drafting_matches_greedy_and_accepts_siblings(depth, top_k):
