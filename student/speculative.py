@@ -42,8 +42,9 @@ sibling and the main head's token after it are accepted (siblings are leaves: de
 chain only).
 
 Stats (all counts over verification rounds; the first token always comes from the prefill):
-- `proposed[k-1]`: rounds where d_k was verified *and* d_1..d_{k-1} were all accepted (so d_k could still be
-  accepted); `accepted[k-1]`: rounds where d_1..d_k were all accepted. `acceptance[k-1]` = accepted / proposed
+- `proposed[k-1]`: rounds where d_k was verified *and* d_1..d_{k-1} were all accepted, none of them eos (so d_k
+  could still be accepted: a draft after an accepted eos is never a candidate, as nothing after eos is emitted);
+  `accepted[k-1]`: rounds where d_1..d_k were all accepted. `acceptance[k-1]` = accepted / proposed
   (None when never proposed): the conditional acceptance rate of depth k.
 - `main_forwards`: decoder forwards including the prefill; `verify_forwards` = main_forwards - 1.
 - `tokens_per_forward`: new tokens / main_forwards (greedy decoding has exactly 1.0).
@@ -137,18 +138,13 @@ def speculative_generate(model, pixel_values, input_ids=None, max_new_tokens: in
         read = torch.cat([nodes[0, 1:], choice]).tolist()
         q = nodes.shape[1]
         drafts, cands, choice = read[:n_draft], read[n_draft:q - 1], read[q - 1:]
-        n_acc = 0
-        while n_acc < n_draft and drafts[n_acc] == choice[n_acc]:
-            n_acc += 1
+        n_acc, ended = accept_drafts(drafts, choice, eos)
         hit = None  # node index of the accepted sibling, where the chain broke at a depth whose sibling was right
-        if tree and n_acc < n_draft:
+        if tree and n_acc < n_draft and not ended:
             row = cands[n_acc * (top_k - 1):(n_acc + 1) * (top_k - 1)]
             if choice[n_acc] in row:
                 hit = n_draft + 1 + n_acc * (top_k - 1) + row.index(choice[n_acc])
-        # depths whose draft (or a sibling) was verified with all earlier ones right
-        for k in range(n_acc + (n_acc < n_draft)):
-            stats["proposed"][k] += 1
-            stats["accepted"][k] += int(k < n_acc or hit is not None)
+        count_drafts(stats, n_acc, n_draft, ended, hit is not None)
         stats["drafts"].append((length, drafts))
 
         emitted = drafts[:n_acc] + [choice[n_acc]]
@@ -208,6 +204,25 @@ def _prefix(model, pixel_values, input_ids, max_new_tokens):
         raise ValueError(f"{n_img} image + {input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
                          f"max_position_embeddings={model.config.max_position_embeddings}")
     return image_embeds, prompt_len, prompt_len + max_new_tokens
+
+
+def accept_drafts(drafts, choice, eos):
+    """(a, ended): d_1..d_a equal the main head's choices p_0..p_{a-1} (`drafts`, `choice` as host lists), and
+    whether the chain ended at an accepted eos, after which nothing is emitted, so later drafts were no candidates."""
+    n = 0
+    while n < len(drafts) and drafts[n] == choice[n]:
+        n += 1
+        if drafts[n - 1] == eos:
+            return n, True
+    return n, False
+
+
+def count_drafts(stats, n_acc, n_draft, ended, sibling=False):
+    """Add a round to `stats["proposed"]` / `["accepted"]`: the depths whose draft (or a tree sibling) was verified
+    with all earlier drafts right and none of them eos, and of those the ones accepted (see the module docstring)."""
+    for k in range(n_acc + (n_acc < n_draft and not ended)):
+        stats["proposed"][k] += 1
+        stats["accepted"][k] += int(k < n_acc or sibling)
 
 
 def _summarize(stats, n_new):

@@ -26,7 +26,7 @@ import torch
 
 from .decoder import KVCache, StaticLayer
 from .layers import rope_cos_sin
-from .speculative import _argmax_rows, _prefix, _prepare, _summarize, greedy_tokens
+from .speculative import _argmax_rows, _prefix, _prepare, _summarize, accept_drafts, count_drafts, greedy_tokens
 
 
 class RaggedLayer(StaticLayer):
@@ -151,13 +151,9 @@ def speculative_generate_batch(model, pixel_values, input_ids=None, max_new_toke
         for b in active:
             n_row = min(n_draft, room[b])
             drafts, choice = read[b][:n_row], read[b][n_draft:]
-            n_acc = 0
-            while n_acc < n_row and drafts[n_acc] == choice[n_acc]:
-                n_acc += 1
+            n_acc, ended = accept_drafts(drafts, choice, eos)
             stats = rows[b]
-            for k in range(n_acc + (n_acc < n_row)):
-                stats["proposed"][k] += 1
-                stats["accepted"][k] += int(k < n_acc)
+            count_drafts(stats, n_acc, n_row, ended)
             stats["drafts"].append((lens[b], drafts))
             emitted = drafts[:n_acc] + [choice[n_acc]]
             if eos is not None and eos in emitted:

@@ -45,6 +45,14 @@ def cases(n, vocab, seed, low=0):
     return out
 
 
+def six_token_cases(depth, seeds, case_seed):
+    """(model, pixel_values, prompt ids, prompt length) over tiny 6-token models: their outputs hit every token."""
+    for seed in seeds:
+        model = tiny(depth, vocab=6, seed=seed)
+        for pixels, ids in cases(6, 6, seed=case_seed + seed):
+            yield model, pixels, ids, 0 if ids is None else ids.shape[1]
+
+
 def greedy(model, pixels, ids, n, eos=None):
     with torch.no_grad():
         return model.greedy_generate(pixels, ids, max_new_tokens=n, eos_token_id=eos)
@@ -79,23 +87,42 @@ def test_matches_greedy_with_a_random_vocab(depth):
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_eos_stops_at_the_same_token_as_greedy(depth):
     hits = 0
-    for seed in range(2):
-        model = tiny(depth, vocab=6, seed=seed)
-        for pixels, ids in cases(6, 6, seed=20 + seed):
-            prompt_len = 0 if ids is None else ids.shape[1]
-            free = greedy(model, pixels, ids, 10)[0, prompt_len:]
-            for eos in free.unique().tolist():  # every token the free run emits, at first or later steps
-                tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=10, eos_token_id=eos)
-                expected = greedy(model, pixels, ids, 10, eos=eos)
-                assert torch.equal(tokens, expected)
-                assert tokens[0, -1] == eos and stats["new_tokens"] == (free == eos).nonzero()[0, 0] + 1
-                hits += 1
-            # the config's eos is the default, as in greedy_generate
-            model.config.eos_token_id = int(free[-1])
-            assert torch.equal(speculative_generate(model, pixels, ids, max_new_tokens=10)[0],
-                               greedy(model, pixels, ids, 10))
-            model.config.eos_token_id = None
+    for model, pixels, ids, prompt_len in six_token_cases(depth, range(2), 20):
+        free = greedy(model, pixels, ids, 10)[0, prompt_len:]
+        for eos in free.unique().tolist():  # every token the free run emits, at first or later steps
+            tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=10, eos_token_id=eos)
+            expected = greedy(model, pixels, ids, 10, eos=eos)
+            assert torch.equal(tokens, expected)
+            assert tokens[0, -1] == eos and stats["new_tokens"] == (free == eos).nonzero()[0, 0] + 1
+            hits += 1
+        # the config's eos is the default, as in greedy_generate
+        model.config.eos_token_id = int(free[-1])
+        assert torch.equal(speculative_generate(model, pixels, ids, max_new_tokens=10)[0],
+                           greedy(model, pixels, ids, 10))
+        model.config.eos_token_id = None
     assert hits > 10
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_no_draft_after_an_accepted_eos_counts_as_proposed(depth):
+    # Nothing after eos is emitted, so once d_j = eos is accepted the later drafts of the round were no candidates:
+    # counting them as rejected would understate the acceptance of the deeper depths.
+    after_eos = 0
+    for model, pixels, ids, prompt_len in six_token_cases(depth, range(3), 30):
+        for eos in range(6):
+            tokens, stats = speculative_generate(model, pixels, ids, max_new_tokens=12, eos_token_id=eos)
+            out, pos = tokens[0, prompt_len:].tolist(), 1
+            proposed, accepted = [0] * depth, [0] * depth
+            for (_, drafts), n in zip(stats["drafts"], stats["tokens_per_round"], strict=True):
+                emitted, pos = out[pos:pos + n], pos + n  # the accepted drafts, then the main head's token
+                pairs = zip(drafts, emitted, strict=False)
+                a = next((j for j, (d, e) in enumerate(pairs) if d != e), min(len(drafts), n))
+                after_eos += eos in drafts[:a] and a < len(drafts)
+                for k in range(1, len(drafts) + 1):
+                    proposed[k - 1] += a >= k - 1 and eos not in drafts[:k - 1]
+                    accepted[k - 1] += a >= k
+            assert stats["proposed"] == proposed and stats["accepted"] == accepted
+    assert after_eos > 0  # the case happened: an accepted eos draft with later drafts in its round
 
 
 @pytest.mark.parametrize("depth,top_k", [(2, 1), (3, 1), (2, 3), (3, 2)])
