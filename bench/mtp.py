@@ -14,7 +14,9 @@ only: with N > 1 `--top-k` defaults to, and must be, 1); N = 1 runs `speculative
 For every number of new tokens and drafting depth D, with the full-vocab draft head and with the draft
 vocabulary, it reports:
 tokens per main-model forward with the prefill counted and without it (= tau, the mean tokens per
-verification round), acceptance per depth (accepted / proposed, see student/speculative.py), the wall-clock
+verification round), acceptance per depth (accepted / proposed, see student/speculative.py; a draft after an
+accepted eos is not proposed), `fewest_verify_forwards` (the rounds that drafts always accepted would need for the
+same outputs, ceil((new tokens - 1) / (D + 1)) per output, against `verify_forwards`), the wall-clock
 speed-up (greedy seconds / speculative seconds) and how many outputs differ from greedy. Tokens per forward,
 tau and acceptance are per row (a row's stats in a batch equal its own at batch 1);
 `batch_tokens_per_forward` = new tokens / (rows x batched forwards) is what the batch gets, lower when its
@@ -128,7 +130,7 @@ class DraftTimer:
 
 def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model", top_k=1, batch=1):
     totals = {"new_tokens": 0, "main_forwards": 0, "verify_forwards": 0, "proposed": [0] * depth,
-              "accepted": [0] * depth, "sibling_accepted": 0}
+              "accepted": [0] * depth, "sibling_accepted": 0, "fewest_verify_forwards": 0}
     greedy_s = spec_s = draft_s = 0.0
     differing = []
     row_forwards = 0  # batched forwards x rows in the batch
@@ -152,6 +154,8 @@ def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model",
         for stats in rows:
             for key in ("new_tokens", "main_forwards", "verify_forwards", "sibling_accepted"):
                 totals[key] += stats[key]
+            # at full acceptance a round emits D + 1 tokens: no drafter needs fewer rounds for the same output
+            totals["fewest_verify_forwards"] += -(-(stats["new_tokens"] - 1) // (depth + 1))
             for k in range(depth):
                 totals["proposed"][k] += stats["proposed"][k]
                 totals["accepted"][k] += stats["accepted"][k]
@@ -170,6 +174,8 @@ def run(model, prompts, depth, max_new_tokens, eos, draft_vocab, accept="model",
         "acceptance": [a / p if p else None for a, p in zip(totals["accepted"], totals["proposed"], strict=True)],
         "new_tokens": totals["new_tokens"],
         "main_forwards": totals["main_forwards"],
+        "verify_forwards": totals["verify_forwards"],
+        "fewest_verify_forwards": totals["fewest_verify_forwards"],
         "batch_tokens_per_forward": totals["new_tokens"] / row_forwards,
         "greedy_seconds": round(greedy_s, 3),
         "speculative_seconds": round(spec_s, 3),
