@@ -33,6 +33,7 @@ from distill.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()
 
+from data.shards import atomic_write_json  # noqa: E402
 from distill.config import load_config, output_path, shards_path, teacher_configs, to_container  # noqa: E402
 
 # The figures the default run reached before this benchmark existed (docs/training.md, 150-step
@@ -76,7 +77,7 @@ def train_and_evaluate(cfg, arm: str, seed: int, ablation: bool) -> dict:
     print(json.dumps({"arm": arm, "seed": seed, "train_seconds": round(seconds, 1),
                       "probe": rows[arm].get("eval/probe/student")}), flush=True)
     result = {"seconds": seconds, "rows": rows}
-    done.write_text(json.dumps(result, indent=1))
+    atomic_write_json(done, result)  # a killed run never leaves a half-written marker
     return result
 
 

@@ -29,6 +29,7 @@ from distill.env import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()
 
+from data.shards import atomic_write_json  # noqa: E402
 from distill.config import load_config, output_path, shards_path, teacher_configs, to_container  # noqa: E402
 
 ARMS = {"onpolicy": [], "offline": ["onpolicy.mix=0"]}
@@ -55,7 +56,7 @@ def run_arm(cfg, student: Path) -> dict:
     if not start.exists():
         start.symlink_to(student.resolve(), target_is_directory=True)
     summary = run_onpolicy(cfg)
-    done.write_text(json.dumps(summary, indent=1))
+    atomic_write_json(done, summary)  # a killed run never leaves a half-written marker
     return summary
 
 
@@ -93,7 +94,7 @@ def run(args) -> dict:
                                       "evaluate": {"student": str(student), "baseline": None}})
         targets = {t.name: shards_path(base, "targets", t.name) for t in teacher_configs(base)}
         work.mkdir(parents=True, exist_ok=True)
-        start_file.write_text(json.dumps(evaluate_run(ecfg, targets)["metrics"], indent=1))
+        atomic_write_json(start_file, evaluate_run(ecfg, targets)["metrics"])
     start_metrics = json.loads(start_file.read_text())
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
