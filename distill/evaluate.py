@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import warnings
@@ -388,6 +389,10 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
              "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image"]
     if baseline:
         notes.append(f"baseline: {baseline_ref}")
+    if "mtp/speedup" in metrics and device.type == "cpu" and os.environ.get("MKL_CBWR"):
+        notes.append(f"mtp/speedup: timed in this process, under MKL_CBWR={os.environ['MKL_CBWR']} (set for "
+                     "reproducible teacher shards), which slows MKL's batch-1 products, greedy decoding's output "
+                     "head most: a process in MKL's default mode gets a lower speed-up (docs/evaluation.md)")
     path = out / "eval_report.md"
     atomic_write_bytes(path, report(metrics, baseline, "Evaluation report", notes).encode())
     return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out)}
