@@ -19,6 +19,7 @@ Metrics (MLflow names in brackets):
 - linear probe: logistic regression on train-split features predicting the (source, label) class,
   accuracy on the test split, for the student's `image_features` [eval/probe/student], each
   vision teacher's summary [eval/probe/<teacher>] and raw pixels [eval/probe/pixels].
+- MTP self-speculative decoding against greedy [mtp/...]: distill/mtp_eval.py.
 
 Device: `evaluate.device` (auto = CUDA when present). Batches are collated and standardised on the
 CPU, then moved once; on CUDA a student exported from bf16 training runs under bf16 autocast, any
@@ -32,7 +33,6 @@ import json
 import logging
 import os
 import re
-import time
 import warnings
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from data.devices import resolve_device, to_device
 from data.student_tokenizer import CrossTokenizer
 from data.vocab import TokenMap
 from distill.losses import SparseTargets, language_kd_loss, shift_targets
+from distill.mtp_eval import mtp_figures_in_child, mtp_prompts, speculative_figures
 from distill.objective import standardize_batch, standardizers
 
 log = logging.getLogger(__name__)
@@ -261,59 +262,6 @@ def resolve_student(ref: str | None, cfg) -> Path:
                                 f"'student' artifact ({str(e).splitlines()[0]})") from None
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def mtp_figures(model, dataset: DistillDataset, n_prompts: int, prompt_tokens: int, new_tokens: int,
-                device=None, cross: CrossTokenizer | None = None) -> dict:
-    """Self-speculative decoding against plain greedy on test captions' first tokens (on `device`,
-    default: the model's; `cross`: the student's own tokenizer, as in `evaluate_student`)."""
-    from student import speculative_generate
-    device = _on_device(model, device)
-    depth = model.config.mtp_depth
-    accepted, proposed = [0] * depth, [0] * depth
-    produced = forwards = 0
-    rounds: list[int] = []
-    t_spec = t_greedy = 0.0
-    token_map = TokenMap.from_config(model.config)
-
-    def prompt(i):
-        item = dataset[i] if cross is None else cross(dataset[i])
-        ids = item["input_ids"][None, :prompt_tokens]
-        ids = token_map.student_ids(ids) if token_map is not None else ids
-        return item["id"], *to_device((item["pixel_values"][None], ids), device)
-
-    n = min(n_prompts, len(dataset))
-    if n:  # warm-up, untimed: also lets speculative.head_scores pick the output head's layout per row count
-        _, px, ids = prompt(0)
-        model.greedy_generate(px, ids, max_new_tokens=new_tokens)
-        speculative_generate(model, px, ids, max_new_tokens=new_tokens)
-    for i in range(n):
-        row_id, px, ids = prompt(i)
-        start = _clock(device)
-        greedy = model.greedy_generate(px, ids, max_new_tokens=new_tokens)
-        t_greedy += _clock(device) - start
-        start = _clock(device)
-        tokens, stats = speculative_generate(model, px, ids, max_new_tokens=new_tokens)
-        t_spec += _clock(device) - start
-        if not torch.equal(tokens, greedy):
-            raise AssertionError(f"speculative decoding differs from greedy on test row {row_id}")
-        for k in range(depth):
-            accepted[k] += stats["accepted"][k]
-            proposed[k] += stats["proposed"][k]
-        produced += stats["new_tokens"]
-        forwards += stats["main_forwards"]
-        rounds += stats["tokens_per_round"]
-    out = {f"mtp/acceptance_at_{k + 1}": accepted[k] / max(proposed[k], 1) for k in range(depth)}
-    out["mtp/tokens_per_forward"] = produced / max(forwards, 1)  # the prefill forward included
-    out["mtp/tau"] = sum(rounds) / max(len(rounds), 1)  # mean tokens per verification round
-    out["mtp/speedup"] = t_greedy / max(t_spec, 1e-9)
-    return out
-
-
 def folder_cross(folder, teacher_tokenizer, teacher_vocab_size: int) -> CrossTokenizer | None:
     """The transform for a student folder whose tokenizer is not the language teacher's (`student.tokenizer`);
     None when it carries the teacher's tokenizer (a trimmed vocabulary included) or none."""
@@ -369,8 +317,11 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
             metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=pad_id,
                                        batch_size=ev.batch_size, device=device, cross=cross)
         if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
-            metrics.update(mtp_figures(model, test, ev.mtp_prompts, ev.mtp_prompt_tokens, ev.mtp_new_tokens,
-                                       device, cross))
+            prompts = mtp_prompts(model.config, test, ev.mtp_prompts, ev.mtp_prompt_tokens, cross)
+            if device.type == "cpu" and os.environ.get("MKL_CBWR"):  # timed in MKL's default mode (mtp_eval.py)
+                metrics.update(mtp_figures_in_child(folder, prompts, ev.mtp_new_tokens))
+            else:
+                metrics.update(speculative_figures(model, prompts, ev.mtp_new_tokens, device))
         return folder, metrics, "bf16 autocast" if bf16 else "fp32"
 
     folder, metrics, precision = measure(ev.student)
@@ -390,9 +341,9 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     if baseline:
         notes.append(f"baseline: {baseline_ref}")
     if "mtp/speedup" in metrics and device.type == "cpu" and os.environ.get("MKL_CBWR"):
-        notes.append(f"mtp/speedup: timed in this process, under MKL_CBWR={os.environ['MKL_CBWR']} (set for "
-                     "reproducible teacher shards), which slows MKL's batch-1 products, greedy decoding's output "
-                     "head most: a process in MKL's default mode gets a lower speed-up (docs/evaluation.md)")
+        notes.append(f"mtp/speedup: timed in a fresh process in MKL's default mode; this one runs "
+                     f"MKL_CBWR={os.environ['MKL_CBWR']} (reproducible teacher shards), which slows batch-1 "
+                     "decoding and would flatter the ratio (docs/evaluation.md)")
     path = out / "eval_report.md"
     atomic_write_bytes(path, report(metrics, baseline, "Evaluation report", notes).encode())
     return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out)}

@@ -1,5 +1,7 @@
-"""The evaluator runs where it is told: an explicit CPU device gives the default call's metrics."""
+"""The evaluator runs where it is told: an explicit CPU device gives the default call's metrics, and the MTP
+figures timed in a fresh process (MKL's default mode) are those of this process."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,8 @@ import torch
 
 import student as student_pkg
 from distill.config import shards_path
-from distill.evaluate import evaluate_student, exported_dtype, load_eval_data, mtp_figures
+from distill.evaluate import evaluate_student, exported_dtype, load_eval_data
+from distill.mtp_eval import default_mkl_env, mtp_figures, mtp_figures_in_child, mtp_prompts, speculative_figures
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +47,23 @@ def test_exported_dtype_is_read_from_the_folder(tmp_path):
     assert exported_dtype(tmp_path) == "bfloat16"
     (tmp_path / "config.json").write_text('{"torch_dtype": "float32"}')
     assert exported_dtype(tmp_path) == "float32"
+
+
+def test_mtp_figures_from_a_fresh_process_equal_this_processs(untrained, tmp_path):
+    model, test, *_ = untrained
+    model.save_pretrained(tmp_path / "student")
+    prompts = mtp_prompts(model.config, test, 2, 3)
+    assert len(prompts) == 2 and prompts[0][2].shape == (1, 3)
+    here = speculative_figures(model, prompts, 4, "cpu")
+    child = mtp_figures_in_child(tmp_path / "student", prompts, 4)  # checks speculative == greedy there too
+    speedups = here.pop("mtp/speedup"), child.pop("mtp/speedup")
+    assert child == here and min(speedups) > 0
+    assert {"mtp/acceptance_at_1", "mtp/acceptance_at_2", "mtp/tau"} <= set(child)
+
+
+def test_the_timing_process_runs_mkl_in_its_default_mode_and_says_why_it_failed(monkeypatch, tmp_path):
+    monkeypatch.setenv("MKL_CBWR", "AUTO,STRICT")
+    env = default_mkl_env()
+    assert "MKL_CBWR" not in env and env["PREFECT_HOME"] == os.environ["PREFECT_HOME"]
+    with pytest.raises(RuntimeError, match="MTP timing process for .*missing failed"):
+        mtp_figures_in_child(tmp_path / "missing", [], 4)

@@ -1,6 +1,5 @@
 """Evaluation: metrics on hand-built cases, grounded-token positions, and the evaluate-student flow."""
 
-import os
 from pathlib import Path
 
 import mlflow
@@ -93,7 +92,7 @@ def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
     assert "baseline/eval/vision/vit/patch_cos" not in m  # the CE-only student has no vision heads
     text = Path(result["report"]).read_text()
     assert "| eval/agreement/main |" in text and "CE-only baseline" in text
-    assert f"MKL_CBWR={os.environ['MKL_CBWR']}" in text  # the speed-up's MKL mode (tests run with the defaults)
+    assert "timed in a fresh process in MKL's default mode" in text  # tests run with MKL_CBWR set, as mmtp does
     assert {"eval_report.md", "plots"} <= {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     plots = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/probe.png", "plots/acceptance.png"}
