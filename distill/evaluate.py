@@ -303,6 +303,8 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     except ValueError as err:
         raise ValueError(f"evaluate.device: {err}") from None
 
+    in_child = device.type == "cpu" and bool(os.environ.get("MKL_CBWR"))  # time MTP in MKL's default mode
+
     def measure(ref):
         folder = resolve_student(ref, cfg)
         size = saved_image_size(folder)  # the student's own preprocessing must be the one evaluated
@@ -318,7 +320,7 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
                                        batch_size=ev.batch_size, device=device, cross=cross)
         if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
             prompts = mtp_prompts(model.config, test, ev.mtp_prompts, ev.mtp_prompt_tokens, cross)
-            if device.type == "cpu" and os.environ.get("MKL_CBWR"):  # timed in MKL's default mode (mtp_eval.py)
+            if in_child:
                 metrics.update(mtp_figures_in_child(folder, prompts, ev.mtp_new_tokens))
             else:
                 metrics.update(speculative_figures(model, prompts, ev.mtp_new_tokens, device))
@@ -340,10 +342,14 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
              "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image"]
     if baseline:
         notes.append(f"baseline: {baseline_ref}")
-    if "mtp/speedup" in metrics and device.type == "cpu" and os.environ.get("MKL_CBWR"):
+    timing = None  # where mtp/speedup was timed
+    if "mtp/speedup" in metrics:
+        timing = "fresh process, MKL default mode" if in_child else "this process"
+    if timing and in_child:
         notes.append(f"mtp/speedup: timed in a fresh process in MKL's default mode; this one runs "
                      f"MKL_CBWR={os.environ['MKL_CBWR']} (reproducible teacher shards), which slows batch-1 "
                      "decoding and would flatter the ratio (docs/evaluation.md)")
     path = out / "eval_report.md"
     atomic_write_bytes(path, report(metrics, baseline, "Evaluation report", notes).encode())
-    return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out)}
+    return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out),
+            "mtp_timing": timing}

@@ -23,6 +23,8 @@ def evaluate_student(config: dict, parent_run_id: str | None = None) -> dict:
     with tracking.stage_run(cfg, "evaluate", parent_run_id, flow_run_id=flow_run.id) as run:
         result = evaluate_run(cfg, {n: shards_path(cfg, "targets", n) for n in names})
         mlflow.log_metrics(result["metrics"])
+        if result["mtp_timing"]:  # where mtp/speedup was timed, for the compare view
+            mlflow.set_tag("mtp_timing", result["mtp_timing"])
         if result["baseline"]:
             mlflow.log_metrics({f"baseline/{k}": v for k, v in result["baseline"].items()})
         for path in result["plots"]:

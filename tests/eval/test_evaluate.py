@@ -93,6 +93,7 @@ def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
     text = Path(result["report"]).read_text()
     assert "| eval/agreement/main |" in text and "CE-only baseline" in text
     assert "timed in a fresh process in MKL's default mode" in text  # tests run with MKL_CBWR set, as mmtp does
+    assert run.data.tags["mtp_timing"] == "fresh process, MKL default mode"
     assert {"eval_report.md", "plots"} <= {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     plots = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/probe.png", "plots/acceptance.png"}
