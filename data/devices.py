@@ -44,6 +44,15 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def model_on(model, device=None) -> torch.device:
+    """`device` (default: where the model is); the model is moved there."""
+    import torch
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    return device
+
+
 def pin(batch):
     """The batch with every CPU tensor in pinned memory (for non-blocking copies to CUDA)."""
     import torch

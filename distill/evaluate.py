@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from data.dataset import DistillDataset, collate
-from data.devices import resolve_device, to_device
+from data.devices import model_on, resolve_device, to_device
 from data.student_tokenizer import CrossTokenizer
 from data.vocab import TokenMap
 from distill.losses import SparseTargets, language_kd_loss, shift_targets
@@ -58,13 +58,6 @@ def _batches(dataset: DistillDataset, batch_size: int, pad_id: int, stds: dict, 
         items = [dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))]
         items = [cross(it) for it in items] if cross is not None else items
         yield items, to_device(standardize_batch(collate(items, pad_id), stds), device)
-
-
-def _on_device(model, device) -> torch.device:
-    """`device` (default: where the model is); the model is moved there."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
-    return device
 
 
 def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> list[int]:
@@ -96,7 +89,7 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
     if cross is not None:
         tokenizer, pad_id = cross.student, cross.pad_id
     model.eval()
-    device = _on_device(model, device)
+    device = model_on(model, device)
     depth = model.config.mtp_depth
     heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
     sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
@@ -199,7 +192,7 @@ def agreement_and_kl(logits, targets: SparseTargets, depth: int = 0) -> tuple[fl
 @torch.no_grad()
 def _features(model, dataset, stds, pad_id, batch_size, device=None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Student pooled features, each teacher's summary and raw pixels (16×16 grey) of every row."""
-    device = _on_device(model, device)
+    device = model_on(model, device)
     out: dict[str, list] = {}
     labels = []
     for items, batch in _batches(dataset, batch_size, pad_id, stds, device):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from data.devices import to_device
+from data.devices import model_on, to_device
 from data.vocab import TokenMap
 
 
@@ -50,8 +50,7 @@ def speculative_figures(model, prompts: list[tuple], new_tokens: int, device=Non
     """The module's metrics over `prompts` (`mtp_prompts`), in this process, on `device` (default: the
     model's; the model is moved there). Raises AssertionError when an output differs from greedy's."""
     from student import speculative_generate
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.to(device)
+    device = model_on(model, device)
     depth = model.config.mtp_depth
     accepted, proposed = [0] * depth, [0] * depth
     produced = forwards = 0
