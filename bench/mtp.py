@@ -36,6 +36,8 @@ lower bound); `both` runs the two. Each result row says which (`accept`).
 the decoder and the output head over 1 and over D + 1 positions, one MTP depth with its draft head.
 At batch 1 `drafting_seconds` is the time the speculative runs spent drafting and `speedup_with_free_drafts`
 the speed-up with that time taken out: what any cheaper drafting could reach at the same tau.
+`--ignore-eos` decodes exactly `--max-new-tokens` per prompt, past the caption's eos: long outputs from a
+student taught captions only (`eos` reads -1 in the report).
 `aten_ops`: the aten ops a greedy token and a speculative round (depth D, chain, the draft vocabulary) dispatch
 beyond the work per prompt, counted (deterministic), and `tiny_op_us`, the time one tiny op takes here.
 Writes the JSON to `--out` (atomically) and prints it.
@@ -314,6 +316,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together (> 1: chain drafting only)")
     parser.add_argument("--draft-vocab", choices=["captions", "topk", "config", "none"], default="captions")
     parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="decode exactly --max-new-tokens, past the caption's eos (long outputs)")
     parser.add_argument("--out", default="docs/results/mtp.json")
     args = parser.parse_args()
     if args.batch < 1:
@@ -325,6 +329,8 @@ def main() -> None:
     model = load_model(args)
     samples, targets = Path(args.samples), Path(args.targets)
     eos = None if args.preset else load_manifest(targets, verify=False)["producer"].get("eos_id")
+    if args.ignore_eos:
+        eos = -1  # an id no head emits: neither decoder stops before --max-new-tokens
     depths = args.depths or list(range(1, model.config.mtp_depth + 1))
     vocab = {"none": None, "config": model.config.draft_vocab}.get(args.draft_vocab)
     if args.draft_vocab in ("captions", "topk"):
