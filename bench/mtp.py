@@ -75,11 +75,12 @@ def shard_pairs(samples_dir: Path, targets_dir: Path):
         yield samples, targets
 
 
-def test_prompts(samples_dir: Path, targets_dir: Path, n: int, prompt_tokens: int, image_size: int):
-    """Up to n (id, pixel_values [1, 3, S, S], prompt ids [1, prompt_tokens]) from the test split."""
+def test_prompts(samples_dir: Path, targets_dir: Path, n: int, prompt_tokens: int, image_size: int,
+                 split: str = "test"):
+    """Up to n (id, pixel_values [1, 3, S, S], prompt ids [1, prompt_tokens]) from the test split (or `split`)."""
     out = []
     for samples, targets in shard_pairs(samples_dir, targets_dir):
-        for row in np.flatnonzero(samples.column("split").to_numpy(zero_copy_only=False) == "test"):
+        for row in np.flatnonzero(samples.column("split").to_numpy(zero_copy_only=False) == split):
             row = int(row)
             ids = decode_language_row(targets, row)["token_ids"][:prompt_tokens].astype(np.int64)
             pixels = image_tensor(samples.column("image")[row].as_py(), image_size)[None]
@@ -87,7 +88,7 @@ def test_prompts(samples_dir: Path, targets_dir: Path, n: int, prompt_tokens: in
             if len(out) == n:
                 return out
     if not out:
-        raise SystemExit(f"{samples_dir}: no test rows")
+        raise SystemExit(f"{samples_dir}: no {split} rows")
     return out
 
 
