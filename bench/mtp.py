@@ -46,7 +46,6 @@ Writes the JSON to `--out` (atomically) and prints it.
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import student  # noqa: E402
 import student.speculative as speculative  # noqa: E402
 from data.dataset import image_tensor  # noqa: E402
-from data.shards import load_manifest, read_shard  # noqa: E402
+from data.shards import atomic_write_json, load_manifest, read_shard  # noqa: E402
 from data.targets import decode_language_row  # noqa: E402
 from student import speculative_generate  # noqa: E402
 from student.decoder import KVCache  # noqa: E402
@@ -358,13 +357,8 @@ def main() -> None:
               "threads": torch.get_num_threads(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "costs_ms": costs, "aten_ops": aten_ops,
               "results": results}
-    text = json.dumps(report, indent=1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out)
-    print(text)
+    atomic_write_json(args.out, report)
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import mtp as bench  # noqa: E402
 
 import student  # noqa: E402
 import student.speculative as speculative  # noqa: E402
+from data.shards import atomic_write_json  # noqa: E402
 from distill.drafters import drafter_loss, greedy_captions  # noqa: E402
 
 
@@ -157,13 +157,8 @@ def main():
               "training": training,
               "speedup": {name: [round(r["speedup"], 3) for r in results if r["drafter"] == name] for name in models},
               "results": results}
-    text = json.dumps(report, indent=1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out)
-    print(text)
+    atomic_write_json(args.out, report)
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
