@@ -123,7 +123,8 @@ def main():
     if block.config.draft_vocab is None or block.config.mtp_depth == 0:
         raise SystemExit(f"{args.student}: needs MTP depths and a draft vocabulary (config.draft_vocab)")
     samples, targets = Path(args.samples), Path(args.targets)
-    rows = bench.test_prompts(samples, targets, 10**6, 10**6, args.image_size, split="train")
+    everything = 10**6  # more rows and caption tokens than any split has: every train row, whole captions
+    rows = bench.test_prompts(samples, targets, everything, everything, args.image_size, split="train")
     models, training = {"block": block}, {}
     for name in ("mlp", "linear"):
         light = copy.deepcopy(block)
