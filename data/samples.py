@@ -8,7 +8,9 @@ Row rules, each counted in the manifest under `rows_skipped` / `rows_fixed`:
 When more than `max_bad_fraction` of the rows are skipped the build aborts with `BadRowsError`
 before any manifest is written, so nothing downstream trains on a mostly broken source.
 
-Splits come from a hash of (seed, sample id): stable when sources grow, and deterministic.
+Splits come from a hash of (seed, sample id): stable when sources grow, and deterministic. The
+generator sources (digits, scenes, fashion_mnist) are told each row's split through `split_of`, so
+they caption val/test rows from held-out templates only (data/sources.py).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from data.images import decode_image
 from data.shards import ShardError, ShardWriter, clean_temp_files, digest, load_manifest, write_manifest
-from data.sources import iter_source
+from data.sources import CAPTIONS_VERSION, iter_source
 from data.targets import SAMPLES_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -56,9 +59,10 @@ def clean_caption(caption, max_chars: int) -> tuple[str | None, str | None]:
 
 
 def samples_config(data_cfg: dict, seed: int) -> dict:
-    """The part of the config that determines the samples shards (their producer digest)."""
+    """The part of the config that determines the samples shards (their producer digest), and the
+    version of the generated captions (they change with the code, not the config)."""
     keys = ("sources", "image_size", "shard_rows", "val_fraction", "test_fraction", "max_caption_chars")
-    return {"seed": seed, **{k: data_cfg[k] for k in keys}}
+    return {"seed": seed, "captions": CAPTIONS_VERSION, **{k: data_cfg[k] for k in keys}}
 
 
 def build_samples(data_cfg: dict, out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict:
@@ -79,10 +83,13 @@ def build_samples(data_cfg: dict, out_dir: str | Path, seed: int = 0, progress: 
 
     writer = ShardWriter(out_dir, SAMPLES_SCHEMA, data_cfg["shard_rows"])
     seen, skipped, fixed, splits = 0, Counter(), Counter(), Counter()
+    split_of = partial(assign_split, seed=seed, val_fraction=data_cfg["val_fraction"],
+                       test_fraction=data_cfg["test_fraction"])
     for source in data_cfg["sources"]:
         source = {k: v for k, v in source.items() if v is not None}
         source.setdefault("image_size", data_cfg["image_size"])
-        for raw in tqdm(iter_source(source), desc=f"samples: {source['kind']}", disable=not progress):
+        rows = iter_source(source, split_of)
+        for raw in tqdm(rows, desc=f"samples: {source['kind']}", disable=not progress):
             seen += 1
             caption, reason = clean_caption(raw.get("caption"), data_cfg["max_caption_chars"])
             if caption is None:
@@ -96,7 +103,7 @@ def build_samples(data_cfg: dict, out_dir: str | Path, seed: int = 0, progress: 
                 continue
             if reason:
                 fixed[reason] += 1
-            split = assign_split(raw["id"], seed, data_cfg["val_fraction"], data_cfg["test_fraction"])
+            split = split_of(raw["id"])
             splits[split] += 1
             writer.add({"id": raw["id"], "image": raw["image"], "caption": caption, "label": raw.get("label"),
                         "split": split, "source": source["kind"], "grounded": raw.get("grounded") or []})

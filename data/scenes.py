@@ -5,9 +5,20 @@ touch. A scene holds one or two groups; a group is 1–3 shapes of one colour, o
 one size, optionally tied to a region of the grid (left column, right column, top row or bottom
 row). Two groups never share both colour and shape kind, so a caption never mixes them up.
 
-Everything comes from `numpy.random.default_rng([seed, index])`: the same (seed, index) gives the
-same scene spec, caption and pixels. Layout and caption use separate streams, so captions can be
-made without drawing (`caption_corpus`).
+Captions paraphrase: 16 sentence templates, and group phrases that vary the article/count word
+("a"/"one"), the size word ("small"/"little", "large"/"big") and the region phrase ("on the left",
+"in the left column", ...). When a scene has two groups whose cells lie wholly to one side of each
+other (every column of the first left of every column of the second, or right of; or the same by
+rows: above, below), a share of its captions (`RELATION_SHARE`) states that relation instead of the
+regions: "a red circle to the left of two blue squares", "a green star above a small yellow triangle".
+
+Held-out templates: the last quarter of a template list (`template_pool`) is used only by val/test
+rows, the rest only by train rows, so a val/test caption is never verbatim a train caption. The
+split comes from the caller (`split`, default "train").
+
+Everything comes from `numpy.random.default_rng([seed, index])`: the same (seed, index, split) gives
+the same scene spec, caption and pixels; the split changes only the caption. Layout and caption use
+separate streams, so captions can be made without drawing (`caption_corpus`).
 
 `label` is the class of the dominant group (most shapes; the first group on a tie):
 `SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)`, named in `LABEL_NAMES`
@@ -39,8 +50,16 @@ REGIONS = {  # grid cells (row, col) of each region
     "bottom": [(2, 0), (2, 1), (2, 2)],
     None: [(r, c) for r in range(3) for c in range(3)],
 }
-REGION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
+REGION_PHRASES = {
+    "left": ("on the left", "on the left side", "in the left column"),
+    "right": ("on the right", "on the right side", "in the right column"),
+    "top": ("at the top", "along the top", "in the top row"),
+    "bottom": ("at the bottom", "along the bottom", "in the bottom row"),
+}
+SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+RELATION_WORDS = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
+RELATION_SHARE = 0.6  # of the two-group scenes where a relation holds
 LABEL_NAMES = [f"{c} {s}" for s in SHAPES for c in COLOURS]
 
 TEMPLATES = [
@@ -52,7 +71,26 @@ TEMPLATES = [
     "a simple drawing of {groups}.",
     "here we see {groups}.",
     "a synthetic scene with {groups}.",
+    "a flat illustration of {groups}.",
+    "the image contains {groups}.",
+    "a plain {background} canvas showing {groups}.",
+    "in this picture: {groups}.",
+    # held out: val/test rows only (template_pool)
+    "a computer-generated picture of {groups}.",
+    "this scene shows {groups}.",
+    "{groups}, drawn on a {background} background.",
+    "a graphic with {groups} against a {background} backdrop.",
 ]
+HELD_OUT_SHARE = 0.25
+
+
+def template_pool(templates: list[str], split: str = "train") -> list[str]:
+    """The templates a row of `split` may use: train rows the first three quarters of the list,
+    val and test rows only the held-out last quarter (so their captions are never train captions)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    cut = len(templates) - round(len(templates) * HELD_OUT_SHARE)
+    return templates[:cut] if split == "train" else templates[cut:]
 
 
 @dataclass(frozen=True)
@@ -107,7 +145,7 @@ def sample_scene(seed: int, index: int, max_noise: int = 6) -> Scene:
     return Scene(background, noise, tuple(groups), offsets)
 
 
-def _group_phrase(g: Group, rng: np.random.Generator) -> tuple[str, list[str]]:
+def _group_phrase(g: Group, rng: np.random.Generator, region: bool = True) -> tuple[str, list[str]]:
     words, grounded = [], []
     if g.count == 1 and rng.random() < 0.5:
         words.append("a")  # an article, not grounded; the singular noun carries the count
@@ -115,30 +153,62 @@ def _group_phrase(g: Group, rng: np.random.Generator) -> tuple[str, list[str]]:
         words.append(NUMBER_WORDS[g.count])
         grounded.append(NUMBER_WORDS[g.count])
     if rng.random() < 0.5:
-        words.append(g.size)
-        grounded.append(g.size)
+        size = SIZE_WORDS[g.size][int(rng.integers(2))]
+        words.append(size)
+        grounded.append(size)
     noun = g.shape + ("s" if g.count > 1 else "")
     words += [g.colour, noun]
     grounded += [g.colour, noun]
-    if g.region is not None and rng.random() < 0.7:
-        phrase = REGION_PHRASES[g.region]
-        words.append(phrase)
+    if words[0] == "a" and words[1][0] in "aeiou":
+        words[0] = "an"  # "an orange star"
+    if region and g.region is not None and rng.random() < 0.7:
+        options = REGION_PHRASES[g.region]
+        words.append(options[int(rng.integers(len(options)))])
         grounded.append(g.region)
     return " ".join(words), grounded
 
 
-def caption_scene(scene: Scene, seed: int, index: int) -> tuple[str, list[str]]:
-    """A caption that states only what was drawn, and its grounded words (in caption order, deduplicated)."""
+def relations(a: Group, b: Group) -> list[str]:
+    """The relation phrases true of "a <phrase> b": every cell of `a` lies strictly on that side of
+    every cell of `b`. Shapes stay inside their cells, so this holds of the drawn pixels too."""
+    rows_a, cols_a = [r for r, _ in a.cells], [c for _, c in a.cells]
+    rows_b, cols_b = [r for r, _ in b.cells], [c for _, c in b.cells]
+    out = []
+    if max(cols_a) < min(cols_b):
+        out.append("to the left of")
+    if min(cols_a) > max(cols_b):
+        out.append("to the right of")
+    if max(rows_a) < min(rows_b):
+        out.append("above")
+    if min(rows_a) > max(rows_b):
+        out.append("below")
+    return out
+
+
+def caption_scene(scene: Scene, seed: int, index: int, split: str = "train") -> tuple[str, list[str]]:
+    """A caption that states only what was drawn, and its grounded words (in caption order, deduplicated).
+
+    `split` picks the template pool (`template_pool`); without it the caption is a train caption.
+    """
     rng = np.random.default_rng([seed, index, 1])
-    phrases, grounded = [], []
-    for g in scene.groups:
-        p, w = _group_phrase(g, rng)
-        phrases.append(p)
-        grounded += w
-    template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    # groups keep their order (their order is random already); a region beside a relation reads badly
+    options = relations(*scene.groups) if len(scene.groups) == 2 else []
+    if options and rng.random() < RELATION_SHARE:
+        rel = options[int(rng.integers(len(options)))]
+        (p1, w1), (p2, w2) = (_group_phrase(g, rng, region=False) for g in scene.groups)
+        groups, grounded = f"{p1} {rel} {p2}", w1 + [RELATION_WORDS[rel]] + w2
+    else:
+        phrases, grounded = [], []
+        for g in scene.groups:
+            p, w = _group_phrase(g, rng)
+            phrases.append(p)
+            grounded += w
+        groups = " and ".join(phrases)
+    pool = template_pool(TEMPLATES, split)
+    template = pool[int(rng.integers(len(pool)))]
     if "{background}" in template:
         grounded.append(scene.background)
-    caption = template.format(groups=" and ".join(phrases), background=scene.background)
+    caption = template.format(groups=groups, background=scene.background)
     return caption, list(dict.fromkeys(grounded))
 
 
@@ -188,8 +258,8 @@ def draw_scene(scene: Scene, image_size: int, seed: int, index: int) -> Image.Im
     return img
 
 
-def make_scene(seed: int, index: int, image_size: int = 112, max_noise: int = 6):
-    """(scene, image, caption, grounded) for sample `index` of `seed`."""
+def make_scene(seed: int, index: int, image_size: int = 112, max_noise: int = 6, split: str = "train"):
+    """(scene, image, caption, grounded) for sample `index` of `seed`; `split` picks the caption templates."""
     scene = sample_scene(seed, index, max_noise)
-    caption, grounded = caption_scene(scene, seed, index)
+    caption, grounded = caption_scene(scene, seed, index, split)
     return scene, draw_scene(scene, image_size, seed, index), caption, grounded

@@ -106,9 +106,11 @@ def test_digits_pixels_follow_sklearn():
 
 # ---------------------------------------------------------------- scenes
 
-GROUP = re.compile(r"\b(a|one|two|three) (?:(small|large) )?(\w+) (circle|square|triangle|star)s?"
-                   r"(?: (on the left|on the right|at the top|at the bottom))?")
-COUNTS = {"a": 1, "one": 1, "two": 2, "three": 3}
+GROUP = re.compile(r"\b(an?|one|two|three) (?:(small|little|large|big) )?(\w+) (circle|square|triangle|star)s?"
+                   r"(?: (?:on|at|along|in) the (left|right|top|bottom)\b)?")
+COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+RELATION = re.compile(r"\b(\w+) (?:circle|square|triangle|star)s? (to the left of|to the right of|above|below) "
+                      r"(?:an?|one|two|three) (?:(?:small|little|large|big) )?(\w+) ")
 
 
 def test_scenes_deterministic():
@@ -124,7 +126,7 @@ def test_scene_captions_match_drawn_pixels():
     size = 96
     cell = size / 3
     samples = list(iter_source({"kind": "scenes", "n": 40, "seed": 7, "image_size": size}))
-    n_groups = set()
+    n_groups, n_relations = set(), 0
     for s in samples:
         check_sample(s)
         img = pixels(s)
@@ -145,17 +147,23 @@ def test_scene_captions_match_drawn_pixels():
                 expect = {"square": (0.95, 1.01), "circle": (0.7, 0.86), "triangle": (0.4, 0.62), "star": (0.2, 0.45)}
                 assert expect[shape][0] <= fill <= expect[shape][1], (s["caption"], shape, fill)
                 if size_word:
-                    assert (w > 0.65 * cell) == (size_word == "large"), (s["caption"], w)
+                    assert (w > 0.65 * cell) == (size_word in ("large", "big")), (s["caption"], w)
                 cy, cx = (box[0].start + h / 2), (box[1].start + w / 2)
-                inside = {"on the left": cx < cell, "on the right": cx > 2 * cell,
-                          "at the top": cy < cell, "at the bottom": cy > 2 * cell}
+                inside = {"left": cx < cell, "right": cx > 2 * cell, "top": cy < cell, "bottom": cy > 2 * cell}
                 assert inside.get(where, True), (s["caption"], where, cx, cy)
+        relation = RELATION.search(s["caption"])
+        if relation and relation[1] != relation[3]:  # two colours: every pixel of one is on that side of the other
+            (ya, xa), (yb, xb) = (np.nonzero(np.all(img == scenes.COLOURS[c], axis=-1)) for c in relation.group(1, 3))
+            side = {"to the left of": xa.max() < xb.min(), "to the right of": xa.min() > xb.max(),
+                    "above": ya.max() < yb.min(), "below": ya.min() > yb.max()}
+            assert side[relation[2]], s["caption"]
+            n_relations += 1
         top = max(groups, key=lambda g: g[0])
         assert scenes.LABEL_NAMES[s["label"]] == f"{top[2]} {top[3]}"
         background = [w for w in scenes.BACKGROUNDS if f"{w} background" in s["caption"]]
         if background:  # corners are never covered by a shape's 1 px border gap
             assert np.abs(img[0, 0].astype(int) - scenes.BACKGROUNDS[background[0]]).max() <= 6
-    assert n_groups == {1, 2}
+    assert n_groups == {1, 2} and n_relations > 0
 
 
 def test_scenes_plain_background():
