@@ -5,6 +5,8 @@ Language rows: `id`, `token_ids` (int32, L), `topk_ids` (L×k; uint16 when the v
 descending) and `tail_logprob` (float16, L: log of the probability mass outside the top-k).
 The log-probs may be stored lossily instead (`LogprobEncoding`), and `tempered_tail` (float16,
 L×n_τ) may hold the exact tempered tail for the temperatures the schema metadata lists.
+`token_logprob` (float16, L; NaN at the last position) holds the teacher's log-probability of the
+actual next token: the teacher's exact perplexity and top-1 accuracy come from it (teachers/quality.py).
 Vision rows: `id`, `summary` (float16, D_s) and `features` (float16, P×D_f).
 Fixed-size lists keep every value buffer flat, so decoding is a zero-copy numpy reshape.
 """
@@ -50,7 +52,7 @@ def id_dtype(vocab_size: int):
 
 
 def language_schema(vocab_size: int, top_k: int, encoding: LogprobEncoding | str = LogprobEncoding.fp16,
-                    tail_temperatures: tuple[float, ...] = ()) -> pa.Schema:
+                    tail_temperatures: tuple[float, ...] = (), token_logprob: bool = False) -> pa.Schema:
     encoding = LogprobEncoding(encoding)
     ids = pa.uint16() if vocab_size <= 65536 else pa.int32()
     fields = [("id", pa.string()), ("token_ids", pa.list_(pa.int32()))]
@@ -64,6 +66,8 @@ def language_schema(vocab_size: int, top_k: int, encoding: LogprobEncoding | str
         fields += [("topk_id_deltas", pa.list_(pa.list_(ids, top_k))),
                    ("topk_logprob_q", pa.list_(pa.list_(pa.uint8(), top_k)))]
     fields.append(("tail_logprob", pa.list_(pa.float16())))
+    if token_logprob:
+        fields.append(("token_logprob", pa.list_(pa.float16())))
     meta = {}
     if encoding != LogprobEncoding.fp16:
         meta.update({META_ENCODING: encoding.value.encode(), META_STEP: repr(LOGPROB_STEP).encode()})
@@ -130,9 +134,11 @@ def language_table(ids: list[str], rows: list[dict], vocab_size: int, top_k: int
                    encoding: LogprobEncoding | str = LogprobEncoding.fp16,
                    tail_temperatures: tuple[float, ...] = ()) -> pa.Table:
     """`rows[i]` holds numpy `token_ids` (L), `topk_ids` (L×k), `topk_logprobs` (L×k, descending),
-    `tail_logprob` (L) and, with `tail_temperatures`, `tempered_tail` (L×n_τ)."""
+    `tail_logprob` (L), `token_logprob` (L; the column is written when every row has it) and, with
+    `tail_temperatures`, `tempered_tail` (L×n_τ)."""
     encoding = LogprobEncoding(encoding)
-    schema = language_schema(vocab_size, top_k, encoding, tail_temperatures)
+    with_token = bool(rows) and all("token_logprob" in r for r in rows)
+    schema = language_schema(vocab_size, top_k, encoding, tail_temperatures, with_token)
     ids_dtype = id_dtype(vocab_size)
     coded = [_encode_row(r, encoding, ids_dtype, LOGPROB_STEP) for r in rows]
     dtypes = {"topk_ids": ids_dtype, "topk_id_deltas": ids_dtype, "topk_logprobs": np.float16,
@@ -140,6 +146,8 @@ def language_table(ids: list[str], rows: list[dict], vocab_size: int, top_k: int
     arrays = [pa.array(ids, pa.string()), _ragged([r["token_ids"] for r in rows], np.int32, None)]
     arrays += [_ragged([c[name] for c in coded], dtypes[name], top_k) for name in schema.names[2:4]]
     arrays.append(_ragged([r["tail_logprob"] for r in rows], np.float16, None))
+    if with_token:
+        arrays.append(_ragged([r["token_logprob"] for r in rows], np.float16, None))
     if tail_temperatures:
         for i, r in enumerate(rows):
             got = np.shape(r.get("tempered_tail"))
@@ -181,10 +189,11 @@ def _cell(table: pa.Table, name: str, i: int) -> np.ndarray:
 
 def decode_language_row(table: pa.Table, i: int) -> dict[str, np.ndarray]:
     """Row `i` as numpy arrays: token_ids, topk_ids, topk_logprobs (descending; float16 as stored, or
-    float32 decoded from the q8 grid), tail_logprob and, when the shard has it, tempered_tail (L×n_τ,
-    log(U_τ/A_τ) per stored temperature, `language_encoding(table.schema)[2]`)."""
+    float32 decoded from the q8 grid), tail_logprob and, when the shard has them, token_logprob and
+    tempered_tail (L×n_τ, log(U_τ/A_τ) per stored temperature, `language_encoding(table.schema)[2]`)."""
     encoding, step, temperatures = language_encoding(table.schema)
-    out = {name: _cell(table, name, i) for name in ("token_ids", "tail_logprob")}
+    names = ("token_ids", "tail_logprob") + (("token_logprob",) if "token_logprob" in table.column_names else ())
+    out = {name: _cell(table, name, i) for name in names}
     if temperatures:
         out["tempered_tail"] = _cell(table, "tempered_tail", i)
     if encoding == LogprobEncoding.fp16:
@@ -213,7 +222,8 @@ def decode_vision(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 
 def language_bytes_per_token(vocab_size: int, top_k: int, encoding: LogprobEncoding | str = LogprobEncoding.fp16,
-                             n_temperatures: int = 0) -> int:
-    """Uncompressed payload per text token: top-k ids + log-probs (fp16 or uint8) + fp16 tail(s) + int32 token id."""
+                             n_temperatures: int = 0, token_logprob: bool = False) -> int:
+    """Uncompressed payload per text token: top-k ids + log-probs (fp16 or uint8) + fp16 tail(s) + int32 token id
+    (+ the fp16 token_logprob)."""
     logprob = 2 if LogprobEncoding(encoding) == LogprobEncoding.fp16 else 1
-    return top_k * (np.dtype(id_dtype(vocab_size)).itemsize + logprob) + 2 * (1 + n_temperatures) + 4
+    return top_k * (np.dtype(id_dtype(vocab_size)).itemsize + logprob) + 2 * (1 + n_temperatures + token_logprob) + 4

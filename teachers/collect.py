@@ -226,7 +226,8 @@ def finalize_targets(teacher, out_dir: str | Path, samples_manifest: dict, entri
             bytes_per_token=sum(s["bytes"] for s in shards) / max(tokens, 1),
             bytes_per_token_uncompressed=language_bytes_per_token(
                 teacher_identity["vocab_size"], teacher_identity["top_k"],
-                teacher_identity.get("logprob_encoding", "fp16"), len(teacher_identity.get("tail_temperatures", ()))))
+                teacher_identity.get("logprob_encoding", "fp16"), len(teacher_identity.get("tail_temperatures", ())),
+                token_logprob=True))
     else:
         stats = feature_stats(out_dir, shards)
         with atomic_path(out_dir / STATS_FILE) as tmp:

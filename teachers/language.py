@@ -8,7 +8,15 @@ Token ids of a caption are [bos] + caption tokens + [eos], truncated to `max_tok
 tokenizer has no bos, its eos opens the row instead (GPT-2 style); with neither it is an error.
 Position j of the targets holds the teacher's distribution over token j+1 (the last position
 predicts what follows the row).
+
+In-format scoring: the teacher reads each caption where its training put such text. For a chat model
+(`prompt_format` chat, or auto with a chat template) that is the assistant turn of its own chat
+template after the user's `instruction`; for a base model, after bos + `prefix`. The teacher's input
+is the prompt + the caption's tokens + eos, and only the caption's positions are stored, so the rows'
+meaning is the same in every format: stored position 0 is the prompt's last position. The prompt is
+shared by every caption, so it runs once and its key/value cache is reused for every batch.
 """
+import copy
 import json
 import logging
 import os
@@ -122,6 +130,10 @@ class HFCausalLMTeacher:
             if local:
                 raise
             raise offline_error(tc, err) from err
+        self.adapters = None  # adapters.json of the fitted correction adapters (teachers/adapt.py), when given
+        if tc.adapters:
+            from .adapt import attach_adapters
+            self.model, self.adapters = attach_adapters(self.model, Path(tc.adapters).expanduser())
         self.model.to(self.device).eval().requires_grad_(False)
         self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         if tc.top_k > self.vocab_size:
@@ -131,6 +143,8 @@ class HFCausalLMTeacher:
         self.eos_id = tok.eos_token_id
         if self.bos_id is None:
             raise ValueError(f"teacher {tc.name!r}: its tokenizer has neither a bos nor an eos token")
+        self.prompt_format, self.prompt_ids = prompt_ids(tc, tok, self.bos_id)
+        self._prompt_state = {}  # adapter name -> (key/value cache, last logits) of the prompt
         self._identity = None
 
     def identity(self) -> dict:
@@ -145,7 +159,16 @@ class HFCausalLMTeacher:
                 "vocab_size": self.vocab_size, "top_k": tc.top_k, "dtype": tc.dtype,
                 "max_tokens": tc.max_tokens, "bos_id": self.bos_id, "eos_id": self.eos_id,
                 "logprob_encoding": tc.logprob_encoding, "tail_temperatures": list(tc.tail_temperatures),
+                # the prompt is part of what the teacher is: a new prompt gives other targets (re-collects)
+                "prompt": {"format": self.prompt_format, "instruction": tc.instruction, "prefix": tc.prefix,
+                           "ids": list(self.prompt_ids)},
             }
+            if self.adapters is not None:  # corrected: which adapters scored the rows, by fold
+                self._identity["adapt"] = {
+                    "folds": self.adapters["folds"], "config": self.adapters["adapt"],
+                    "data_digest": self.adapters["data_digest"],
+                    "adapters": [{k: a[k] for k in ("fold", "digest", "steps", "val_perplexity_before",
+                                                    "val_perplexity_after")} for a in self.adapters["adapters"]]}
         return dict(self._identity)
 
     @classmethod
@@ -155,7 +178,16 @@ class HFCausalLMTeacher:
     def rows(self, samples: list[dict]) -> list[dict]:
         """Target rows of a batch of samples rows: soft targets over each caption (teachers/contract.py)."""
         token_ids, cut = self._encode([s["caption"] for s in samples])
-        rows = self.soft_targets(token_ids)
+        if self.adapters is None:
+            rows = self.soft_targets(token_ids)
+        else:  # cross-fitted: a row of fold k is scored by adapter k, which never trained on it
+            from .adapt import fold_of
+            folds = [fold_of(s["id"], self.adapters["folds"]) for s in samples]
+            rows = [None] * len(samples)
+            for k in sorted(set(folds)):
+                picked = [i for i, f in enumerate(folds) if f == k]
+                for i, row in zip(picked, self.soft_targets([token_ids[i] for i in picked], adapter=k), strict=True):
+                    rows[i] = row
         for row, was_cut in zip(rows, cut, strict=True):
             row["truncated"] = was_cut
         return rows
@@ -193,20 +225,35 @@ class HFCausalLMTeacher:
             mask[i, : len(row)] = 1
         return input_ids.to(self.device), mask.to(self.device)
 
-    @torch.inference_mode()
-    def forward_logits(self, token_ids: list[list[int]]) -> torch.Tensor:
-        """The bare teacher forward: float32 logits [B, T, V], right-padded to the longest row."""
-        input_ids, mask = self._batch(token_ids)
-        return self.model(input_ids=input_ids, attention_mask=mask).logits.float()
+    def scored_inputs(self, token_ids: list[list[int]]) -> list[list[int]]:
+        """The teacher's whole input for each stored row: the prompt + the row after its bos."""
+        return [list(self.prompt_ids) + list(row[1:]) for row in token_ids]
+
+    def _prompt(self, key=None):
+        """The prompt's key/value cache and its last position's logits (the first caption token's distribution)."""
+        if key not in self._prompt_state:
+            self._prompt_state[key] = run_prompt(self.model, self.prompt_ids, self.device)
+        return self._prompt_state[key]
 
     @torch.inference_mode()
-    def soft_targets(self, token_ids: list[list[int]]) -> list[dict]:
+    def forward_logits(self, token_ids: list[list[int]], adapter=None) -> torch.Tensor:
+        """The teacher forward: float32 logits [B, L, V] at the stored rows' positions, right-padded to the
+        longest row. The prompt's cache is copied for the batch; the rows run after it."""
+        input_ids, mask = self._batch(token_ids)
+        if adapter is not None:
+            self.model.set_adapter(f"fold-{adapter}")
+        cache, first = self._prompt(adapter)
+        return rows_after_prompt(self.model, copy.deepcopy(cache), first, input_ids, mask)
+
+    @torch.inference_mode()
+    def soft_targets(self, token_ids: list[list[int]], adapter=None) -> list[dict]:
         """Per row: token_ids int32 [L], topk_ids int32 [L,k], topk_logprobs float32 [L,k] (descending,
-        log-softmax at T=1) and tail_logprob float32 [L] = log of the mass outside the top-k
-        (-inf when k == vocab); with `tail_temperatures`, also tempered_tail float32 [L, n_τ] =
+        log-softmax at T=1), tail_logprob float32 [L] = log of the mass outside the top-k (-inf when
+        k == vocab) and token_logprob float32 [L] = the log-prob of the actual next token (NaN at the
+        last position, which has none); with `tail_temperatures`, also tempered_tail float32 [L, n_τ] =
         log(U_τ / A_τ), U_τ = Σ_{j∉K} e^{l_j/τ} and A_τ = Σ_{i∈K} e^{l_i/τ} (docs/losses.md)."""
         temps = self.cfg.tail_temperatures
-        all_logits = self.forward_logits(token_ids)
+        all_logits = self.forward_logits(token_ids, adapter)
         out = []
         for i, row in enumerate(token_ids):  # row by row: the masked copy below is one row's size
             logits = all_logits[i, : len(row)]
@@ -214,13 +261,55 @@ class HFCausalLMTeacher:
             top_logits, top_ids = torch.topk(logits, self.cfg.top_k, dim=-1, sorted=True)
             # logsumexp outside the top-k, not log(1 - sum p_topk): stable when the top-k holds ~all mass
             rest = logits.scatter(-1, top_ids, float("-inf"))
+            following = torch.as_tensor(row[1:], device=logits.device).unsqueeze(-1)
+            token_logprob = torch.full((len(row),), float("nan"), device=logits.device)
+            token_logprob[:-1] = logits[:-1].gather(-1, following).squeeze(-1) - log_z[:-1]
             out.append({
                 "token_ids": np.asarray(row, dtype=np.int32),
                 "topk_ids": top_ids.int().cpu().numpy(),
                 "topk_logprobs": (top_logits - log_z.unsqueeze(-1)).cpu().numpy(),
                 "tail_logprob": (torch.logsumexp(rest, dim=-1) - log_z).cpu().numpy(),
+                "token_logprob": token_logprob.cpu().numpy(),
             })
             if temps:
                 tempered = [torch.logsumexp(rest / t, -1) - torch.logsumexp(top_logits / t, -1) for t in temps]
                 out[-1]["tempered_tail"] = torch.stack(tempered, -1).cpu().numpy()
         return out
+
+
+def prompt_ids(tc, tokenizer, bos_id: int) -> tuple[str, list[int]]:
+    """(the format used, the token ids before every caption) for the teacher config `tc`."""
+    fmt = tc.prompt_format
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if fmt == "auto":
+        fmt = "chat" if has_template else "prefix"
+    if fmt == "chat":
+        if not has_template:
+            raise ValueError(f"teacher {tc.name!r}: prompt_format=chat but its tokenizer has no chat template; "
+                             "use prompt_format=prefix (with a `prefix` text) for a base model")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": tc.instruction}],
+                                             add_generation_prompt=True, tokenize=False)
+        return fmt, list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    prefix = tokenizer(tc.prefix, add_special_tokens=False)["input_ids"] if tc.prefix else []
+    return fmt, [bos_id] + list(prefix)
+
+
+def run_prompt(model, prompt_ids: list[int], device) -> tuple:
+    """(key/value cache, float32 logits of the last position) of the prompt alone, batch 1."""
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    return out.past_key_values, out.logits[0, -1].float()
+
+
+def rows_after_prompt(model, cache, first: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Float32 logits [B, L, V] of right-padded stored rows [bos, tokens...] read after a prompt: position 0 is
+    the prompt's last position (`first`), the rest run on `cache` (batch 1, repeated here in place), with bos
+    standing for the prompt. Differentiable, so teacher correction trains through it."""
+    n, p = input_ids.shape[0], cache.get_seq_length()
+    logits = first.expand(n, 1, -1)
+    if input_ids.shape[1] > 1:
+        cache.batch_repeat_interleave(n)
+        full_mask = torch.cat([mask.new_ones(n, p), mask[:, 1:]], 1)
+        rest = model(input_ids=input_ids[:, 1:], attention_mask=full_mask, past_key_values=cache,
+                     use_cache=True).logits.float()
+        logits = torch.cat([logits, rest], 1)
+    return logits

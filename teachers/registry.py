@@ -28,6 +28,7 @@ from .contract import declared_modality
 from .identity import json_sha256
 
 log = logging.getLogger(__name__)
+DEFAULT_INSTRUCTION = "Write a one-sentence caption for a simple picture."
 DEFAULT_CACHE_DIR = Path("~/.cache/mmtp-distill/teachers").expanduser()
 
 
@@ -38,6 +39,13 @@ class Dtype(str, Enum):
 
 
 DTYPES = tuple(d.value for d in Dtype)
+
+
+class PromptFormat(str, Enum):
+    """Where a language teacher reads a caption (docs/teachers.md, "In-format scoring")."""
+    auto = "auto"  # chat when the tokenizer has a chat template, else prefix
+    chat = "chat"  # the assistant turn of the tokenizer's own chat template, after `instruction`
+    prefix = "prefix"  # after bos + the `prefix` text (a base model); an empty prefix: the caption as a bare document
 
 TEACHER_KINDS: dict[str, type] = {}  # names registered at run time (register_teacher)
 # The kinds shipped here, as dotted paths imported on first use, so `import teachers.registry` stays light.
@@ -50,6 +58,30 @@ BUILTIN_KINDS = {
 
 class TeacherSourceError(OSError):
     """A teacher's source cannot be found or reached."""
+
+
+@dataclass
+class AdaptConfig:
+    """Teacher correction (teachers/adapt.py, docs/teachers.md): LoRA adapters fitted on the train captions,
+    cross-fitted over folds, before the teacher is collected from."""
+    folds: int = 2  # K >= 2: a train row is scored by the adapter fitted without its fold
+    rank: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank)
+    dropout: float = 0.0  # LoRA dropout
+    # the linear modules that get adapters (every attention and MLP projection of a Llama-style block)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    layers: int | None = 4  # LoRA on the top N decoder layers only (null: every layer)
+    lr: float = 2.0e-3  # AdamW learning rate (constant)
+    batch_size: int = 8  # train captions per step
+    max_steps: int = 30  # per fold
+    eval_every: int = 10  # steps between val evaluations (early stopping)
+    patience: int = 2  # evaluations without a better val perplexity before a fold stops
+    val_rows: int = 64  # val rows (the first, in shard order) of the early-stopping perplexity
+    seed: int = 0  # adapter init and batch order (fold k uses seed + k)
+
+
+ADAPT_FIELDS = tuple(f.name for f in dataclasses.fields(AdaptConfig))
 
 
 @dataclass
@@ -69,6 +101,12 @@ class TeacherConfig:
     # language: temperatures whose tempered tail is stored, making the KD exact at them (docs/losses.md)
     tail_temperatures: list[float] = field(default_factory=list)
     logprob_encoding: LogprobEncoding = LogprobEncoding.q8_sorted  # language: top-k storage (docs/collection.md)
+    prompt_format: PromptFormat = PromptFormat.auto  # language: auto | chat | prefix (docs/teachers.md)
+    instruction: str = DEFAULT_INSTRUCTION  # language, chat format: the user turn before the caption
+    prefix: str = ""  # language, prefix format: text between bos and the caption (end it with a space or newline)
+    # language: correct the teacher on the train captions before collecting (null: off; {} : the defaults)
+    adapt: AdaptConfig | None = None
+    adapters: str | None = None  # language: a folder of fitted adapters (set by the adapt stage, or given)
     # The weights digest a run expects; training refuses shards made by other weights.
     weights_digest: str | None = None
     # Settings of a teacher kind beyond these keys, read by its class (docs/teachers.md).
@@ -110,7 +148,7 @@ def teacher_config(cfg) -> TeacherConfig:
             raise ValueError(f"teacher config needs a non-empty string {key!r}, got {values.get(key)!r}")
     tc = TeacherConfig(**values)
     where = f"teacher {tc.name!r}"
-    for key in ("source", "device", "gguf_file", "revision"):
+    for key in ("source", "device", "gguf_file", "revision", "instruction", "prefix", "adapters"):
         value = getattr(tc, key)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{where}: {key} must be a string, got {value!r}")
@@ -131,6 +169,9 @@ def teacher_config(cfg) -> TeacherConfig:
         raise ValueError(f"{where}: logprob_encoding {tc.logprob_encoding!r} is not one of "
                          f"{[e.value for e in LogprobEncoding]}")
     tc.logprob_encoding = LogprobEncoding(tc.logprob_encoding).value
+    if tc.prompt_format not in {f.value for f in PromptFormat}:
+        raise ValueError(f"{where}: prompt_format {tc.prompt_format!r} is not one of {[f.value for f in PromptFormat]}")
+    tc.prompt_format = PromptFormat(tc.prompt_format).value
     temps = tc.tail_temperatures
     if (not isinstance(temps, list) or len(set(temps)) != len(temps)
             or not all(isinstance(t, int | float) and not isinstance(t, bool) and 0 < t < float("inf") and t != 1
@@ -138,10 +179,41 @@ def teacher_config(cfg) -> TeacherConfig:
         raise ValueError(f"{where}: tail_temperatures must be distinct positive numbers other than 1, got {temps!r}")
     tc.tail_temperatures = [float(t) for t in temps]
     for key, low in (("top_k", 1), ("image_size", 1), ("max_tokens", 2)):
-        value = getattr(tc, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+        _check_int(tc, key, low, where)
+    if tc.adapt is not None:
+        tc.adapt = adapt_config(tc.adapt, where)
     return tc
+
+
+def _check_int(obj, key: str, low: int, where: str) -> None:
+    value = getattr(obj, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+
+
+def adapt_config(value, where: str) -> AdaptConfig:
+    """An AdaptConfig from a mapping (unknown keys and bad values refused, naming the key)."""
+    if isinstance(value, AdaptConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: adapt must be a mapping or null, got {value!r}")
+    unknown = sorted(set(value) - set(ADAPT_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}: unknown adapt key(s) {unknown}; known keys: {list(ADAPT_FIELDS)}")
+    adapt = AdaptConfig(**{k: _plain(v) for k, v in value.items() if v is not None or k == "layers"})
+    for key, low in (("folds", 2), ("rank", 1), ("batch_size", 1), ("max_steps", 1), ("eval_every", 1),
+                     ("patience", 1), ("val_rows", 1)):
+        _check_int(adapt, key, low, f"{where}: adapt")
+    if adapt.layers is not None:
+        _check_int(adapt, "layers", 1, f"{where}: adapt")
+    for key in ("alpha", "lr"):
+        if not isinstance(getattr(adapt, key), int | float) or not getattr(adapt, key) > 0:
+            raise ValueError(f"{where}: adapt.{key} must be a positive number, got {getattr(adapt, key)!r}")
+    if not 0 <= adapt.dropout < 1:
+        raise ValueError(f"{where}: adapt.dropout must be in [0, 1), got {adapt.dropout!r}")
+    if not adapt.target_modules or not all(isinstance(m, str) for m in adapt.target_modules):
+        raise ValueError(f"{where}: adapt.target_modules must be a non-empty list of module names")
+    return adapt
 
 
 def config_digest(cfg) -> str:
