@@ -6,8 +6,12 @@ Metrics (MLflow names in brackets):
   KL(teacher‖student) at T=1, as in training [eval/kl/<head>];
 - caption perplexity under the main head, per student token [eval/perplexity], and the language teacher's on
   the same tokens from its stored top-k + tail, a token outside the top-k counted at the whole tail mass: a
-  lower bound of the teacher's perplexity [eval/teacher_perplexity_bound; the teacher's tokenizer only]. A
-  student below it has passed its teacher on the captions, and from there KD pulls against CE;
+  lower bound of the teacher's perplexity [eval/teacher_perplexity_bound; the teacher's tokenizer only, secondary];
+- the language teacher measured exactly on the test captions from its stored `token_logprob`
+  (teachers/quality.py): perplexity [eval/teacher_perplexity, the headline teacher figure] and top-1 accuracy
+  [eval/teacher_top1_acc], against n-gram references fitted on the train captions (weights on val)
+  [eval/unigram_perplexity, eval/trigram_perplexity]; not for shards collected before token_logprob. A student
+  below the teacher's perplexity has passed its teacher on the captions, and from there KD pulls against CE;
 - a student with its own tokenizer (`student.tokenizer`) is evaluated through `CrossTokenizer`: agreement and
   KL on the positions whose next token aligns 1:1 with a teacher token, and their share of the positions with
   a teacher target [eval/aligned_fraction];
@@ -282,14 +286,17 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     import student  # noqa: F401  (registers the Auto classes)
     from data.shards import atomic_write_bytes
     from distill.config import output_path, shards_path
-    from distill.report import eval_plots, report
+    from distill.report import eval_plots, report, teacher_note
     from student.portable import saved_image_size
+    from teachers.quality import eval_metrics
     ev = cfg.evaluate
     test, train, stds = load_eval_data(shards_path(cfg, "samples"), target_dirs, cfg.student.image_size,
                                        ev.probe, cfg.loss.standardize)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dirs[test.language] / "tokenizer"))
     producer = test.targets[test.language]["producer"]
     pad_id = producer.get("eos_id") or 0
+    # the teacher's own figures: data alone, the same for the student and the baseline
+    teacher = eval_metrics(shards_path(cfg, "samples"), target_dirs[test.language], producer["vocab_size"])
 
     try:
         device = resolve_device(ev.device)
@@ -311,6 +318,7 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=pad_id,
                                        batch_size=ev.batch_size, device=device, cross=cross)
+        metrics.update(teacher)
         if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
             prompts = mtp_prompts(model.config, test, ev.mtp_prompts, ev.mtp_prompt_tokens, cross)
             if in_child:
@@ -332,7 +340,8 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
              "agreement/KL: teacher-forced on test captions, sparse top-k + tail KL(teacher‖student) at T=1 "
              "(a student with its own tokenizer: on its 1:1-aligned positions, eval/aligned_fraction; its "
              "perplexity is per student token, not comparable across tokenizers)",
-             "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image"]
+             "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image",
+             teacher_note(metrics)]
     if baseline:
         notes.append(f"baseline: {baseline_ref}")
     timing = None  # where mtp/speedup was timed

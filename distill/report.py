@@ -15,9 +15,11 @@ LOWER_IS_BETTER = ("eval/kl/", "eval/perplexity")
 
 
 # Not a property of the student: teacher and pixel probes, token counts, the blank-image control, the share
-# of positions a student tokenizer aligns 1:1 with the teacher's, and where the teacher's top-1 is a student token.
+# of positions a student tokenizer aligns 1:1 with the teacher's, where the teacher's top-1 is a student token,
+# and the language teacher's own figures and their n-gram references.
 REFERENCE = re.compile(r"eval/probe/(?!student$)|eval/grounded_tokens$|eval/grounded_acc_blank$|eval/aligned_fraction$"
-                       r"|eval/teacher_top1_in_vocab$")
+                       r"|eval/teacher_top1_in_vocab$|eval/teacher_perplexity|eval/teacher_top1_acc$"
+                       r"|eval/(uni|tri)gram_perplexity$")
 
 
 def better(key: str, kd: float, base: float) -> bool:
@@ -28,6 +30,22 @@ def verdict(key: str, kd: float, base: float) -> str:
     if REFERENCE.match(key):
         return "reference"
     return "yes" if better(key, kd, base) else "tie" if kd == base else "**no**"
+
+
+def teacher_note(metrics: dict[str, float]) -> str:
+    """The report's line on the language teacher: its exact test figures (the headline teacher figure) against
+    the n-gram references, and the bound from its stored top-k + tail as a secondary figure."""
+    def fig(key: str, fmt: str = ".2f") -> str:
+        return format(metrics[key], fmt) if key in metrics else "n/a"
+    bound = (f"perplexity bound {fig('eval/teacher_perplexity_bound')} (a lower bound from the stored top-k + "
+             "tail, secondary)")
+    if "eval/teacher_perplexity" not in metrics:
+        return (f"language teacher on the test captions: {bound}; no exact figures, its shards predate "
+                "token_logprob: re-run `mmtp collect`")
+    return (f"language teacher on the test captions: perplexity {fig('eval/teacher_perplexity')} (exact: the headline "
+            f"teacher figure), top-1 accuracy {fig('eval/teacher_top1_acc', '.3f')}; n-gram references fitted on the "
+            f"train captions: unigram {fig('eval/unigram_perplexity')}, trigram {fig('eval/trigram_perplexity')}; "
+            f"{bound}")
 
 
 def report(metrics: dict[str, float], baseline: dict[str, float] | None, title: str, notes: list[str]) -> str:

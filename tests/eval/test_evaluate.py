@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from distill.evaluate import agreement_and_kl, grounded_positions, teacher_caption_nll
 from distill.losses import SparseTargets
-from distill.report import better, report
+from distill.report import better, report, teacher_note
 
 
 def _targets_from(logits, k):
@@ -69,6 +69,19 @@ def test_report_says_where_kd_does_not_help():
     assert "| eval/probe/pixels | 0.6000 | 0.6000 | reference |" in text  # the same for both: not a verdict
 
 
+def test_report_names_the_exact_teacher_figure_the_headline_and_the_bound_secondary():
+    m = {"eval/teacher_perplexity": 12.345, "eval/teacher_top1_acc": 0.4, "eval/unigram_perplexity": 40.0,
+         "eval/trigram_perplexity": 15.0, "eval/teacher_perplexity_bound": 8.0}
+    note = teacher_note(m)
+    assert "perplexity 12.35 (exact: the headline teacher figure)" in note and "unigram 40.00, trigram 15.00" in note
+    assert "perplexity bound 8.00 (a lower bound" in note
+    old = teacher_note({"eval/teacher_perplexity_bound": 8.0})  # shards without token_logprob
+    assert "perplexity bound 8.00" in old and "re-run `mmtp collect`" in old
+    text = report(m, m, "r", [note])
+    assert "| eval/teacher_perplexity | 12.3450 | 12.3450 | reference |" in text
+    assert "| eval/teacher_perplexity_bound | 8.0000 | 8.0000 | reference |" in text
+
+
 @pytest.mark.slow
 def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
     from distill.launch import run_training
@@ -89,9 +102,17 @@ def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
         assert key in m, key
     assert 0 <= m["eval/agreement/main"] <= 1 and m["eval/perplexity"] > 1
     assert m["eval/teacher_perplexity_bound"] == m["baseline/eval/teacher_perplexity_bound"] > 1  # data alone
+    # the teacher measured exactly on the test captions (teachers/quality.py), and its n-gram references
+    for key in ("eval/teacher_perplexity", "eval/teacher_top1_acc", "eval/unigram_perplexity",
+                "eval/trigram_perplexity"):
+        assert key in m and m[key] == m[f"baseline/{key}"], key
+    assert m["eval/teacher_perplexity"] >= 1 and 0 <= m["eval/teacher_top1_acc"] <= 1
+    assert m["eval/teacher_perplexity"] >= m["eval/teacher_perplexity_bound"]  # the bound is a lower bound
+    assert m["eval/unigram_perplexity"] >= 1 and m["eval/trigram_perplexity"] >= 1
     assert "baseline/eval/vision/vit/patch_cos" not in m  # the CE-only student has no vision heads
     text = Path(result["report"]).read_text()
     assert "| eval/agreement/main |" in text and "CE-only baseline" in text
+    assert "(exact: the headline teacher figure)" in text and "perplexity bound" in text
     assert "timed in a fresh process in MKL's default mode" in text  # tests run with MKL_CBWR set, as mmtp does
     assert run.data.tags["mtp_timing"] == "fresh process, MKL default mode"
     assert {"eval_report.md", "plots"} <= {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
