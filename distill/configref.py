@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import re
 import tokenize
 from enum import Enum
 
@@ -58,7 +59,8 @@ def _classes(kind: type) -> dict[str, type]:
 
 
 def _type_name(f: dataclasses.Field) -> str:
-    return f.type.__name__ if isinstance(f.type, type) else str(f.type)
+    """The annotation as written: `AdaptConfig | None`, not `teachers.registry.AdaptConfig | None`."""
+    return f.type.__name__ if isinstance(f.type, type) else re.sub(r"\b[a-z_]\w*\.", "", str(f.type))
 
 
 def _nested(f: dataclasses.Field) -> type | None:

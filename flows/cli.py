@@ -1,5 +1,6 @@
 """`mmtp`: one console script, a subcommand per stage.
 
+    mmtp adapt    --config configs/default.yaml key=value ...
     mmtp collect  --config configs/default.yaml key=value ...
     mmtp train    --config configs/default.yaml key=value ...
     mmtp pipeline --config configs/default.yaml key=value ...
@@ -40,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmtp", description=__doc__.splitlines()[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in [("collect", "run the teachers over the data and write soft-target shards"),
+    for name, text in [("adapt", "correct the language teacher before collection: LoRA on the train captions, "
+                        "cross-fitted over folds (teachers.language.adapt; docs/teachers.md)"),
+                       ("collect", "run the teachers over the data and write soft-target shards"),
                        ("train", "distil the student on the collected shards with DeepSpeed"),
                        ("evaluate", "evaluate a student (evaluate.student=<folder or MLflow run id>) on the test "
                         "split"),
@@ -99,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _adapt(cfg, args) -> int:
+    from flows.adapt import run_adapt
+    run_adapt(cfg)
+    return 0
+
+
 def _collect(cfg, args) -> int:
     from flows.collect import run_collect
     run_collect(cfg)
@@ -143,7 +152,8 @@ def _deploy(cfg, args) -> int:
     return 0
 
 
-COMMANDS = {"collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "onpolicy": _onpolicy,
+COMMANDS = {"adapt": _adapt,
+            "collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "onpolicy": _onpolicy,
             "ui": _ui, "deploy": _deploy}
 
 if __name__ == "__main__":

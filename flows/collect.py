@@ -29,9 +29,11 @@ from distill.config import (
     to_container,
 )
 from distill.schema import Runner
+from flows.adapt import with_adapters
 from flows.artifacts import link_mlflow_run
 from teachers.collect import check_vocab, collect_shard, finalize_targets
 from teachers.contract import Modality, check_teacher
+from teachers.quality import collection_metrics
 from teachers.registry import load_teacher
 
 
@@ -82,7 +84,9 @@ def finalize_task(config: dict, teacher_name: str, samples: dict, entries: list[
 
 @flow(name="collect-soft-targets", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict:
-    """Write samples shards and every teacher's target shards under `output_dir`; log to MLflow."""
+    """Write samples shards and every teacher's target shards under `output_dir`; log to MLflow. With
+    `teachers.language.adapt` set, the teacher is corrected first (flow adapt-teacher, cached)."""
+    config = with_adapters(config, parent_run_id)
     cfg = from_dict(config)
     started = time.perf_counter()
     with run_lock(shards_path(cfg)):
@@ -115,6 +119,7 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
     `collect/wall_seconds` is the stage's time)."""
     tags = {f"teacher.{n}.{k}": str(m["producer"].get(k)) for n, m in manifests.items()
             for k in ("kind", "source", "weights_digest")}
+    quality = teacher_quality(cfg, manifests)
     with tracking.stage_run(cfg, "collect", parent_run_id, tags, flow_run.id) as run:
         tracking.log_manifest_input(shards_path(cfg, "samples"), samples, "samples", "collect")
         metrics = {"collect/wall_seconds": wall_seconds, "collect/rows": samples["rows"],
@@ -135,10 +140,18 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
             if manifest["modality"] == Modality.language:
                 metrics[f"collect/{name}/bytes_per_token"] = manifest["bytes_per_token"]
                 metrics[f"collect/{name}/truncated_captions"] = manifest["truncated_captions"]
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({**metrics, **quality})
         for d in [shards_path(cfg, "samples")] + [shards_path(cfg, "targets", n) for n in manifests]:
             mlflow.log_artifact(str(Path(d) / "manifest.json"), artifact_path=f"manifests/{Path(d).name}")
         return run.info.run_id
+
+
+def teacher_quality(cfg, manifests: dict) -> dict[str, float]:
+    """The language teacher's exact figures on the val captions and a unigram of the train captions'
+    (teachers/quality.py; it warns when the teacher is the worse of the two)."""
+    return {k: v for name, m in manifests.items() if m["modality"] == Modality.language
+            for k, v in collection_metrics(name, shards_path(cfg, "samples"), shards_path(cfg, "targets", name),
+                                           m["producer"]["vocab_size"]).items()}
 
 
 def run_collect(cfg, parent_run_id: str | None = None) -> dict:

@@ -28,6 +28,7 @@ from distill.config import from_dict, output_path, shards_path, teacher_configs,
 from distill.evaluate import evaluate_run
 from distill.onpolicy import ORIGIN, generations, onpolicy_kl, round_config
 from distill.schema import Vocab
+from flows.adapt import with_adapters
 from flows.artifacts import link_mlflow_run
 from flows.collect import collect_options, collect_teacher
 from flows.train import distill_student
@@ -80,6 +81,7 @@ def evaluate_task(config: dict) -> dict:
 
 @flow(name="onpolicy-distill", log_prints=True)
 def onpolicy_distill(config: dict) -> dict:
+    config = with_adapters(config)  # a corrected teacher scores the continuations with its cached adapters
     cfg = from_dict(config)
     if cfg.teachers.language is None:
         raise ValueError("on-policy rounds need a language teacher (teachers.language)")

@@ -1,4 +1,4 @@
-"""Prefect flow `distill-pipeline`: collect-soft-targets → distill-student → evaluate-student as
+"""Prefect flow `distill-pipeline`: [adapt-teacher →] collect-soft-targets → distill-student → evaluate-student as
 subflows, under one parent MLflow run whose children are the stage runs. Stages pass paths and run
 ids, never tensors. The parent run carries the headline metrics.
 """
@@ -13,6 +13,7 @@ from prefect.runtime import flow_run
 from data.shards import run_lock
 from distill import tracking
 from distill.config import from_dict, output_path, teacher_configs, to_container
+from flows.adapt import with_adapters
 from flows.artifacts import link_mlflow_run
 from flows.collect import collect_soft_targets
 from flows.evaluate import evaluate_student
@@ -27,6 +28,7 @@ def distill_pipeline(config: dict) -> dict:
     cfg = from_dict(config)
     with run_lock(output_path(cfg)), tracking.stage_run(cfg, "pipeline", flow_run_id=flow_run.id) as parent:
         parent_id = parent.info.run_id
+        config = with_adapters(config, parent_id)  # teacher correction first, when teachers.language.adapt is set
         collected = collect_soft_targets(config, parent_id)
         summary = distill_student(config, parent_id)
         evaluated = evaluate_student(config, parent_id)
