@@ -52,7 +52,8 @@ def _head_terms(spec: LanguageDistillLoss, depth: int, length: int, targets: Spa
         terms.append(("ce" + suffix, spec.alpha, (ce != spec.ignore_index).sum().clamp_min(1), ce, None))
     if spec.alpha < 1:
         shifted = _flat(shift_targets(targets, depth)[:, :length])
-        weights = kd_position_weights(shifted, spec.generated_kd_weight)  # they hold the denominators
+        # they hold the denominators; the selective-KD gate reads the teacher at i + depth, as the shift put it
+        weights = kd_position_weights(shifted, spec.generated_kd_weight, spec.kd_gate, spec.kd_gate_nats)
         denom = shifted.mask.sum().clamp_min(1) if weights is None else torch.ones((), device=shifted.mask.device)
         terms.append(("lang_kd" + suffix, 1 - spec.alpha, denom, shifted, weights))
         if shifted.approx is not None:
@@ -67,7 +68,8 @@ def _term_sum(spec: LanguageDistillLoss, key: str, logits: Tensor, target, weigh
     from the dense functions."""
     if key.startswith("ce"):  # causal_ce_loss shifts by one: a leading ignored label lines the chunk up
         labels = F.pad(target, (1, 0), value=spec.ignore_index)
-        return causal_ce_loss(logits, labels, 0, spec.ignore_index) * (target != spec.ignore_index).sum()
+        return (causal_ce_loss(logits, labels, 0, spec.ignore_index, spec.label_smoothing)
+                * (target != spec.ignore_index).sum())
     if key.startswith("lang_kd"):
         per_position = language_kd_loss(logits, target, spec.kind, spec.temperature, reduction="none",
                                         generated_kind=spec.generated_kind)

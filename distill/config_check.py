@@ -46,6 +46,12 @@ def check(cfg: DictConfig) -> None:
     if cfg.loss.drafter_prompt_tokens < 1:
         raise ConfigError("config key 'loss.drafter_prompt_tokens': must be >= 1, got "
                           f"{cfg.loss.drafter_prompt_tokens}")
+    if not 0.0 <= cfg.loss.label_smoothing < 1.0:
+        raise ConfigError(f"config key 'loss.label_smoothing': must be in [0, 1) (0 = plain CE), got "
+                          f"{cfg.loss.label_smoothing}")
+    if not 0.0 <= cfg.loss.kd_gate_nats < float("inf"):
+        raise ConfigError(f"config key 'loss.kd_gate_nats': must be a finite number of nats >= 0, got "
+                          f"{cfg.loss.kd_gate_nats}")
     if cfg.loss.chunk_size < 0:
         raise ConfigError(f"config key 'loss.chunk_size': must be >= 0 (0 = off), got {cfg.loss.chunk_size}")
     s = cfg.student

@@ -213,14 +213,48 @@ def _divergence(log_p: Tensor, log_q: Tensor, valid: Tensor, kind: str) -> Tenso
     return torch.where(valid, DIVERGENCES[kind](log_p, log_q), 0.0).sum(-1)
 
 
-def kd_position_weights(targets: SparseTargets, generated_weight: float | None) -> Tensor | None:
-    """Per-position weights [B, L] that make a KD mean into two: the mean over the offline positions plus
-    `generated_weight` times the mean over the generated ones (`targets.generated`), so the rows the student
-    generated add a term instead of diluting the offline rows' mean. None (one mean over every valid position)
-    when `generated_weight` is None or the targets carry no generated field."""
-    if generated_weight is None or targets.generated is None:
-        return None
+# The selective-KD gates (loss.kd_gate: distill/schema.py KDGate lists the same names; tests/distill/test_language_kd.py
+# checks that they agree).
+GATES = ("none", "entropy")
+
+
+def teacher_entropy(targets: SparseTargets) -> Tensor:
+    """[B, L] the teacher's entropy in nats at T = 1 over its k + 1 buckets (its own stored top-k, ids folded for a
+    trimmed student included, and the tail taken as one outcome), renormalised over them; 0 at masked positions.
+    Merging the tail tokens into one outcome can only lower an entropy, so this is a lower bound of the teacher's
+    true entropy."""
     mask = targets.mask.bool()
+    top = torch.where(mask[..., None], targets.topk_logprobs.detach().float(), 0.0).clamp_min(LOGPROB_FLOOR)
+    tail = torch.where(mask, targets.tail_logprob.detach().float(), 0.0).clamp_min(LOGPROB_FLOOR)
+    log_p = torch.cat([top, tail[..., None]], -1).log_softmax(-1)
+    return torch.where(mask, -(log_p.exp() * log_p).sum(-1), 0.0)
+
+
+def kd_gate_keep(targets: SparseTargets, gate: str = "none", gate_nats: float = math.inf) -> Tensor | None:
+    """[B, L] bool, the valid positions whose KD term the gate keeps, or None when `gate` is "none".
+    "entropy": a hard gate, kept where the teacher's bucketed entropy (`teacher_entropy`, a lower bound) is at
+    most `gate_nats`: the KD only where the teacher is confident."""
+    if gate not in GATES:
+        raise ValueError(f"unknown KD gate {gate!r}; expected one of {GATES}")
+    if gate == "none":
+        return None
+    return targets.mask.bool() & (teacher_entropy(targets) <= gate_nats)
+
+
+def kd_position_weights(targets: SparseTargets, generated_weight: float | None, gate: str = "none",
+                        gate_nats: float = math.inf) -> Tensor | None:
+    """Per-position weights [B, L] that hold the KD mean's denominators: the mean over the offline positions plus
+    `generated_weight` times the mean over the generated ones (`targets.generated`), so the rows the student
+    generated add a term instead of diluting the offline rows' mean; and with a selective-KD `gate`
+    (`kd_gate_keep`) each mean is over the kept positions only (weight 0 elsewhere). None (one mean over every
+    valid position) when there is neither a gate nor a `generated_weight` with a generated field."""
+    keep = kd_gate_keep(targets, gate, gate_nats)
+    split = generated_weight is not None and targets.generated is not None
+    if keep is None and not split:
+        return None
+    mask = targets.mask.bool() if keep is None else keep
+    if not split:
+        return mask / mask.sum().clamp_min(1)
     generated = mask & targets.generated.bool()
     offline = mask & ~generated
     return offline / offline.sum().clamp_min(1) + generated_weight * generated / generated.sum().clamp_min(1)
@@ -229,14 +263,17 @@ def kd_position_weights(targets: SparseTargets, generated_weight: float | None) 
 def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
                      kind: str = "forward_kl", temperature: float = 1.0,
                      reduction: str = "mean", generated_kind: str | None = None,
-                     generated_weight: float | None = None) -> Tensor:
+                     generated_weight: float | None = None, gate: str = "none",
+                     gate_nats: float = math.inf) -> Tensor:
     """Sparse KD between stored teacher top-k + tail and the student's full logits [B, L, V].
 
     `kind`: forward_kl = KL(teacher||student), reverse_kl = KL(student||teacher), or jsd.
     `generated_kind` (None = `kind`): the divergence at `targets.generated` positions (rows the student
     generated), as GKD takes reverse KL or JSD on student samples while the offline rows keep `kind`.
     `generated_weight` (None = one mean): the mean reduces to offline mean + generated_weight x generated mean
-    (`kd_position_weights`); reduction="none" leaves the positions unweighted.
+    (`kd_position_weights`); `gate` ("none" | "entropy", with `gate_nats`): selective KD, the mean over the
+    positions where the teacher's entropy is at most `gate_nats` (`kd_gate_keep`). reduction="none" leaves the
+    positions unweighted (and ungated).
     The result is multiplied by temperature**2 (keeps gradient scale independent of tau).
     reduction="mean": mean over valid positions (0 when there are none); "none": [B, L], 0 at
     masked positions. Computed in float32 whatever the input dtypes.
@@ -260,25 +297,29 @@ def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[st
     per_position = torch.where(mask, divergence, 0.0) * temperature**2
     if reduction == "none":
         return per_position
-    weights = kd_position_weights(targets, generated_weight)
+    weights = kd_position_weights(targets, generated_weight, gate, gate_nats)
     if weights is not None:
         return (per_position * weights).sum()
     return per_position.sum() / mask.sum().clamp_min(1)
 
 
-def causal_ce_loss(logits: Tensor, labels: Tensor, depth: int = 0, ignore_index: int = -100) -> Tensor:
+def causal_ce_loss(logits: Tensor, labels: Tensor, depth: int = 0, ignore_index: int = -100,
+                   label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of head `depth` on ground truth: position i predicts labels[i + 1 + depth].
 
     `labels` [B, L] are the input ids (HF convention, shifted here); `ignore_index` entries (e.g.
     image positions, padding) are skipped. `logits` may be shorter than L (MTP heads). Returns 0
-    when nothing is left to predict.
+    when nothing is left to predict. `label_smoothing` s in [0, 1): the target is (1 - s) one-hot + s uniform
+    over the vocabulary, as `F.cross_entropy(..., label_smoothing=s)`.
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     n = min(logits.shape[1], labels.shape[1] - 1 - depth)
     if n <= 0:
         return logits.sum() * 0.0
     target = labels[:, 1 + depth: 1 + depth + n].long()
     loss = F.cross_entropy(logits[:, :n].float().flatten(0, 1), target.flatten(),
-                           ignore_index=ignore_index, reduction="sum")
+                           ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
     return loss / (target != ignore_index).sum().clamp_min(1)
 
 
@@ -293,13 +334,17 @@ class LanguageDistillLoss(nn.Module):
     `generated_kd_weight` (None = one mean over every row): KD_d = offline mean + weight x generated mean.
     ULD_d (distill/xtoken.py) only with targets that carry `approx` positions (a cross-tokenizer student);
     KD_d then covers the `mask` (exact) positions alone.
+    `label_smoothing`: of CE_d, every depth. `kd_gate` ("none" | "entropy") with `kd_gate_nats`: selective KD,
+    KD_d is the mean over the positions where the teacher (at i + d) has an entropy of at most `kd_gate_nats`
+    (`kd_gate_keep`; ULD is not gated).
     Returns {"loss", "ce", "lang_kd", "lang_uld", "ce/mtp{d}", "lang_kd/mtp{d}", "lang_uld/mtp{d}"} (CE keys
     only when alpha > 0, KD keys only when alpha < 1, ULD keys only with `approx` targets).
     """
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.0,
                  mtp_weights: Sequence[float] = (), ignore_index: int = -100, uld_weight: float = 1.0,
-                 generated_kind: str | None = None, generated_kd_weight: float | None = None):
+                 generated_kind: str | None = None, generated_kd_weight: float | None = None,
+                 label_smoothing: float = 0.0, kd_gate: str = "none", kd_gate_nats: float = math.inf):
         super().__init__()
         for name in (kind, generated_kind or kind):
             if name not in KINDS:
@@ -312,7 +357,15 @@ class LanguageDistillLoss(nn.Module):
             raise ValueError(f"uld_weight must be >= 0, got {uld_weight}")
         if generated_kd_weight is not None and not generated_kd_weight >= 0:
             raise ValueError(f"generated_kd_weight must be >= 0 or None, got {generated_kd_weight}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if kd_gate not in GATES:
+            raise ValueError(f"unknown KD gate {kd_gate!r}; expected one of {GATES}")
+        if kd_gate != "none" and not kd_gate_nats >= 0:
+            raise ValueError(f"kd_gate_nats must be >= 0, got {kd_gate_nats}")
         self.kind, self.temperature, self.alpha, self.uld_weight = kind, temperature, alpha, uld_weight
+        self.label_smoothing = label_smoothing  # of the ground-truth CE of every depth
+        self.kd_gate, self.kd_gate_nats = kd_gate, kd_gate_nats  # selective KD (`kd_gate_keep`)
         self.generated_kind = generated_kind  # the KD on generated rows (`SparseTargets.generated`); None: kind
         self.generated_kd_weight = generated_kd_weight  # None: one KD mean; else offline + weight x generated mean
         self.mtp_weights = list(mtp_weights)
@@ -333,14 +386,15 @@ class LanguageDistillLoss(nn.Module):
             suffix = "" if depth == 0 else f"/mtp{depth}"
             term = total.new_zeros(())
             if self.alpha > 0:
-                out["ce" + suffix] = ce = causal_ce_loss(head, labels, depth, self.ignore_index)
+                out["ce" + suffix] = ce = causal_ce_loss(head, labels, depth, self.ignore_index, self.label_smoothing)
                 term = term + self.alpha * ce
             if self.alpha < 1:
                 # MTP heads may be shorter than L (no input token beyond the sequence end).
                 shifted = shift_targets(targets, depth)[:, : head.shape[1]]
                 out["lang_kd" + suffix] = kd = language_kd_loss(head, shifted, self.kind, self.temperature,
                                                                 generated_kind=self.generated_kind,
-                                                                generated_weight=self.generated_kd_weight)
+                                                                generated_weight=self.generated_kd_weight,
+                                                                gate=self.kd_gate, gate_nats=self.kd_gate_nats)
                 if shifted.approx is not None:  # the teacher's distribution where tokens do not line up
                     from distill.xtoken import uld_loss  # imports this module
                     out["lang_uld" + suffix] = uld = uld_loss(head, replace(shifted, mask=shifted.approx))

@@ -25,7 +25,7 @@ from distill.balance import TrunkTaps, build_balancer
 from distill.chunked import chunked_language_loss
 from distill.drafters import drafter_loss, greedy_captions
 from distill.image_losses import same_caption, siglip_loss, vision_kd_loss
-from distill.losses import LanguageDistillLoss
+from distill.losses import LanguageDistillLoss, SparseTargets, kd_gate_keep
 from distill.stages import CONTRASTIVE, DRAFTER, LANGUAGE
 from distill.standardize import FeatureStandardizer
 
@@ -78,7 +78,10 @@ class DistillObjective(nn.Module):
                                             alpha=loss_cfg.ce_weight, mtp_weights=[loss_cfg.mtp_weight] * depth,
                                             uld_weight=loss_cfg.uld_weight,
                                             generated_kind=loss_cfg.generated_kd_kind,
-                                            generated_kd_weight=loss_cfg.generated_kd_weight)
+                                            generated_kd_weight=loss_cfg.generated_kd_weight,
+                                            label_smoothing=loss_cfg.label_smoothing,
+                                            kd_gate=getattr(loss_cfg.kd_gate, "value", loss_cfg.kd_gate),
+                                            kd_gate_nats=loss_cfg.kd_gate_nats)
         self.chunk_size = loss_cfg.chunk_size  # > 0: distill/chunked.py, no full-vocab logits
         self.drafter_prompt_tokens = loss_cfg.drafter_prompt_tokens
         self.use_language, self.use_contrastive, self.use_drafter = use_language, use_contrastive, use_drafter
@@ -117,6 +120,10 @@ class DistillObjective(nn.Module):
         if self.use_language:
             losses[LANGUAGE] = parts.pop("loss")
             logs.update({f"loss/{k}": v.detach() for k, v in parts.items()})
+            if self.language.kd_gate != "none" and self.language.alpha < 1:  # selective KD: the main head's share
+                lang = SparseTargets.from_mapping(batch["lang"])
+                keep = kd_gate_keep(lang, self.language.kd_gate, self.language.kd_gate_nats)
+                logs["kd_gate/kept"] = (keep.sum() / lang.mask.sum().clamp_min(1)).detach().float()
         for name in self.vision:  # teacher features arrive standardised (standardize_batch)
             teacher = batch["vision"][name]
             student = out.teacher_outputs[name]

@@ -36,6 +36,11 @@ class KDKind(str, Enum):
     jsd = "jsd"
 
 
+class KDGate(str, Enum):
+    none = "none"  # the KD at every position
+    entropy = "entropy"  # the KD only where the teacher's entropy is <= loss.kd_gate_nats (selective KD)
+
+
 class Standardize(str, Enum):
     phis = "phis"
     zscore = "zscore"
@@ -148,6 +153,10 @@ class LossConfig:
     generated_kd_weight: float | None = None
     temperature: float = 1.0  # softens teacher and student alike (the teacher tail at T != 1: docs/losses.md)
     ce_weight: float = 0.5  # language term = ce_weight * CE + (1 - ce_weight) * KD, per depth
+    label_smoothing: float = 0.0  # of the ground-truth CE (main head and MTP depths), in [0, 1); 0: plain CE
+    # selective KD: none | entropy (each position's KD kept only where the teacher's entropy is <= kd_gate_nats)
+    kd_gate: KDGate = KDGate.none
+    kd_gate_nats: float = 2.0  # kd_gate=entropy: the threshold, in nats, on the teacher's top-k + tail entropy
     uld_weight: float = 1.0  # student.tokenizer: weight of ULD (unaligned tokens) in the KD (docs/losses.md)
     mtp_weight: float = 0.5  # weight of each MTP depth's term relative to the main head
     # > 0: the language loss from the heads' hidden states, this many positions' full-vocabulary logits at a

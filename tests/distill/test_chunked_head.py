@@ -103,6 +103,33 @@ def test_generated_kd_weight_matches_the_dense_loss():
     assert not torch.isclose(pooled["lang_kd"], dense["lang_kd"])  # the weight counts
 
 
+@pytest.mark.parametrize("variant", ["plain", "trimmed"])
+@pytest.mark.parametrize("generated", [False, True])
+def test_label_smoothing_and_the_selective_kd_gate_match_the_dense_loss(variant, generated):
+    """`loss.label_smoothing` on every depth's CE and the entropy gate on every depth's KD (the teacher at
+    i + depth): the chunked head gives the dense terms and gradients, and the gate does drop positions."""
+    from distill.losses import shift_targets, teacher_entropy
+    hidden, weight, targets, labels = case(variant, seed=5)
+    if generated:
+        targets.generated = torch.tensor([[True], [False]]).expand(B, T)
+    nats = float(teacher_entropy(targets)[targets.mask].median())  # about half the positions kept
+    spec = LanguageDistillLoss("forward_kl", 1.0, 0.5, mtp_weights=[0.5, 0.25], label_smoothing=0.1,
+                               kd_gate="entropy", kd_gate_nats=nats, generated_kd_weight=0.7 if generated else None)
+    dense, dense_grads, chunked, chunked_grads = both(spec, hidden, weight, targets, labels, chunk_size=3)
+    assert_same(dense, dense_grads, chunked, chunked_grads)
+    main = F.linear(hidden[0], weight)[:, :-1].reshape(-1, V)  # position i predicts labels[i + 1]
+    torch.testing.assert_close(chunked["ce"], F.cross_entropy(main, labels[:, 1:].reshape(-1), label_smoothing=0.1))
+    ungated = LanguageDistillLoss("forward_kl", 1.0, 0.5, mtp_weights=[0.5, 0.25],
+                                  generated_kd_weight=0.7 if generated else None)
+    plain = ungated(F.linear(hidden[0], weight), targets, labels, [F.linear(h, weight) for h in hidden[1:]])
+    for d in range(3):
+        suffix = "" if d == 0 else f"/mtp{d}"
+        assert not torch.isclose(plain["lang_kd" + suffix], dense["lang_kd" + suffix])
+        assert not torch.isclose(plain["ce" + suffix], dense["ce" + suffix])
+        kept = shift_targets(targets, d).mask & (teacher_entropy(shift_targets(targets, d)) <= nats)
+        assert 0 < kept.sum() < shift_targets(targets, d).mask.sum()
+
+
 def test_without_gradients_the_values_are_the_same():
     hidden, weight, targets, labels = case("trimmed", seed=2)
     spec = LanguageDistillLoss("jsd", 1.0, 0.5, mtp_weights=[0.5, 0.5])
@@ -183,3 +210,33 @@ def test_the_trainer_takes_the_same_first_step_with_loss_chunk_size(train_cfg, m
     assert set(chunked) == set(dense)
     for key, value in dense.items():
         assert chunked[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert "kd_gate/kept" not in dense
+
+
+def test_the_trainer_logs_the_selective_kd_share_kept(train_cfg):
+    """With loss.kd_gate=entropy a step logs `kd_gate/kept`, the share of the main head's KD positions kept: all
+    of them at a threshold above any entropy of k + 1 buckets, fewer at the batch's median entropy (the tiny
+    random teacher is flat, its mass in the tail bucket: bucketed entropies of about 0.28 nats), and the KD
+    changes."""
+    from distill.losses import teacher_entropy
+    from distill.recipe import DistillRecipe
+
+    def first_step(*overrides, median=False):
+        recipe = DistillRecipe(train_cfg("train.max_steps=1", "loss.chunk_size=37", *overrides))
+        recipe.setup()
+        if median:
+            lang = SparseTargets.from_mapping(next(recipe.micro_batches())["lang"])
+            return float(teacher_entropy(lang)[lang.mask.bool()].median())
+        torch.manual_seed(0)
+        figures, bad = recipe.train_step(recipe.micro_batches())
+        assert bad is None
+        return figures
+
+    plain = first_step()
+    median = first_step(median=True)
+    everything = first_step("loss.kd_gate=entropy", "loss.kd_gate_nats=100")
+    assert everything["kd_gate/kept"] == 1.0
+    assert everything["loss/lang_kd"] == pytest.approx(plain["loss/lang_kd"], rel=1e-5)
+    some = first_step("loss.kd_gate=entropy", f"loss.kd_gate_nats={median}")
+    assert 0.3 < some["kd_gate/kept"] < 1.0
+    assert some["loss/lang_kd"] != pytest.approx(plain["loss/lang_kd"], rel=1e-3)

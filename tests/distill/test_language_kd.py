@@ -430,3 +430,174 @@ def test_generated_kd_weight_adds_the_generated_rows_mean():
                                language_kd_loss(student.float(), t))
     with pytest.raises(ValueError, match="generated_kd_weight must be >= 0"):
         LanguageDistillLoss(generated_kd_weight=-1.0)
+
+
+# ---------------------------------------------------------------- label smoothing of the ground-truth CE
+
+
+def test_label_smoothing_zero_is_todays_ce_and_positive_is_torchs():
+    B, L, V = 2, 7, 23
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(B, L, V, generator=g) * 3
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, 2] = labels[1, 5] = -100
+    for depth in (0, 1, 2):
+        plain = causal_ce_loss(logits, labels, depth)
+        assert torch.equal(causal_ce_loss(logits, labels, depth, label_smoothing=0.0), plain)  # bit for bit
+        n = L - 1 - depth
+        flat, target = logits[:, :n].reshape(-1, V), labels[:, 1 + depth: 1 + depth + n].reshape(-1)
+        torch.testing.assert_close(plain, F.cross_entropy(flat, target, ignore_index=-100))
+        for s in (0.1, 0.5):
+            torch.testing.assert_close(causal_ce_loss(logits, labels, depth, label_smoothing=s),
+                                       F.cross_entropy(flat, target, ignore_index=-100, label_smoothing=s))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            causal_ce_loss(logits, labels, label_smoothing=bad)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            LanguageDistillLoss(alpha=1.0, label_smoothing=bad)
+
+
+def test_label_smoothing_reaches_every_depth_and_leaves_the_kd_alone():
+    B, L, V = 2, 8, 30
+    teacher, student = make_case(B, L, V, 2.0, 1.0, seed=31)
+    g = torch.Generator().manual_seed(1)
+    mtp = [torch.randn(B, L - d, V, generator=g) for d in (1, 2)]
+    labels = torch.randint(0, V, (B, L), generator=g)
+    targets = sparse_targets(teacher, 6)
+    plain = LanguageDistillLoss("forward_kl", alpha=0.4, mtp_weights=[0.5, 0.25])(student.float(), targets, labels, mtp)
+    smooth = LanguageDistillLoss("forward_kl", alpha=0.4, mtp_weights=[0.5, 0.25], label_smoothing=0.2)(
+        student.float(), targets, labels, mtp)
+    for d, head in enumerate([student.float(), *mtp]):
+        suffix = "" if d == 0 else f"/mtp{d}"
+        n = min(head.shape[1], L - 1 - d)
+        ref = F.cross_entropy(head[:, :n].reshape(-1, V), labels[:, 1 + d: 1 + d + n].reshape(-1),
+                              label_smoothing=0.2)
+        torch.testing.assert_close(smooth["ce" + suffix], ref)
+        assert not torch.isclose(smooth["ce" + suffix], plain["ce" + suffix])
+        torch.testing.assert_close(smooth["lang_kd" + suffix], plain["lang_kd" + suffix])
+
+
+# ---------------------------------------------------------------- selective KD (loss.kd_gate)
+
+
+def test_gate_names_match_the_config_enum():
+    from distill.losses import GATES
+    from distill.schema import KDGate
+    assert tuple(g.value for g in KDGate) == GATES
+
+
+def test_teacher_entropy_is_the_bucketed_entropy_and_a_lower_bound():
+    from distill.losses import teacher_entropy
+    teacher, _ = make_case(2, 6, 50, 2.0, 1.0, seed=3)
+    logp = teacher.log_softmax(-1)
+    dense = -(logp.exp() * logp).sum(-1)
+    for k in (1, 5, 49):
+        t = sparse_targets(teacher, k)
+        top = t.topk_logprobs.double()
+        buckets = torch.cat([top, t.tail_logprob.double()[..., None]], -1)
+        ref = -(buckets.exp() * buckets).sum(-1)
+        torch.testing.assert_close(teacher_entropy(t).double(), ref, atol=1e-5, rtol=1e-5)
+        assert (teacher_entropy(t) <= dense.float() + 1e-5).all()
+    full = sparse_targets(teacher, 50)  # k = V: an empty tail, the entropy is the dense one
+    torch.testing.assert_close(teacher_entropy(full).double(), dense, atol=1e-5, rtol=1e-5)
+
+
+def confident_and_flat(L=6, V=30, k=5, flat_at=(2,)):
+    """Targets where every position is confident (one token at 0.99) except those in `flat_at`, spread evenly
+    over six tokens (entropy about log 6 = 1.8 nats, the sixth token in the tail bucket)."""
+    logits = torch.full((1, L, V), -4.0, dtype=torch.float64)
+    logits[0, torch.arange(L), torch.arange(L) % V] = 4.0
+    for i in flat_at:
+        logits[0, i, :6] = 4.0
+    return logits, sparse_targets(logits, k)
+
+
+def test_gate_none_or_a_threshold_keeping_everything_changes_nothing():
+    from distill.losses import teacher_entropy
+    teacher, student = make_case(2, 7, 40, 2.0, 1.5, seed=11)
+    t = sparse_targets(teacher, 6)
+    t.mask = t.mask.clone()
+    t.mask[1, 5:] = False
+    plain = language_kd_loss(student.float(), t)
+    assert torch.equal(language_kd_loss(student.float(), t, gate="none", gate_nats=0.1), plain)
+    top = float(teacher_entropy(t).max())
+    torch.testing.assert_close(language_kd_loss(student.float(), t, gate="entropy", gate_nats=top), plain)
+    labels = torch.randint(0, 40, (2, 7))
+    mtp = [torch.randn(2, 7 - d, 40) for d in (1, 2)]
+    base = LanguageDistillLoss(alpha=0.5, mtp_weights=[0.5, 0.5])(student.float(), t, labels, mtp)
+    for gate, nats in (("none", 0.0), ("entropy", top)):
+        out = LanguageDistillLoss(alpha=0.5, mtp_weights=[0.5, 0.5], kd_gate=gate, kd_gate_nats=nats)(
+            student.float(), t, labels, mtp)
+        for key in base:
+            torch.testing.assert_close(out[key], base[key], msg=key)
+    with pytest.raises(ValueError, match="unknown KD gate"):
+        LanguageDistillLoss(kd_gate="margin")
+    with pytest.raises(ValueError, match="kd_gate_nats"):
+        LanguageDistillLoss(kd_gate="entropy", kd_gate_nats=-1.0)
+
+
+def test_gate_drops_a_high_entropy_position_and_the_mean_is_over_the_kept_ones():
+    from distill.losses import kd_gate_keep, teacher_entropy
+    teacher, t = confident_and_flat()
+    entropy = teacher_entropy(t)[0]
+    assert entropy[2] > 1.5 and (entropy[[0, 1, 3, 4, 5]] < 0.3).all()
+    _, student = make_case(1, 6, 30, 1.0, 1.0, seed=2)
+    per = language_kd_loss(student.float(), t, reduction="none")[0]
+    keep = kd_gate_keep(t, "entropy", 1.0)[0]
+    assert keep.tolist() == [True, True, False, True, True, True]
+    got = language_kd_loss(student.float(), t, gate="entropy", gate_nats=1.0)
+    torch.testing.assert_close(got, per[keep].mean())
+    assert not torch.isclose(got, per.mean())
+    # the gradient reaches no logit of the dropped position
+    logits = student.float().requires_grad_()
+    language_kd_loss(logits, t, gate="entropy", gate_nats=1.0).backward()
+    assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[0, 1].abs().sum() > 0
+    # nothing kept: 0, not NaN
+    assert language_kd_loss(student.float(), t, gate="entropy", gate_nats=0.0).item() == 0.0
+
+
+def test_gate_at_mtp_depth_k_reads_the_teacher_at_i_plus_k():
+    """The flat teacher position 3 gates position 3 of the main head, 2 of depth 1 and 1 of depth 2; CE is
+    unchanged by the gate."""
+    teacher, t = confident_and_flat(L=7, flat_at=(3,))
+    g = torch.Generator().manual_seed(4)
+    main = torch.randn(1, 7, 30, generator=g)
+    mtp = [torch.randn(1, 7 - d, 30, generator=g) for d in (1, 2)]
+    labels = torch.randint(0, 30, (1, 7), generator=g)
+    gated = LanguageDistillLoss(alpha=0.3, mtp_weights=[0.5, 0.5], kd_gate="entropy", kd_gate_nats=1.0)(
+        main, t, labels, mtp)
+    plain = LanguageDistillLoss(alpha=0.3, mtp_weights=[0.5, 0.5])(main, t, labels, mtp)
+    for d, head in enumerate([main, *mtp]):
+        suffix = "" if d == 0 else f"/mtp{d}"
+        shifted = shift_targets(t, d)[:, : head.shape[1]]
+        per = language_kd_loss(head, shifted, reduction="none")[0]
+        keep = shifted.mask[0].clone()
+        keep[3 - d] = False
+        torch.testing.assert_close(gated["lang_kd" + suffix], per[keep].mean())
+        torch.testing.assert_close(gated["ce" + suffix], plain["ce" + suffix])
+
+
+def test_gate_composes_with_the_generated_rows_weight():
+    teacher, t = confident_and_flat(flat_at=(2,))
+    t = SparseTargets(t.topk_ids.expand(2, -1, -1), t.topk_logprobs.expand(2, -1, -1),
+                      t.tail_logprob.expand(2, -1), t.mask.expand(2, -1).clone(),
+                      generated=torch.tensor([[False], [True]]).expand(2, 6))
+    _, student = make_case(2, 6, 30, 1.0, 1.0, seed=9)
+    per = language_kd_loss(student.float(), t, reduction="none")
+    keep = t.mask.clone()
+    keep[:, 2] = False
+    expected = per[0][keep[0]].mean() + 0.5 * per[1][keep[1]].mean()
+    got = language_kd_loss(student.float(), t, generated_weight=0.5, gate="entropy", gate_nats=1.0)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("override, key", [("loss.label_smoothing=1.0", "loss.label_smoothing"),
+                                           ("loss.label_smoothing=-0.1", "loss.label_smoothing"),
+                                           ("loss.kd_gate_nats=-1", "loss.kd_gate_nats"),
+                                           ("loss.kd_gate=margin", "loss.kd_gate")])
+def test_config_refuses_out_of_range_smoothing_and_gates(override, key):
+    from distill.config import ConfigError, load_config
+    cfg = load_config("configs/tiny.yaml", ["loss.label_smoothing=0.1", "loss.kd_gate=entropy"])
+    assert cfg.loss.label_smoothing == 0.1 and cfg.loss.kd_gate.value == "entropy"
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/tiny.yaml", [override])
