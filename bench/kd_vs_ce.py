@@ -1,31 +1,88 @@
-"""Distillation against training without teachers: the same student, the same data, several seeds.
+"""Distillation against training without teachers, made fair: the same student, data, steps and vision-tower
+updates in every arm, a corrected and an uncorrected language teacher, a label-smoothing control, 5 seeds.
 
-    python bench/kd_vs_ce.py [--config configs/default.yaml --config configs/full.yaml] [--seeds 0 1 2]
-                             [--out docs/results/kd_vs_ce.json] [key=value ...]
-    python bench/kd_vs_ce.py --table docs/results/kd_vs_ce.json      # the markdown table of a results file
+    python bench/kd_vs_ce.py [--config configs/default.yaml --config configs/full.yaml] [--seeds 0 1 2 3 4]
+                             [--arms kd_corrected kd_uncorrected ce ce_ls] [--adapt folds=2 ...]
+                             [--label-smoothing 0.1] [--out docs/results/kd_vs_ce.json] [key=value ...]
+    python bench/kd_vs_ce.py --table docs/results/kd_vs_ce.json    # the markdown table of a results file
+    python bench/kd_vs_ce.py --plot docs/results/kd_vs_ce.json     # docs/img/kd_vs_ce_curves.png from it
 
-Collects the config's shards once (finished shards are reused), then for every seed trains
-- `kd`: the config as it is (the staged recipe with both teachers), and
-- `ce`: the same config with configs/baseline_ce.yaml on top: no teacher term (cross-entropy on the
-  ground-truth captions, `loss.vision=false`); a stage left without a term is dropped, and the
-  contrastive stage, which needs no teacher, stays, so the two arms differ by the teachers alone,
-evaluates every student on the test split with the metrics of `mmtp evaluate`, and evaluates the kd
-arm's stage exports of --ablation-seeds too (the ablation: what each stage adds, cumulatively). A killed
-benchmark resumes: finished arms and seeds are read back from their bench_row.json, a half-trained run
-continues from its last checkpoint. Prints one JSON object
-(mean, std and values of every metric per arm, the teacher and pixel references, training wall time,
-the goals and whether each is reached) and writes it to --out. Runs are logged to MLflow under the
-experiment `mmtp-kd-vs-ce`.
+Arms, per seed:
+- `kd_corrected`: the config with `teachers.language.adapt` set (the config's own adapt settings, else
+  `{folds: 2}`; `--adapt key=value` overrides single keys): the collection first fits LoRA corrections of the
+  language teacher on the train captions (cross-fitted), and the targets come from the corrected teacher;
+- `kd_uncorrected`: the config with `teachers.language.adapt=null`: the teacher as shipped;
+- `ce`: configs/baseline_ce.yaml on top (cross-entropy on the ground truth, no vision teacher) with the
+  compute-matched stage list (below);
+- `ce_ls`: `ce` with `loss.label_smoothing=--label-smoothing` (0.1): soft targets without a teacher, the
+  control that tells distillation apart from plain smoothing.
+The two KD arms need their own shards (another teacher, other targets): <work>/shards-corrected and
+<work>/shards-uncorrected, each collected once by `flows.collect.run_collect` (finished shards are reused);
+the CE arms read the uncorrected folder (they use its samples only).
+
+Compute matching (COMPUTE_RULE, recorded in the results with each arm's resolved stage list): every arm runs
+the same stages with the same steps, micro-batches, learning rates and trainable parts. The CE arms drop the
+teacher terms (vision) from each stage, and a stage left with only teacher terms (the vision stage of
+configs/full.yaml) takes the contrastive image-text term instead, same steps and parts (the teachers' adaptor
+heads, which a CE student does not have, swapped for the contrastive head, that term's own head), so the vision
+tower gets as many updates in every arm. The trainer's semantics are untouched: the CE arms' `train.stages` is
+written out here (`ce_stages`) and checked against the KD arms' (`check_compute_matched`).
+
+Learning curves: the trainer checkpoints every `train.checkpoint_every` steps of each stage (DeepSpeed
+checkpoints, tagged by the global step). Each arm sets it to a third (`--curve-points`) of the curve stage (the
+last stage with the language term: `joint`) and keeps just enough checkpoints (`train.keep_checkpoints`) that
+those of the curve stage survive the stages after it; after training each is turned into a student folder
+(`checkpoint_student`) and evaluated without probes and decoding (perplexity, agreement, KL, grounding), and the
+last point is the final student (the drafter stage after `joint` trains only the MTP modules, so the main head
+is the one `joint` ended with). No trainer option was needed; checkpointing does not change the training (the
+same steps, seeds and data order), it only costs the writes. The checkpoints and curve students are deleted
+once the run's row is saved (`--keep-checkpoints` keeps them).
+
+Results (--out): per arm and metric mean, std and values over the seeds, the references (probes of the
+teacher and of pixels), `eval/teacher_perplexity` per arm (the evaluator's exact teacher perplexity, when it
+reports it), the kd_uncorrected students evaluated against the corrected teacher's shards too (row
+`kd_uncorrected vs corrected`), the language weight the balancer gave in the curve stage (`weight/language`
+from MLflow), the curves, each arm's stage list, training wall times, the collection and correction times, the
+config digest and command, and the goals, each with its figures and a two-sided Welch t-test p-value over the
+seeds (`welch_p`; a single reference value is a constant, so the test is then one-sample). "beats" = the mean
+on the right side and p < 0.05; "by > 2 std" = the means differ by more than twice the larger seed std; "no
+worse" = at most 2 such std on the wrong side. Runs are logged to MLflow under the experiment `mmtp-kd-vs-ce`.
+A killed benchmark resumes: finished arms and seeds are read back from their bench_row.json, a half-trained
+run continues from its last checkpoint.
+
+Budget (BUDGET_RULE; configs/full.yaml is sized by it): 4 arms x 5 seeds in about 3 hours on the 2-core CPU.
+From docs/training.md's figures (vision step 0.36 s, joint step 1.85 s, evaluation about 1 min) and what was
+measured for this benchmark on this machine (2026-12-07, steps interleaved KD / CE, medians of 5): a vision
+step 0.34 s and the CE arms' contrastive step in its place 0.36 s (batch 32, decoder frozen), a contrastive-stage
+step 0.67 s / 0.60 s, a joint step 1.68 s / 1.53 s (CE: 0.91x KD), a drafter step about 1.2 s; an evaluation
+50 s with the probes and the decoding figures, 24 s without (the curve points, the row against the corrected
+shards); about 60 s a run for building the stages' engines, their checkpoints and exports. With full.yaml's
+300 vision, 40 contrastive, 90 joint and 30 drafter steps:
+    KD run: 300 x 0.36 + 40 x 0.67 + 90 x 1.85 + 30 x 1.2 + 60 = 397 s, + 50 + 2 x 24 s of evaluation
+    CE run: 300 x 0.36 + 40 x 0.60 + 90 x 1.69 + 30 x 1.2 + 60 = 380 s, + the same
+    10 KD runs x 495 s + 10 CE runs x 478 s + 5 x 24 s (kd_uncorrected against the corrected shards)
+        = 9,850 s = 2 h 44 min,
+plus two collections (about 2-3 min each on an idle machine) and the teacher correction (configs/default.yaml's
+`adapt`: 2 folds of at most 30 LoRA steps of SmolLM2-135M, 80 s for `mmtp adapt` on an idle machine, budgeted
+at 4 min): about 2 h 54 min. One seed of kd_uncorrected and
+ce at this size (2026-12-07, the machine shared with other work) took 122 s for the vision stage in both arms (the
+CE arm's contrastive steps in its place), 33-34 s for the contrastive stage and 53 s for the drafter stage. Step
+times on this shared machine move by about 25 % from run to run. A run resumed after a kill reports only the
+training time after the resume (`train_seconds`).
 """
 
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,30 +93,220 @@ apply_env_defaults()
 from data.shards import atomic_write_json  # noqa: E402
 from distill.config import load_config, output_path, shards_path, teacher_configs, to_container  # noqa: E402
 
-# The figures the default run reached before this benchmark existed (docs/training.md, 150-step
-# single-stage run, 2026-12-02): "teacher KL and agreement no worse than today".
-TODAY = {"eval/kl/main": 0.60, "eval/agreement/main": 0.25}
-REFERENCES = ("eval/probe/pixels",)  # plus eval/probe/<teacher>: they do not depend on the student
+ARMS = ("kd_corrected", "kd_uncorrected", "ce", "ce_ls")
+KD_ARMS, CE_ARMS = ("kd_corrected", "kd_uncorrected"), ("ce", "ce_ls")
+VS_CORRECTED = "kd_uncorrected vs corrected"  # the uncorrected students against the corrected teacher's shards
+DEFAULT_ADAPT = {"folds": 2}
+TEACHER_TERMS = ("vision",)  # the terms that need a teacher once configs/baseline_ce.yaml makes language CE-only
+# the same in every arm and seed (plus eval/probe/<teacher>): figures of the data, not of a student or a teacher
+REFERENCES = ("eval/probe/pixels", "eval/unigram_perplexity", "eval/trigram_perplexity")
+CURVE_METRICS = ("eval/perplexity", "eval/agreement/main", "eval/kl/main", "eval/grounded_acc")
+COMPUTE_RULE = (
+    "Every arm runs the same list of stages with the same steps, micro-batches, learning rates, warm-ups and "
+    "trainable parts. The CE arms (configs/baseline_ce.yaml: cross-entropy on the ground truth, no vision teacher) "
+    "drop the teacher terms (vision) from each stage; a stage whose terms are all teacher terms gets the "
+    "contrastive image-text term instead, with the same steps and trainable parts (the teachers' adaptor heads, "
+    "which a CE student does not have, replaced by the contrastive head, that term's own head), so the vision "
+    "tower gets the same number of updates in every arm.")
+BUDGET_RULE = (
+    "4 arms x 5 seeds in about 3 hours on the 2-core CPU: configs/full.yaml's stage steps are chosen so that 10 KD "
+    "runs and 10 CE runs (vision step 0.36 s, or a contrastive step in its place, 0.36 s; joint step 1.85 s, 1.69 s "
+    "for CE) with their evaluations (50 s, plus 24 s per curve point) fit with the two collections and the teacher "
+    "correction: about 2 h 54 min (bench/kd_vs_ce.py's docstring).")
 
+
+# ------------------------------------------------------------------------------------------ statistics
 
 def stats(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
 
 
-def evaluate(cfg, folder: Path, out_dir: Path, mtp: bool) -> dict[str, float]:
-    """`mmtp evaluate`'s metrics of the student in `folder` (its report goes to out_dir/eval)."""
+def welch_t(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t statistic and its Welch-Satterthwaite degrees of freedom for mean(a) - mean(b). A sample of
+    one value is a constant (variance 0): the test is then the one-sample t-test of the other against it."""
+    va = statistics.variance(a) / len(a) if len(a) > 1 else 0.0
+    vb = statistics.variance(b) / len(b) if len(b) > 1 else 0.0
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se2 = va + vb
+    if se2 == 0:
+        return (0.0 if diff == 0 else math.copysign(math.inf, diff)), math.inf
+    df = se2 ** 2 / sum(v ** 2 / (len(x) - 1) for v, x in ((va, a), (vb, b)) if len(x) > 1)
+    return diff / math.sqrt(se2), df
+
+
+def student_t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with `df` degrees of freedom: scipy's, else I_x(df/2, 1/2) / 2 with
+    x = df / (df + t^2), the regularized incomplete beta (`_betainc`)."""
+    if math.isinf(t):
+        return 0.0 if t > 0 else 1.0
+    if math.isinf(df):
+        return 0.5 * math.erfc(t / math.sqrt(2))
+    try:
+        from scipy.stats import t as student_t
+        return float(student_t.sf(t, df))
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn here
+        tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+        return tail if t > 0 else 1 - tail
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta I_x(a, b) (continued fraction, Numerical Recipes 6.4)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _betainc(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        num = 1.0 if i == 0 else (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if i % 2 == 0 else
+                                  -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1)))
+        d = 1 / (1 + num * d if abs(1 + num * d) > 1e-300 else 1e-300)
+        c = 1 + num / c if abs(1 + num / c) > 1e-300 else 1e-300
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return front * (f - 1)
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test of equal means; None when there is no spread to test against (neither
+    sample has two values, or neither varies: e.g. a teacher's figure, the same shards in every seed, against a
+    constant reference)."""
+    if len(a) < 2 and len(b) < 2:
+        return None
+    t, df = welch_t(a, b)
+    if math.isinf(df):
+        return None
+    return min(1.0, 2 * student_t_sf(abs(t), df))
+
+
+# ------------------------------------------------------------------------------------- compute matching
+
+def _names(values) -> list[str]:
+    return [str(getattr(v, "value", v)) for v in values]
+
+
+def ce_stages(stages: list[dict]) -> list[dict]:
+    """The CE arms' `train.stages` from the KD config's (COMPUTE_RULE): teacher terms removed, and a stage with
+    only teacher terms gets the contrastive term, its steps and batches kept, `heads` (the teachers' adaptor
+    heads) swapped for `contrastive` (that term's head). An empty list (one default joint stage) stays empty."""
+    out = []
+    for stage in stages:
+        stage = dict(stage, losses=_names(stage["losses"]), trainable=_names(stage.get("trainable") or ["all"]))
+        kept = [t for t in stage["losses"] if t not in TEACHER_TERMS]
+        if kept:
+            stage["losses"] = kept
+        else:
+            stage["losses"] = ["contrastive"]
+            stage["trainable"] = list(dict.fromkeys("contrastive" if p == "heads" else p for p in stage["trainable"]))
+        out.append(stage)
+    return out
+
+
+def resolved_stages(cfg) -> list[dict]:
+    """What the trainer will run for `cfg` (distill.stages.resolve_stages), as plain dicts."""
+    from distill.stages import resolve_stages
+    return [{"name": s.name, "start": s.start, "steps": s.steps, "terms": list(s.terms), "parts": list(s.parts),
+             "lr": s.lr, "micro_batch_size": s.micro_batch_size, "warmup_steps": s.warmup_steps}
+            for s in resolve_stages(cfg, bool(cfg.teachers.vision))]
+
+
+def check_compute_matched(stage_lists: dict[str, list[dict]]) -> None:
+    """Raise ValueError unless every arm's resolved stages have the same names, steps, micro-batches, learning
+    rates and warm-ups, and train the vision tower in the same stages."""
+    def key(stage):
+        return (stage["name"], stage["steps"], stage["micro_batch_size"], stage["lr"], stage["warmup_steps"],
+                "vision" in stage["parts"])
+    reference = None
+    for arm, stages in stage_lists.items():
+        keys = [key(s) for s in stages]
+        if reference is None:
+            reference = (arm, keys)
+        elif keys != reference[1]:
+            raise ValueError(f"arms {reference[0]} and {arm} are not compute-matched: {reference[1]} against {keys} "
+                             "(name, steps, micro-batch, lr, warm-up, trains the vision tower)")
+
+
+def curve_plan(stages: list[dict], points: int, stage_name: str | None = None) -> dict:
+    """Where the learning curve is read: `points` step counts of the curve stage (default: the last stage with
+    the language term), the checkpoint interval that lands on them, and how many checkpoints to keep so that
+    they outlive the later stages' checkpoints. `final_is_last`: the later stages train only the MTP modules, so
+    the final student's main head is the one the curve stage ended with."""
+    names = [s["name"] for s in stages]
+    if stage_name is None:
+        language = [s["name"] for s in stages if "language" in s["terms"]]
+        if not language:
+            raise ValueError("no stage has the language term: there is no language learning curve to read")
+        stage_name = language[-1]
+    if stage_name not in names:
+        raise ValueError(f"curve stage {stage_name!r} is not one of the stages {names}")
+    index = names.index(stage_name)
+    stage, later = stages[index], stages[index + 1:]
+    every = max(1, math.ceil(stage["steps"] / points))
+    steps = sorted({min(every * m, stage["steps"]) for m in range(1, points + 1)})
+    after = sum(len({s for s in range(1, x["steps"] + 1) if s % every == 0 or s == x["steps"]}) for x in later)
+    return {"stage": stage_name, "start": stage["start"], "steps": steps,
+            "global_steps": [stage["start"] + s for s in steps], "checkpoint_every": every,
+            "keep_checkpoints": len(steps) + after, "final_is_last": all(set(x["parts"]) <= {"mtp"} for x in later)}
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+def evaluate(cfg, folder: Path, out_dir: Path, mtp: bool, probe: bool = True, shards_dir: str | None = None) -> dict:
+    """`mmtp evaluate`'s metrics of the student in `folder` (its report goes to out_dir/eval), against the
+    shards of `shards_dir` (default the config's)."""
     from omegaconf import OmegaConf
 
     from distill.evaluate import evaluate_run
-    ev = {"student": str(folder), "baseline": None, **({} if mtp else {"mtp_prompts": 0})}
-    ecfg = OmegaConf.merge(cfg, {"output_dir": str(out_dir), "evaluate": ev})
-    targets = {t.name: shards_path(cfg, "targets", t.name) for t in teacher_configs(cfg)}
+    ev = {"student": str(folder), "baseline": None, "probe": probe, **({} if mtp else {"mtp_prompts": 0})}
+    ecfg = OmegaConf.merge(cfg, {"output_dir": str(out_dir), "evaluate": ev,
+                                 **({"shards_dir": shards_dir} if shards_dir else {})})
+    targets = {t.name: shards_path(ecfg, "targets", t.name) for t in teacher_configs(ecfg)}
     return evaluate_run(ecfg, targets)["metrics"]
 
 
-def train_and_evaluate(cfg, arm: str, seed: int, ablation: bool) -> dict:
-    """Train (resuming a killed run of the same arm and seed), evaluate, and keep the figures in
+def checkpoint_student(ckpt_dir: Path, step: int, like: Path, out: Path, zero_stage: int) -> Path:
+    """The student of the trainer's checkpoint at global `step` as an HF folder `out`: `like` (a student folder of
+    the same run: config, tokenizer, processor) with the checkpoint's weights, saved as the trainer exports."""
+    import torch
+
+    import student
+    from distill.engine import MARKER, _deepspeed_state_classes, tag_for, verify_checkpoint
+    tag = Path(ckpt_dir) / tag_for(step)
+    if not (tag / MARKER).exists():
+        raise FileNotFoundError(f"{tag}: no complete checkpoint at step {step} (train.keep_checkpoints too low?)")
+    if zero_stage == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        module = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag.name)
+    else:  # ZeRO 0-2 keep the whole module state in the model-states file
+        verify_checkpoint(tag)
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    weights = {k.removeprefix("student."): v.detach().to(torch.float32) for k, v in module.items()
+               if k.startswith("student.")}
+    model = student.CogViTMTPForDistillation.from_pretrained(str(like), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())  # DeepSpeed stores a tied weight once
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{tag}: the checkpoint does not fit {like}: missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(like, tmp)  # tokenizer, processor, card; config and weights are written again below
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # as export_student saves them
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def train_and_evaluate(cfg, arm: str, seed: int, plan: dict, extra_shards: dict[str, str],
+                       keep_checkpoints: bool = False) -> dict:
+    """Train (resuming a killed run of the same arm and seed), evaluate the student, its curve checkpoints and,
+    for each of `extra_shards` (row name -> shards folder), the student against those shards; keep the figures in
     <output_dir>/bench_row.json, so that a re-run of the benchmark skips finished arms and seeds."""
     from distill.launch import run_training
     done = output_path(cfg, "bench_row.json")
@@ -70,40 +317,238 @@ def train_and_evaluate(cfg, arm: str, seed: int, ablation: bool) -> dict:
     seconds = time.perf_counter() - start
     folder = Path(summary["student_dir"])
     rows = {arm: evaluate(cfg, folder, output_path(cfg), mtp=True)}
-    if ablation:  # the stage exports before the last: what the earlier stages alone give
-        for stage in summary["stages"][:-1]:
-            stage_dir = output_path(cfg, "stages", stage)
-            rows[f"{arm} after {stage}"] = evaluate(cfg, stage_dir, stage_dir, mtp=False)
+    for name, shards in extra_shards.items():
+        rows[name] = evaluate(cfg, folder, output_path(cfg, "eval-" + name.replace(" ", "-")), mtp=False,
+                              probe=False, shards_dir=shards)
+    curve = {}
+    stage_dir = output_path(cfg, "stages", plan["stage"])
+    like = stage_dir if stage_dir.is_dir() else folder
+    for local, step in zip(plan["steps"], plan["global_steps"], strict=True):
+        if local == plan["steps"][-1] and plan["final_is_last"]:
+            metrics = rows[arm]  # the drafter stage after it leaves the main head as the curve stage ended it
+        elif local == plan["steps"][-1] and stage_dir.is_dir():
+            metrics = evaluate(cfg, stage_dir, stage_dir, mtp=False, probe=False)
+        else:
+            point = checkpoint_student(output_path(cfg, "checkpoints"), step, like,
+                                       output_path(cfg, "curve", f"{plan['stage']}-{local:06d}"), cfg.train.zero_stage)
+            metrics = evaluate(cfg, point, point, mtp=False, probe=False)
+        curve[str(local)] = {k: metrics[k] for k in CURVE_METRICS if k in metrics}
     print(json.dumps({"arm": arm, "seed": seed, "train_seconds": round(seconds, 1),
-                      "probe": rows[arm].get("eval/probe/student")}), flush=True)
-    result = {"seconds": seconds, "rows": rows}
+                      "perplexity": rows[arm].get("eval/perplexity"), "probe": rows[arm].get("eval/probe/student")}),
+          flush=True)
+    result = {"seconds": seconds, "rows": rows, "curve": curve}
     atomic_write_json(done, result)  # a killed run never leaves a half-written marker
+    if not keep_checkpoints:  # the row holds every figure; a finished run is never resumed
+        shutil.rmtree(output_path(cfg, "checkpoints"), ignore_errors=True)
+        shutil.rmtree(output_path(cfg, "curve"), ignore_errors=True)
     return result
 
 
-def goals(arms: dict, refs: dict, teacher_probe: str) -> dict:
-    kd, ce = arms["kd"], arms["ce"]
+def adapt_settings(base, pairs: list[str]) -> dict:
+    """The corrected arm's `teachers.language.adapt`: the config's, else DEFAULT_ADAPT, with `key=value` pairs
+    (values read as YAML) on top."""
+    own = to_container(base)["teachers"]["language"].get("adapt")
+    settings = dict(own) if own else dict(DEFAULT_ADAPT)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--adapt {pair!r} is not of the form key=value")
+        settings[key] = yaml.safe_load(value)
+    return settings
 
-    def beats(metric: str, higher: bool = True) -> dict:
-        noise = 2 * max(kd[metric]["std"], ce[metric]["std"])
-        diff = (kd[metric]["mean"] - ce[metric]["mean"]) * (1 if higher else -1)
-        return {"kd": kd[metric]["mean"], "ce": ce[metric]["mean"], "two_std": noise, "reached": diff > noise}
 
-    out = {"probe_beats_ce_by_2std": beats("eval/probe/student"),
-           "grounded_acc_beats_ce_by_2std": beats("eval/grounded_acc"),
-           "grounding_gap_beats_ce_by_2std": beats("eval/grounding_gap")}
-    ratio = kd["eval/probe/student"]["mean"] / refs[teacher_probe]
-    out["probe_at_least_0.9x_teacher"] = {"ratio": ratio, "reached": ratio >= 0.9}
-    ppl = kd["eval/perplexity"]["mean"] / ce["eval/perplexity"]["mean"]
-    out["perplexity_at_most_1.05x_ce"] = {"ratio": ppl, "reached": ppl <= 1.05}
-    out["teacher_kl_no_worse_than_today"] = {"kd": kd["eval/kl/main"]["mean"], "today": TODAY["eval/kl/main"],
-                                             "reached": kd["eval/kl/main"]["mean"] <= TODAY["eval/kl/main"]}
-    agree = kd["eval/agreement/main"]["mean"]
-    out["agreement_no_worse_than_today"] = {"kd": agree, "today": TODAY["eval/agreement/main"],
-                                            "reached": agree >= TODAY["eval/agreement/main"]}
-    acc = beats("mtp/acceptance_at_1")  # "not below": no lower than CE by more than 2 std
-    acc["reached"] = acc["kd"] >= acc["ce"] - acc["two_std"]
-    out["mtp_acceptance_not_below_ce"] = acc
+def has_adapt() -> bool:
+    """Whether this checkout's teacher config knows `adapt` (the teacher correction)."""
+    from teachers.registry import FIELDS
+    return "adapt" in FIELDS
+
+
+def arm_config(base: dict, arm: str, seed: int, work: Path, shards: dict[str, str], adapt: dict | None,
+               label_smoothing: float, stages: list[dict], extra: tuple = ()):
+    """The config of one arm and seed: the resolved base config with the arm's layers and `extra` overrides on
+    top."""
+    layers: list = [base]
+    overrides = [f"seed={seed}", "train.resume=true", f"output_dir={work / f'{arm}-seed{seed}'}", *extra]
+    if arm == "kd_corrected":
+        layers.append({"teachers": {"language": {"adapt": adapt}}})
+        overrides.append(f"shards_dir={shards['corrected']}")
+    else:
+        if has_adapt():
+            layers.append({"teachers": {"language": {"adapt": None}}})
+        overrides.append(f"shards_dir={shards['uncorrected']}")
+    if arm in CE_ARMS:
+        layers += [str(ROOT / "configs" / "baseline_ce.yaml"), {"train": {"stages": ce_stages(stages)}}]
+        if arm == "ce_ls":
+            overrides.append(f"loss.label_smoothing={label_smoothing}")
+    return load_config(layers, overrides)
+
+
+def collect(base: dict, folder: Path, adapt: dict | None | bool) -> float:
+    """Collect the base config's shards into `folder` with the language teacher's `adapt` (False: leave the key
+    alone); returns the seconds it took (about 0 when the shards are already there)."""
+    from flows.collect import run_collect
+    layers: list = [base]
+    if adapt is not False:
+        layers.append({"teachers": {"language": {"adapt": adapt}}})
+    cfg = load_config(layers, [f"output_dir={folder}", f"shards_dir={folder}"])
+    start = time.perf_counter()
+    run_collect(cfg)
+    return time.perf_counter() - start
+
+
+def run(args) -> dict:
+    from data.shards import digest
+    overrides = ["tracking.experiment=mmtp-kd-vs-ce", "train.progress=false", "collect.progress=false",
+                 *args.overrides]
+    base_cfg = load_config(args.config, overrides)
+    base = to_container(base_cfg)
+    work = Path(args.work)
+    arms = list(dict.fromkeys(args.arms))
+    if "kd_corrected" in arms and not has_adapt():
+        raise SystemExit("the kd_corrected arm needs teachers.language.adapt (the teacher correction), which this "
+                         "checkout's teacher config does not have; run the other arms with --arms kd_uncorrected ce "
+                         "ce_ls")
+    adapt = adapt_settings(base_cfg, args.adapt) if "kd_corrected" in arms else None
+    shards, collect_seconds = {}, {}
+    if any(a != "kd_corrected" for a in arms):
+        shards["uncorrected"] = str(work / "shards-uncorrected")
+        collect_seconds["uncorrected"] = collect(base, Path(shards["uncorrected"]), None if has_adapt() else False)
+    if "kd_corrected" in arms:
+        shards["corrected"] = str(work / "shards-corrected")
+        collect_seconds["corrected"] = collect(base, Path(shards["corrected"]), adapt)
+    stages = base["train"]["stages"]
+
+    def config(arm, seed, extra=()):
+        return arm_config(base, arm, seed, work, shards, adapt, args.label_smoothing, stages, extra)
+
+    stage_lists = {arm: resolved_stages(config(arm, args.seeds[0])) for arm in arms}
+    check_compute_matched(stage_lists)
+    plan = curve_plan(stage_lists[arms[0]], args.curve_points, args.curve_stage)
+    checkpoints = (f"train.checkpoint_every={plan['checkpoint_every']}",
+                   f"train.keep_checkpoints={plan['keep_checkpoints']}")
+    extra = {"kd_uncorrected": {VS_CORRECTED: shards["corrected"]}} if "corrected" in shards else {}
+    per_arm: dict[str, list[dict]] = {}
+    seconds: dict[str, list[float]] = {}
+    curves: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for arm in arms:
+            result = train_and_evaluate(config(arm, seed, checkpoints), arm, seed, plan, extra.get(arm, {}),
+                                        args.keep_checkpoints)
+            seconds.setdefault(arm, []).append(result["seconds"])
+            curves.setdefault(arm, []).append(result.get("curve", {}))
+            for name, metrics in result["rows"].items():
+                per_arm.setdefault(name, []).append(metrics)
+    first = per_arm[arms[0]][0]
+    teachers = [t.name for t in teacher_configs(base_cfg) if t is not base_cfg.teachers.language]
+    refs = {k: first[k] for k in (*REFERENCES, *(f"eval/probe/{t}" for t in teachers)) if k in first}
+    arms_stats = {name: {k: stats([m[k] for m in rows]) for k in rows[0] if k not in refs and all(k in m for m in rows)}
+                  for name, rows in per_arm.items()}
+    training = training_figures(base_cfg.tracking.uri, base_cfg.tracking.experiment, args.work)
+    result = {"command": "python bench/kd_vs_ce.py " + " ".join(sys.argv[1:]),
+              "config": args.config, "config_digest": digest(base), "seeds": args.seeds,
+              "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": args.machine, "arms_run": arms,
+              "compute_matching": {"rule": COMPUTE_RULE, "budget": BUDGET_RULE, "stages": stage_lists},
+              "adapt": adapt, "label_smoothing": args.label_smoothing, "shards": shards,
+              "collect_seconds": collect_seconds,
+              "train_seconds": {arm: stats(v) for arm, v in seconds.items()}, "references": refs,
+              "arms": arms_stats,
+              "teacher_perplexity": {a: s["eval/teacher_perplexity"] for a, s in arms_stats.items()
+                                     if "eval/teacher_perplexity" in s},
+              "language_weight": language_weights(training, plan["stage"], arms),
+              "curves": curve_stats(curves, plan), "training": training}
+    result["goals"] = goals(result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+def curve_stats(curves: dict[str, list[dict]], plan: dict) -> dict:
+    """Per arm: the curve stage's step counts and, per metric, mean and std over the seeds at each."""
+    out = {}
+    for arm, runs in curves.items():
+        steps = [s for s in plan["steps"] if all(str(s) in r for r in runs)]
+        figures = {"stage": plan["stage"], "steps": steps, "global_steps": [plan["start"] + s for s in steps]}
+        for metric in CURVE_METRICS:
+            if steps and all(metric in r[str(s)] for r in runs for s in steps):
+                per_step = [stats([r[str(s)][metric] for r in runs]) for s in steps]
+                figures[metric] = {"mean": [p["mean"] for p in per_step], "std": [p["std"] for p in per_step],
+                                   "values": [p["values"] for p in per_step]}
+        out[arm] = figures
+    return out
+
+
+def language_weights(training: dict, stage: str, arms: list[str]) -> dict:
+    """Per arm: the mean over seeds of the balancer's `weight/language` in the curve stage (each run's mean after
+    its warm-up sixth), from training_figures (runs named <arm>-seed<k>)."""
+    per: dict[str, list[float]] = {}
+    for run_name, figures in training.items():
+        arm = run_name.rsplit("-seed", 1)[0]
+        value = figures.get("language_weight", {}).get(stage)
+        if arm in arms and value is not None:
+            per.setdefault(arm, []).append(value)
+    return {arm: stats(v) for arm, v in per.items()}
+
+
+def compare(arms: dict, a: str, b: str, metric: str, higher: bool, rule: str, a_metric: str | None = None) -> dict:
+    """Arm `a` against arm `b` on `metric` (`a_metric` for a's side when it differs) over the seeds: both means,
+    twice the larger std, the two-sided Welch p-value and whether `rule` holds, the better side being higher or
+    lower: "beats" (better mean and p < 0.05), "by_2std" (better by more than twice the larger std), "no_worse"
+    (worse by at most twice the larger std) or "at_least_as_good" (the means alone)."""
+    va = arms.get(a, {}).get(a_metric or metric, {}).get("values")
+    vb = arms.get(b, {}).get(metric, {}).get("values")
+    if not va or not vb:
+        return {"reached": None, "p_value": None,
+                "note": f"not measured ({a} {a_metric or metric} or {b} {metric} missing)"}
+    ma, mb = statistics.fmean(va), statistics.fmean(vb)
+    noise = 2 * max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (va, vb))
+    diff = (ma - mb) * (1 if higher else -1)
+    p = welch_p(va, vb)
+    reached = {"beats": diff > 0 and p is not None and p < 0.05, "by_2std": diff > noise,
+               "no_worse": diff >= -noise, "at_least_as_good": diff >= 0}[rule]
+    return {a: ma, b: mb, "two_std": noise, "p_value": p, "reached": reached}
+
+
+def against_reference(values: list[float] | None, reference: float | None, factor: float, at_most: bool,
+                      what: str) -> dict:
+    """mean(values) / reference against `factor` (at most or at least), with the one-sample Welch p-value of the
+    values against factor x reference."""
+    if not values or not reference:
+        return {"reached": None, "p_value": None, "note": f"not measured ({what} missing)"}
+    ratio = statistics.fmean(values) / reference
+    return {"ratio": ratio, "reference": reference, "p_value": welch_p(values, [factor * reference]),
+            "reached": ratio <= factor if at_most else ratio >= factor}
+
+
+def goals(result: dict) -> dict:
+    """The benchmark's goals from a results dict; each has its figures, `p_value` (two-sided Welch over the seeds,
+    None when not computable) and `reached` (None: not measured)."""
+    arms, refs = result["arms"], result["references"]
+    out = {}
+    # teacher: the corrected teacher's exact test perplexity against the CE student and a trigram of the captions
+    out["teacher_ppl_at_most_ce_ppl"] = compare(arms, "kd_corrected", "ce", "eval/perplexity", False,
+                                                "at_least_as_good", a_metric="eval/teacher_perplexity")
+    out["teacher_ppl_at_most_1.2x_trigram"] = against_reference(
+        arms.get("kd_corrected", {}).get("eval/teacher_perplexity", {}).get("values"),
+        refs.get("eval/trigram_perplexity"), 1.2, True, "eval/teacher_perplexity or eval/trigram_perplexity")
+    # language
+    out["perplexity_beats_ce"] = compare(arms, "kd_corrected", "ce", "eval/perplexity", False, "beats")
+    out["perplexity_beats_ce_ls"] = compare(arms, "kd_corrected", "ce_ls", "eval/perplexity", False, "beats")
+    out["grounded_acc_no_worse_than_ce"] = compare(arms, "kd_corrected", "ce", "eval/grounded_acc", True, "no_worse")
+    # both against the corrected teacher: kd_corrected's own evaluation, kd_uncorrected's against those shards
+    for metric, higher, name in (("eval/agreement/main", True, "agreement_corrected_beats_uncorrected"),
+                                 ("eval/kl/main", False, "kl_corrected_beats_uncorrected")):
+        g = compare(arms, "kd_corrected", VS_CORRECTED, metric, higher, "beats")
+        own = arms.get("kd_uncorrected", {}).get(metric)
+        if own:  # for the record: against its own (uncorrected) teacher
+            g["kd_uncorrected_own_teacher"] = own["mean"]
+        out[name] = g
+    # vision
+    out["probe_beats_ce_by_2std"] = compare(arms, "kd_corrected", "ce", "eval/probe/student", True, "by_2std")
+    teacher_probe = next((v for k, v in refs.items() if k.startswith("eval/probe/") and k != "eval/probe/pixels"),
+                         None)
+    out["probe_at_least_0.9x_teacher"] = against_reference(
+        arms.get("kd_corrected", {}).get("eval/probe/student", {}).get("values"), teacher_probe, 0.9, False,
+        "eval/probe/student or the vision teacher's probe")
     return out
 
 
@@ -112,10 +557,11 @@ def training_figures(tracking_uri: str | None, experiment: str, work: str) -> di
     - per teacher, the gradient-norm ratio on the shared tower against the language term in the joint
       stage after its warm-up: median and the share of logged steps inside [0.5, 2];
     - per loss term and stage, the largest value over its running mean (the mean of the stage's earlier
-      logged values) after the stage's first 5 logged steps (goal: no term above 1.5x)."""
+      logged values) after the stage's first 5 logged steps (goal: no term above 1.5x);
+    - per stage, the mean of the balancer's `weight/language` after the stage's first sixth."""
     import mlflow
     from mlflow.tracking import MlflowClient
-    mlflow.set_tracking_uri(tracking_uri or f"sqlite:///{ROOT / 'mlflow.db'}")
+    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}")
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     out: dict[str, dict] = {}
@@ -127,16 +573,18 @@ def training_figures(tracking_uri: str | None, experiment: str, work: str) -> di
         folder = train.data.params.get("output_dir", "")
         if Path(folder).parent.name != work:
             continue
-        figures: dict = {"balance": {}, "max_jump": {}}
+        figures: dict = {"balance": {}, "max_jump": {}, "language_weight": {}}
         for stage in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{train.info.run_id}'"):
             name = stage.info.run_name.removeprefix("stage/")
             for key in stage.data.metrics:
                 history = [m.value for m in sorted(client.get_metric_history(stage.info.run_id, key),
                                                    key=lambda m: m.step)]
+                tail = history[len(history) // 6:]  # after the warm-up (the first sixth of the stage)
                 if key.startswith("gradnorm_ratio/") and name == "joint":
-                    tail = history[len(history) // 6:]  # after the warm-up (the first sixth of the stage)
                     figures["balance"][key] = {"median": statistics.median(tail),
                                                "inside_0.5_2": sum(0.5 <= v <= 2 for v in tail) / len(tail)}
+                if key == "weight/language" and tail:
+                    figures["language_weight"][name] = statistics.fmean(tail)
                 term = key.removeprefix("loss/")
                 if key.startswith("loss/") and (term in ("language", "contrastive") or
                                                 (term.startswith("vision/") and term.count("/") == 1)):
@@ -146,107 +594,128 @@ def training_figures(tracking_uri: str | None, experiment: str, work: str) -> di
     return dict(sorted(out.items()))
 
 
-def run(args) -> dict:
-    from data.shards import digest
-    from flows.collect import run_collect
-    overrides = ["tracking.experiment=mmtp-kd-vs-ce", "train.progress=false", "collect.progress=false",
-                 *args.overrides]
-    base = load_config(args.config, overrides)
-    run_collect(base)  # once; later calls reuse the finished shards
-    per_arm: dict[str, list[dict]] = {}
-    seconds: dict[str, list[float]] = {}
-    for seed in args.seeds:
-        for arm, extra in (("kd", []), ("ce", ["configs/baseline_ce.yaml"])):
-            cfg = load_config([*args.config, *extra],
-                              [*overrides, f"seed={seed}", f"shards_dir={shards_path(base)}", "train.resume=true",
-                               f"output_dir={Path(args.work) / f'{arm}-seed{seed}'}"])
-            result = train_and_evaluate(cfg, arm, seed, ablation=arm == "kd" and seed in args.ablation_seeds)
-            seconds.setdefault(arm, []).append(result["seconds"])
-            for name, metrics in result["rows"].items():
-                per_arm.setdefault(name, []).append(metrics)
-    teachers = [t.name for t in teacher_configs(base) if t is not base.teachers.language]
-    teacher_probe = f"eval/probe/{teachers[0]}"
-    refs = {k: per_arm["kd"][0][k] for k in (*REFERENCES, *(f"eval/probe/{t}" for t in teachers))
-            if k in per_arm["kd"][0]}
-    arms = {name: {k: stats([m[k] for m in rows]) for k in rows[0] if k not in refs and all(k in m for m in rows)}
-            for name, rows in per_arm.items()}
-    return {"command": "python bench/kd_vs_ce.py " + " ".join(sys.argv[1:]),
-            "config": args.config, "config_digest": digest(to_container(base)), "seeds": args.seeds,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d"), "machine": args.machine,
-            "train_seconds": {arm: stats(v) for arm, v in seconds.items()}, "references": refs,
-            "arms": arms, "goals": goals(arms, refs, teacher_probe),
-            "training": training_figures(base.tracking.uri, base.tracking.experiment, args.work)}
+# ---------------------------------------------------------------------------------------- table, plot
+
+TABLE_METRICS = ["eval/perplexity", "eval/teacher_perplexity", "eval/teacher_top1_acc", "eval/teacher_perplexity_bound",
+                 "eval/agreement/main", "eval/kl/main", "eval/agreement/mtp1", "eval/grounded_acc",
+                 "eval/grounded_acc_blank", "eval/grounding_gap", "eval/probe/student", "mtp/acceptance_at_1",
+                 "mtp/tau"]
 
 
-TABLE_METRICS = ["eval/probe/student", "eval/grounded_acc", "eval/grounded_acc_blank", "eval/grounding_gap",
-                 "eval/perplexity", "eval/kl/main", "eval/agreement/main", "eval/agreement/mtp1",
-                 "mtp/acceptance_at_1", "mtp/tau"]
+def _cell(s: dict | None) -> str:
+    return "–" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
 def table(result: dict) -> str:
-    """Markdown: one column per arm (mean ± std over the seeds), the references, the goals."""
+    """Markdown: one column per arm (mean ± std over the seeds), the references, the curves, the goals with their
+    p-values."""
     arms = list(result["arms"])
     n = {a: len(next(iter(result["arms"][a].values()))["values"]) for a in arms}
     lines = ["| metric (mean ± std over seeds) | " + " | ".join(f"{a} (n={n[a]})" for a in arms) + " |",
              "|---" * (len(arms) + 1) + "|"]
     vision = sorted({k for a in arms for k in result["arms"][a] if k.startswith("eval/vision/")})
     for metric in TABLE_METRICS + vision:
-        cells = []
-        for arm in arms:
-            s = result["arms"][arm].get(metric)
-            cells.append("–" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f}")
-        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        if any(metric in result["arms"][a] for a in arms):
+            lines.append(f"| {metric} | " + " | ".join(_cell(result["arms"][a].get(metric)) for a in arms) + " |")
+    weights = result.get("language_weight", {})
+    if weights:
+        lines.append("| weight/language (curve stage, after warm-up) | " + " | ".join(
+            _cell(weights.get(a)) for a in arms) + " |")
     secs = result["train_seconds"]
     lines.append("| training wall time (s) | " + " | ".join(
         f"{secs[a]['mean']:.0f}" if a in secs else "–" for a in arms) + " |")
     lines += ["", "| reference | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result["references"].items()]
-    if result.get("training"):
-        lines += ["", "| training run | gradient-norm ratio (joint, after warm-up): median, share in [0.5, 2] | "
-                  "largest term / running mean |", "|---|---|---|"]
-        for name, t in result["training"].items():
-            balance = "; ".join(f"{k.split('/', 1)[1]} {v['median']:.2f}, {v['inside_0.5_2']:.0%}"
-                                for k, v in t["balance"].items()) or "–"
-            worst = max(t["max_jump"].items(), key=lambda kv: kv[1], default=("–", float("nan")))
-            lines.append(f"| {name} | {balance} | {worst[1]:.2f} ({worst[0]}) |")
-    lines += ["", "| goal | reached | figures |", "|---|---|---|"]
+    curves = result.get("curves", {})
+    if curves:
+        first = next(iter(curves.values()))
+        lines += ["", f"| {first['stage']} step | " + " | ".join(
+            f"{a} perplexity | {a} agreement" for a in curves) + " |", "|---" * (1 + 2 * len(curves)) + "|"]
+        for i, step in enumerate(first["steps"]):
+            cells = []
+            for c in curves.values():
+                for metric in ("eval/perplexity", "eval/agreement/main"):
+                    m = c.get(metric)
+                    cells.append("–" if not m or i >= len(m["mean"]) else f"{m['mean'][i]:.3f} ± {m['std'][i]:.3f}")
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", "| goal | reached | p (Welch) | figures |", "|---|---|---|---|"]
     for name, g in result["goals"].items():
-        figures = ", ".join(f"{k} {v:.4f}" for k, v in g.items() if k != "reached" and isinstance(v, float))
-        lines.append(f"| {name} | {'**yes**' if g['reached'] else 'no'} | {figures} |")
+        reached = "not measured" if g.get("reached") is None else "**yes**" if g["reached"] else "no"
+        p = g.get("p_value")
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in g.items()
+                            if k not in ("reached", "p_value") and isinstance(v, float))
+        lines.append(f"| {name} | {reached} | {'–' if p is None else f'{p:.3g}'} | {figures or g.get('note', '')} |")
     return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Caption perplexity and agreement with the teacher against the curve stage's steps, per arm: the mean over
+    the seeds with a ± std band (distill/plots.py's style); the KD arms' teachers' perplexity as grey lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, title in ((axes[0], "eval/perplexity", "caption perplexity (test)"),
+                              (axes[1], "eval/agreement/main", "top-1 agreement with its teacher (test)")):
+        for arm, c in result["curves"].items():
+            if metric not in c:
+                continue
+            mean, std = c[metric]["mean"], c[metric]["std"]
+            line, = ax.plot(c["steps"], mean, marker="o", label=f"{arm} (n={len(c[metric]['values'][0])})")
+            ax.fill_between(c["steps"], [m - s for m, s in zip(mean, std, strict=True)],
+                            [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2)
+        if metric == "eval/perplexity":  # each KD arm's teacher on the same test captions, for reference
+            for arm, t in result.get("teacher_perplexity", {}).items():
+                if arm in KD_ARMS:
+                    ax.axhline(t["mean"], color="grey", lw=0.8, ls="--" if arm == "kd_corrected" else ":")
+                    ax.annotate(f"teacher ({arm.removeprefix('kd_')})", (0.01, t["mean"]), fontsize=7,
+                                xycoords=("axes fraction", "data"), color="grey")
+        stage = next(iter(result["curves"].values()))["stage"]
+        ax.set_title(title)
+        ax.set_xlabel(f"{stage} stage step")
+        if metric == "eval/perplexity":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", help="repeatable (default: default.yaml + full.yaml)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--ablation-seeds", type=int, nargs="*", default=[0],
-                   help="seeds whose kd stage exports are evaluated too (the per-stage ablation rows)")
-    p.add_argument("--work", default="outputs/kd_vs_ce", help="where each arm and seed trains")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="the arms to run (default: all four)")
+    p.add_argument("--adapt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the corrected arm's teachers.language.adapt (repeatable; default: the "
+                        f"config's, else {DEFAULT_ADAPT})")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="loss.label_smoothing of the ce_ls arm")
+    p.add_argument("--curve-points", type=int, default=3, help="step counts of the curve stage evaluated")
+    p.add_argument("--curve-stage", default=None, help="default: the last stage with the language term")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints and curve students")
+    p.add_argument("--work", default="outputs/kd_vs_ce", help="where the shards are collected and each arm trains")
     p.add_argument("--out", default="docs/results/kd_vs_ce.json")
     p.add_argument("--machine", default="2-core CPU, no GPU")
     p.add_argument("--table", metavar="RESULTS_JSON", help="print the markdown table of a results file and exit")
-    p.add_argument("--add-training-figures", metavar="RESULTS_JSON",
-                   help="add the balance and stability figures of the --work runs (from MLflow) to a results file")
+    p.add_argument("--plot", metavar="RESULTS_JSON", help="plot the learning curves of a results file and exit")
+    p.add_argument("--plot-out", default="docs/img/kd_vs_ce_curves.png")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     if args.table:
         print(table(json.loads(Path(args.table).read_text())))
         return
+    if args.plot:
+        print(plot(json.loads(Path(args.plot).read_text()), Path(args.plot_out)))
+        return
+    if not 0 <= args.label_smoothing < 1:
+        p.error("--label-smoothing must be in [0, 1)")
     args.config = args.config or ["configs/default.yaml", "configs/full.yaml"]
-    if args.add_training_figures:
-        result = json.loads(Path(args.add_training_figures).read_text())
-        base = load_config(args.config, args.overrides)
-        result["training"] = training_figures(base.tracking.uri, "mmtp-kd-vs-ce", args.work)
-        args.out = args.add_training_figures
-    else:
-        result = run(args)
+    result = run(args)
     text = json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
+    atomic_write_json(Path(args.out), json.loads(text))
     print(text)
 
 

@@ -1,7 +1,7 @@
 """On-policy rounds against offline-only rounds from the same trained student, several seeds.
 
     python bench/onpolicy.py [--config configs/default.yaml --config configs/full.yaml]
-                             [--student outputs/kd_vs_ce/kd-seed0/student] [--seeds 0 1 2]
+                             [--student outputs/kd_vs_ce/kd_corrected-seed0/student] [--seeds 0 1 2]
                              [--out docs/results/onpolicy.json] [key=value ...]
     python bench/onpolicy.py --table docs/results/onpolicy.json      # the markdown table of a results file
 
