@@ -76,7 +76,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -93,14 +92,25 @@ apply_env_defaults()
 from data.shards import atomic_write_json  # noqa: E402
 from distill.config import load_config, output_path, shards_path, teacher_configs, to_container  # noqa: E402
 
-ARMS = ("kd_corrected", "kd_uncorrected", "ce", "ce_ls")
-KD_ARMS, CE_ARMS = ("kd_corrected", "kd_uncorrected"), ("ce", "ce_ls")
-VS_CORRECTED = "kd_uncorrected vs corrected"  # the uncorrected students against the corrected teacher's shards
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kd_vs_ce_report import (  # noqa: E402  (the goals, the table and the plot of a results file)
+    ARMS,
+    CE_ARMS,
+    CURVE_METRICS,
+    VS_CORRECTED,
+    curve_stats,
+    goals,
+    language_weights,
+    plot,
+    table,
+    training_figures,
+)
+from seed_stats import stats  # noqa: E402
+
 DEFAULT_ADAPT = {"folds": 2}
 TEACHER_TERMS = ("vision",)  # the terms that need a teacher once configs/baseline_ce.yaml makes language CE-only
 # the same in every arm and seed (plus eval/probe/<teacher>): figures of the data, not of a student or a teacher
 REFERENCES = ("eval/probe/pixels", "eval/unigram_perplexity", "eval/trigram_perplexity")
-CURVE_METRICS = ("eval/perplexity", "eval/agreement/main", "eval/kl/main", "eval/grounded_acc")
 COMPUTE_RULE = (
     "Every arm runs the same list of stages with the same steps, micro-batches, learning rates, warm-ups and "
     "trainable parts. The CE arms (configs/baseline_ce.yaml: cross-entropy on the ground truth, no vision teacher) "
@@ -113,73 +123,6 @@ BUDGET_RULE = (
     "runs and 10 CE runs (vision step 0.36 s, or a contrastive step in its place, 0.36 s; joint step 1.85 s, 1.69 s "
     "for CE) with their evaluations (50 s, plus 24 s per curve point) fit with the two collections and the teacher "
     "correction: about 2 h 54 min (bench/kd_vs_ce.py's docstring).")
-
-
-# ------------------------------------------------------------------------------------------ statistics
-
-def stats(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
-def welch_t(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Welch's t statistic and its Welch-Satterthwaite degrees of freedom for mean(a) - mean(b). A sample of
-    one value is a constant (variance 0): the test is then the one-sample t-test of the other against it."""
-    va = statistics.variance(a) / len(a) if len(a) > 1 else 0.0
-    vb = statistics.variance(b) / len(b) if len(b) > 1 else 0.0
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    se2 = va + vb
-    if se2 == 0:
-        return (0.0 if diff == 0 else math.copysign(math.inf, diff)), math.inf
-    df = se2 ** 2 / sum(v ** 2 / (len(x) - 1) for v, x in ((va, a), (vb, b)) if len(x) > 1)
-    return diff / math.sqrt(se2), df
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with `df` degrees of freedom: scipy's, else I_x(df/2, 1/2) / 2 with
-    x = df / (df + t^2), the regularized incomplete beta (`_betainc`)."""
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    if math.isinf(df):
-        return 0.5 * math.erfc(t / math.sqrt(2))
-    try:
-        from scipy.stats import t as student_t
-        return float(student_t.sf(t, df))
-    except ImportError:  # pragma: no cover - scipy comes with scikit-learn here
-        tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
-        return tail if t > 0 else 1 - tail
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta I_x(a, b) (continued fraction, Numerical Recipes 6.4)."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):
-        return 1 - _betainc(b, a, 1 - x)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    f, c, d = 1.0, 1.0, 0.0
-    for i in range(400):
-        m = i // 2
-        num = 1.0 if i == 0 else (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)) if i % 2 == 0 else
-                                  -((a + m) * (a + b + m) * x) / ((a + 2 * m) * (a + 2 * m + 1)))
-        d = 1 / (1 + num * d if abs(1 + num * d) > 1e-300 else 1e-300)
-        c = 1 + num / c if abs(1 + num / c) > 1e-300 else 1e-300
-        f *= c * d
-        if abs(1 - c * d) < 1e-15:
-            break
-    return front * (f - 1)
-
-
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided p-value of Welch's t-test of equal means; None when there is no spread to test against (neither
-    sample has two values, or neither varies: e.g. a teacher's figure, the same shards in every seed, against a
-    constant reference)."""
-    if len(a) < 2 and len(b) < 2:
-        return None
-    t, df = welch_t(a, b)
-    if math.isinf(df):
-        return None
-    return min(1.0, 2 * student_t_sf(abs(t), df))
 
 
 # ------------------------------------------------------------------------------------- compute matching
@@ -357,12 +300,6 @@ def adapt_settings(base, pairs: list[str]) -> dict:
     return settings
 
 
-def has_adapt() -> bool:
-    """Whether this checkout's teacher config knows `adapt` (the teacher correction)."""
-    from teachers.registry import FIELDS
-    return "adapt" in FIELDS
-
-
 def arm_config(base: dict, arm: str, seed: int, work: Path, shards: dict[str, str], adapt: dict | None,
                label_smoothing: float, stages: list[dict], extra: tuple = ()):
     """The config of one arm and seed: the resolved base config with the arm's layers and `extra` overrides on
@@ -373,8 +310,7 @@ def arm_config(base: dict, arm: str, seed: int, work: Path, shards: dict[str, st
         layers.append({"teachers": {"language": {"adapt": adapt}}})
         overrides.append(f"shards_dir={shards['corrected']}")
     else:
-        if has_adapt():
-            layers.append({"teachers": {"language": {"adapt": None}}})
+        layers.append({"teachers": {"language": {"adapt": None}}})
         overrides.append(f"shards_dir={shards['uncorrected']}")
     if arm in CE_ARMS:
         layers += [str(ROOT / "configs" / "baseline_ce.yaml"), {"train": {"stages": ce_stages(stages)}}]
@@ -383,13 +319,11 @@ def arm_config(base: dict, arm: str, seed: int, work: Path, shards: dict[str, st
     return load_config(layers, overrides)
 
 
-def collect(base: dict, folder: Path, adapt: dict | None | bool) -> float:
-    """Collect the base config's shards into `folder` with the language teacher's `adapt` (False: leave the key
-    alone); returns the seconds it took (about 0 when the shards are already there)."""
+def collect(base: dict, folder: Path, adapt: dict | None) -> float:
+    """Collect the base config's shards into `folder` with the language teacher's `adapt` (None: uncorrected);
+    returns the seconds it took (about 0 when the shards are already there)."""
     from flows.collect import run_collect
-    layers: list = [base]
-    if adapt is not False:
-        layers.append({"teachers": {"language": {"adapt": adapt}}})
+    layers: list = [base, {"teachers": {"language": {"adapt": adapt}}}]
     cfg = load_config(layers, [f"output_dir={folder}", f"shards_dir={folder}"])
     start = time.perf_counter()
     run_collect(cfg)
@@ -404,15 +338,11 @@ def run(args) -> dict:
     base = to_container(base_cfg)
     work = Path(args.work)
     arms = list(dict.fromkeys(args.arms))
-    if "kd_corrected" in arms and not has_adapt():
-        raise SystemExit("the kd_corrected arm needs teachers.language.adapt (the teacher correction), which this "
-                         "checkout's teacher config does not have; run the other arms with --arms kd_uncorrected ce "
-                         "ce_ls")
     adapt = adapt_settings(base_cfg, args.adapt) if "kd_corrected" in arms else None
     shards, collect_seconds = {}, {}
     if any(a != "kd_corrected" for a in arms):
         shards["uncorrected"] = str(work / "shards-uncorrected")
-        collect_seconds["uncorrected"] = collect(base, Path(shards["uncorrected"]), None if has_adapt() else False)
+        collect_seconds["uncorrected"] = collect(base, Path(shards["uncorrected"]), None)
     if "kd_corrected" in arms:
         shards["corrected"] = str(work / "shards-corrected")
         collect_seconds["corrected"] = collect(base, Path(shards["corrected"]), adapt)
@@ -460,228 +390,6 @@ def run(args) -> dict:
     return result
 
 
-# ---------------------------------------------------------------------------------------------- figures
-
-def curve_stats(curves: dict[str, list[dict]], plan: dict) -> dict:
-    """Per arm: the curve stage's step counts and, per metric, mean and std over the seeds at each."""
-    out = {}
-    for arm, runs in curves.items():
-        steps = [s for s in plan["steps"] if all(str(s) in r for r in runs)]
-        figures = {"stage": plan["stage"], "steps": steps, "global_steps": [plan["start"] + s for s in steps]}
-        for metric in CURVE_METRICS:
-            if steps and all(metric in r[str(s)] for r in runs for s in steps):
-                per_step = [stats([r[str(s)][metric] for r in runs]) for s in steps]
-                figures[metric] = {"mean": [p["mean"] for p in per_step], "std": [p["std"] for p in per_step],
-                                   "values": [p["values"] for p in per_step]}
-        out[arm] = figures
-    return out
-
-
-def language_weights(training: dict, stage: str, arms: list[str]) -> dict:
-    """Per arm: the mean over seeds of the balancer's `weight/language` in the curve stage (each run's mean after
-    its warm-up sixth), from training_figures (runs named <arm>-seed<k>)."""
-    per: dict[str, list[float]] = {}
-    for run_name, figures in training.items():
-        arm = run_name.rsplit("-seed", 1)[0]
-        value = figures.get("language_weight", {}).get(stage)
-        if arm in arms and value is not None:
-            per.setdefault(arm, []).append(value)
-    return {arm: stats(v) for arm, v in per.items()}
-
-
-def compare(arms: dict, a: str, b: str, metric: str, higher: bool, rule: str, a_metric: str | None = None) -> dict:
-    """Arm `a` against arm `b` on `metric` (`a_metric` for a's side when it differs) over the seeds: both means,
-    twice the larger std, the two-sided Welch p-value and whether `rule` holds, the better side being higher or
-    lower: "beats" (better mean and p < 0.05), "by_2std" (better by more than twice the larger std), "no_worse"
-    (worse by at most twice the larger std) or "at_least_as_good" (the means alone)."""
-    va = arms.get(a, {}).get(a_metric or metric, {}).get("values")
-    vb = arms.get(b, {}).get(metric, {}).get("values")
-    if not va or not vb:
-        return {"reached": None, "p_value": None,
-                "note": f"not measured ({a} {a_metric or metric} or {b} {metric} missing)"}
-    ma, mb = statistics.fmean(va), statistics.fmean(vb)
-    noise = 2 * max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (va, vb))
-    diff = (ma - mb) * (1 if higher else -1)
-    p = welch_p(va, vb)
-    reached = {"beats": diff > 0 and p is not None and p < 0.05, "by_2std": diff > noise,
-               "no_worse": diff >= -noise, "at_least_as_good": diff >= 0}[rule]
-    return {a: ma, b: mb, "two_std": noise, "p_value": p, "reached": reached}
-
-
-def against_reference(values: list[float] | None, reference: float | None, factor: float, at_most: bool,
-                      what: str) -> dict:
-    """mean(values) / reference against `factor` (at most or at least), with the one-sample Welch p-value of the
-    values against factor x reference."""
-    if not values or not reference:
-        return {"reached": None, "p_value": None, "note": f"not measured ({what} missing)"}
-    ratio = statistics.fmean(values) / reference
-    return {"ratio": ratio, "reference": reference, "p_value": welch_p(values, [factor * reference]),
-            "reached": ratio <= factor if at_most else ratio >= factor}
-
-
-def goals(result: dict) -> dict:
-    """The benchmark's goals from a results dict; each has its figures, `p_value` (two-sided Welch over the seeds,
-    None when not computable) and `reached` (None: not measured)."""
-    arms, refs = result["arms"], result["references"]
-    out = {}
-    # teacher: the corrected teacher's exact test perplexity against the CE student and a trigram of the captions
-    out["teacher_ppl_at_most_ce_ppl"] = compare(arms, "kd_corrected", "ce", "eval/perplexity", False,
-                                                "at_least_as_good", a_metric="eval/teacher_perplexity")
-    out["teacher_ppl_at_most_1.2x_trigram"] = against_reference(
-        arms.get("kd_corrected", {}).get("eval/teacher_perplexity", {}).get("values"),
-        refs.get("eval/trigram_perplexity"), 1.2, True, "eval/teacher_perplexity or eval/trigram_perplexity")
-    # language
-    out["perplexity_beats_ce"] = compare(arms, "kd_corrected", "ce", "eval/perplexity", False, "beats")
-    out["perplexity_beats_ce_ls"] = compare(arms, "kd_corrected", "ce_ls", "eval/perplexity", False, "beats")
-    out["grounded_acc_no_worse_than_ce"] = compare(arms, "kd_corrected", "ce", "eval/grounded_acc", True, "no_worse")
-    # both against the corrected teacher: kd_corrected's own evaluation, kd_uncorrected's against those shards
-    for metric, higher, name in (("eval/agreement/main", True, "agreement_corrected_beats_uncorrected"),
-                                 ("eval/kl/main", False, "kl_corrected_beats_uncorrected")):
-        g = compare(arms, "kd_corrected", VS_CORRECTED, metric, higher, "beats")
-        own = arms.get("kd_uncorrected", {}).get(metric)
-        if own:  # for the record: against its own (uncorrected) teacher
-            g["kd_uncorrected_own_teacher"] = own["mean"]
-        out[name] = g
-    # vision
-    out["probe_beats_ce_by_2std"] = compare(arms, "kd_corrected", "ce", "eval/probe/student", True, "by_2std")
-    teacher_probe = next((v for k, v in refs.items() if k.startswith("eval/probe/") and k != "eval/probe/pixels"),
-                         None)
-    out["probe_at_least_0.9x_teacher"] = against_reference(
-        arms.get("kd_corrected", {}).get("eval/probe/student", {}).get("values"), teacher_probe, 0.9, False,
-        "eval/probe/student or the vision teacher's probe")
-    return out
-
-
-def training_figures(tracking_uri: str | None, experiment: str, work: str) -> dict:
-    """Balance and stability of every training run of this benchmark, from its MLflow stage runs:
-    - per teacher, the gradient-norm ratio on the shared tower against the language term in the joint
-      stage after its warm-up: median and the share of logged steps inside [0.5, 2];
-    - per loss term and stage, the largest value over its running mean (the mean of the stage's earlier
-      logged values) after the stage's first 5 logged steps (goal: no term above 1.5x);
-    - per stage, the mean of the balancer's `weight/language` after the stage's first sixth."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-    mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}")
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    out: dict[str, dict] = {}
-    if exp is None:
-        return out
-    work = Path(work).name
-    finished = "tags.`mmtp.stage` = 'train' and attributes.status = 'FINISHED'"
-    for train in client.search_runs([exp.experiment_id], finished, order_by=["attributes.start_time ASC"]):
-        folder = train.data.params.get("output_dir", "")
-        if Path(folder).parent.name != work:
-            continue
-        figures: dict = {"balance": {}, "max_jump": {}, "language_weight": {}}
-        for stage in client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{train.info.run_id}'"):
-            name = stage.info.run_name.removeprefix("stage/")
-            for key in stage.data.metrics:
-                history = [m.value for m in sorted(client.get_metric_history(stage.info.run_id, key),
-                                                   key=lambda m: m.step)]
-                tail = history[len(history) // 6:]  # after the warm-up (the first sixth of the stage)
-                if key.startswith("gradnorm_ratio/") and name == "joint":
-                    figures["balance"][key] = {"median": statistics.median(tail),
-                                               "inside_0.5_2": sum(0.5 <= v <= 2 for v in tail) / len(tail)}
-                if key == "weight/language" and tail:
-                    figures["language_weight"][name] = statistics.fmean(tail)
-                term = key.removeprefix("loss/")
-                if key.startswith("loss/") and (term in ("language", "contrastive") or
-                                                (term.startswith("vision/") and term.count("/") == 1)):
-                    jumps = [history[i] / statistics.fmean(history[:i]) for i in range(5, len(history))]
-                    figures["max_jump"][f"{name}/{term}"] = max(jumps, default=1.0)
-        out[Path(folder).name] = figures
-    return dict(sorted(out.items()))
-
-
-# ---------------------------------------------------------------------------------------- table, plot
-
-TABLE_METRICS = ["eval/perplexity", "eval/teacher_perplexity", "eval/teacher_top1_acc", "eval/teacher_perplexity_bound",
-                 "eval/agreement/main", "eval/kl/main", "eval/agreement/mtp1", "eval/grounded_acc",
-                 "eval/grounded_acc_blank", "eval/grounding_gap", "eval/probe/student", "mtp/acceptance_at_1",
-                 "mtp/tau"]
-
-
-def _cell(s: dict | None) -> str:
-    return "–" if s is None else f"{s['mean']:.4f} ± {s['std']:.4f}"
-
-
-def table(result: dict) -> str:
-    """Markdown: one column per arm (mean ± std over the seeds), the references, the curves, the goals with their
-    p-values."""
-    arms = list(result["arms"])
-    n = {a: len(next(iter(result["arms"][a].values()))["values"]) for a in arms}
-    lines = ["| metric (mean ± std over seeds) | " + " | ".join(f"{a} (n={n[a]})" for a in arms) + " |",
-             "|---" * (len(arms) + 1) + "|"]
-    vision = sorted({k for a in arms for k in result["arms"][a] if k.startswith("eval/vision/")})
-    for metric in TABLE_METRICS + vision:
-        if any(metric in result["arms"][a] for a in arms):
-            lines.append(f"| {metric} | " + " | ".join(_cell(result["arms"][a].get(metric)) for a in arms) + " |")
-    weights = result.get("language_weight", {})
-    if weights:
-        lines.append("| weight/language (curve stage, after warm-up) | " + " | ".join(
-            _cell(weights.get(a)) for a in arms) + " |")
-    secs = result["train_seconds"]
-    lines.append("| training wall time (s) | " + " | ".join(
-        f"{secs[a]['mean']:.0f}" if a in secs else "–" for a in arms) + " |")
-    lines += ["", "| reference | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in result["references"].items()]
-    curves = result.get("curves", {})
-    if curves:
-        first = next(iter(curves.values()))
-        lines += ["", f"| {first['stage']} step | " + " | ".join(
-            f"{a} perplexity | {a} agreement" for a in curves) + " |", "|---" * (1 + 2 * len(curves)) + "|"]
-        for i, step in enumerate(first["steps"]):
-            cells = []
-            for c in curves.values():
-                for metric in ("eval/perplexity", "eval/agreement/main"):
-                    m = c.get(metric)
-                    cells.append("–" if not m or i >= len(m["mean"]) else f"{m['mean'][i]:.3f} ± {m['std'][i]:.3f}")
-            lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    lines += ["", "| goal | reached | p (Welch) | figures |", "|---|---|---|---|"]
-    for name, g in result["goals"].items():
-        reached = "not measured" if g.get("reached") is None else "**yes**" if g["reached"] else "no"
-        p = g.get("p_value")
-        figures = ", ".join(f"{k} {v:.4f}" for k, v in g.items()
-                            if k not in ("reached", "p_value") and isinstance(v, float))
-        lines.append(f"| {name} | {reached} | {'–' if p is None else f'{p:.3g}'} | {figures or g.get('note', '')} |")
-    return "\n".join(lines)
-
-
-def plot(result: dict, path: Path) -> Path:
-    """Caption perplexity and agreement with the teacher against the curve stage's steps, per arm: the mean over
-    the seeds with a ± std band (distill/plots.py's style); the KD arms' teachers' perplexity as grey lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, title in ((axes[0], "eval/perplexity", "caption perplexity (test)"),
-                              (axes[1], "eval/agreement/main", "top-1 agreement with its teacher (test)")):
-        for arm, c in result["curves"].items():
-            if metric not in c:
-                continue
-            mean, std = c[metric]["mean"], c[metric]["std"]
-            line, = ax.plot(c["steps"], mean, marker="o", label=f"{arm} (n={len(c[metric]['values'][0])})")
-            ax.fill_between(c["steps"], [m - s for m, s in zip(mean, std, strict=True)],
-                            [m + s for m, s in zip(mean, std, strict=True)], color=line.get_color(), alpha=0.2)
-        if metric == "eval/perplexity":  # each KD arm's teacher on the same test captions, for reference
-            for arm, t in result.get("teacher_perplexity", {}).items():
-                if arm in KD_ARMS:
-                    ax.axhline(t["mean"], color="grey", lw=0.8, ls="--" if arm == "kd_corrected" else ":")
-                    ax.annotate(f"teacher ({arm.removeprefix('kd_')})", (0.01, t["mean"]), fontsize=7,
-                                xycoords=("axes fraction", "data"), color="grey")
-        stage = next(iter(result["curves"].values()))["stage"]
-        ax.set_title(title)
-        ax.set_xlabel(f"{stage} stage step")
-        if metric == "eval/perplexity":
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def main() -> None:

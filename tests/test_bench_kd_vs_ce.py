@@ -10,12 +10,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_kd_vs_ce", ROOT / "bench" / "kd_vs_ce.py")
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load("kd_vs_ce")
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    return load("seed_stats")
 
 
 # Welch's classic example (Wikipedia, "Welch's t-test", samples A1 and A2): t = -2.46, nu = 25.0, p = 0.021.
@@ -23,29 +32,29 @@ A1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19
 A2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
 
 
-def test_welch_t_and_p_against_known_values(bench):
-    t, df = bench.welch_t(A1, A2)
+def test_welch_t_and_p_against_known_values(seeds):
+    t, df = seeds.welch_t(A1, A2)
     assert t == pytest.approx(-2.46, abs=0.005)
     assert df == pytest.approx(24.99, abs=0.01)  # 24.98853 (scipy: the same); Wikipedia rounds it
-    assert bench.welch_p(A1, A2) == pytest.approx(0.021, abs=0.0005)
-    assert bench.welch_p(A2, A1) == bench.welch_p(A1, A2)
+    assert seeds.welch_p(A1, A2) == pytest.approx(0.021, abs=0.0005)
+    assert seeds.welch_p(A2, A1) == seeds.welch_p(A1, A2)
     from scipy import stats
     a, b = [5.1, 4.9, 6.2, 5.7, 6.0], [3.9, 4.4, 5.0, 3.7, 4.1]
-    assert bench.welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
+    assert seeds.welch_p(a, b) == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue, rel=1e-9)
     # a single reference value is a constant: the one-sample t-test
-    assert bench.welch_p(a, [5.0]) == pytest.approx(stats.ttest_1samp(a, 5.0).pvalue, rel=1e-9)
-    assert bench.welch_p([1.0], [2.0]) is None
-    assert bench.welch_p([1.0, 1.0], [1.0, 1.0]) is None  # nothing varies: nothing to test
-    assert bench.welch_p([1.0, 1.0], [2.0]) is None
-    assert bench.welch_p([1.0, 1.0], [1.0, 3.0]) == pytest.approx(stats.ttest_1samp([1.0, 3.0], 1.0).pvalue)
+    assert seeds.welch_p(a, [5.0]) == pytest.approx(stats.ttest_1samp(a, 5.0).pvalue, rel=1e-9)
+    assert seeds.welch_p([1.0], [2.0]) is None
+    assert seeds.welch_p([1.0, 1.0], [1.0, 1.0]) is None  # nothing varies: nothing to test
+    assert seeds.welch_p([1.0, 1.0], [2.0]) is None
+    assert seeds.welch_p([1.0, 1.0], [1.0, 3.0]) == pytest.approx(stats.ttest_1samp([1.0, 3.0], 1.0).pvalue)
 
 
 @pytest.mark.parametrize("t, df, p", [(2.0, 1.0, 0.1475836), (1.0, 5.0, 0.1816087), (2.776445, 4.0, 0.025),
                                       (0.0, 3.0, 0.5), (-1.0, 5.0, 0.8183913)])
-def test_student_t_tail_known_values(bench, t, df, p):
-    assert bench.student_t_sf(t, df) == pytest.approx(p, abs=1e-6)
+def test_student_t_tail_known_values(seeds, t, df, p):
+    assert seeds.student_t_sf(t, df) == pytest.approx(p, abs=1e-6)
     if t >= 0:  # the fallback without scipy: P(T > t) = I_x(df / 2, 1 / 2) / 2 with x = df / (df + t^2)
-        assert 0.5 * bench._betainc(df / 2, 0.5, df / (df + t * t)) == pytest.approx(p, abs=1e-6)
+        assert 0.5 * seeds._betainc(df / 2, 0.5, df / (df + t * t)) == pytest.approx(p, abs=1e-6)
 
 
 FULL = [  # configs/full.yaml's shape, as the config gives it
