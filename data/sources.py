@@ -22,7 +22,7 @@ arguments below (an unknown key is an error naming it):
 - `hf_disk`: `datasets.load_from_disk(path)`; `split` needed when it holds several splits.
 - `parquet`: `datasets.load_dataset("parquet", data_files=...)`, `split`="train", `cache_dir`.
 - `imagefolder`: `datasets.load_dataset("imagefolder", data_dir=...)`, `split`="train", `cache_dir`.
-  The three HF kinds (read in data/hf_sources.py) share: `image_column`="image"; `text_column` (default "caption" or "text"
+  The three HF kinds (data/hf_sources.py) share: `image_column`="image"; `text_column` (default "caption" or "text"
   when present); `label_column` (default "label" when present); `caption_template`, used when
   there is no text column, formatted with `label_name` (ClassLabel name) and `label`, e.g.
   "a photo of a {label_name}."; `image_size` (plain resize, default keep); `limit`; `name`
