@@ -10,9 +10,12 @@ config and the creation time.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +24,7 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a write that cannot succeed
 
 
 class ShardError(RuntimeError):
@@ -49,7 +53,8 @@ def digest(obj) -> str:
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    On any error (a full disk included) the partial file is removed and the error propagates.
+    On any error (a full disk included) the partial file is removed and the error propagates (an OS error that
+    names no file, naming `path`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,7 +63,13 @@ def atomic_path(path: str | Path):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # like a plain open(); some writers (safetensors) create 0600
         os.replace(tmp, path)
+    except OSError as e:  # a write to a full disk names no file (pyarrow's gives no errno): name the file
+        code = e.errno or next((c for c in WRITE_ERRNOS if os.strerror(c) in str(e)), None)
+        if e.filename is not None or code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -188,37 +199,71 @@ def clean_temp_files(out_dir: str | Path) -> int:
     return len(stray)
 
 
+LOCK_FILE = ".mmtp.lock"
+_held: dict[Path, list[int]] = {}  # resolved lock path -> [fd, depth], for re-entry within this process
+_held_guard = threading.Lock()  # Prefect may run tasks in threads of one process
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: str | Path):
-    """Refuse a second run on the same output folder: a lock file holding the owner's PID.
+    """Refuse a second run on the same output folder: an flock on `.mmtp.lock`, which holds the owner's PID.
 
-    Re-entrant within one process (a pipeline holds it around its stages); a lock left by a
-    dead process is taken over.
+    flock because the kernel grants it atomically and drops it when its owner dies, so a stale lock
+    is taken over with no PID guessing. Re-entrant within one process (a pipeline holds it around
+    its stages). The file is removed on release while still locked; a run that opened it just
+    before finds it unlinked and retries on the new file.
     """
-    path = Path(out_dir) / ".mmtp.lock"
+    path = Path(out_dir) / LOCK_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            break
-        except FileExistsError:
-            try:
-                owner = int(path.read_text() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner == os.getpid():
-                yield path
-                return
-            if owner and _alive(owner):
-                raise ShardError(f"{out_dir} is in use by another run (PID {owner}, lock file {path}); wait for "
-                                 "it to finish or choose another output_dir") from None
-            path.unlink(missing_ok=True)  # stale: its owner is gone
+    key = path.resolve()
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            _held[key] = [_acquire(key, out_dir), 1]
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        with _held_guard:
+            _held[key][1] -= 1
+            if not _held[key][1]:
+                fd = _held.pop(key)[0]
+                key.unlink(missing_ok=True)
+                os.close(fd)
+
+
+def _acquire(path: Path, out_dir) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            owner = None
+        except BlockingIOError:
+            owner = _pid_in(fd) or "unknown"
+        if owner is None:
+            try:
+                linked = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                linked = False
+            if not linked:  # its holder removed it as we opened it: lock the new file
+                os.close(fd)
+                continue
+            pid = _pid_in(fd)  # a leftover file names a dead PID; a live one is a run of an older version
+            owner = pid if pid and pid != os.getpid() and _alive(pid) else None
+        if owner is not None:
+            os.close(fd)
+            raise ShardError(f"{out_dir} is in use by another run (PID {owner}, lock file {path}); wait for "
+                             "it to finish or choose another output_dir")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+
+def _pid_in(fd: int) -> int:
+    try:
+        return int(os.pread(fd, 32, 0) or 0)
+    except ValueError:
+        return 0
 
 
 def _alive(pid: int) -> bool:
