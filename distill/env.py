@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+from data.stop import request_stop, watch_signals
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULTS = {
@@ -43,6 +45,14 @@ def apply_env_defaults() -> None:
 def exit_on_sigterm() -> None:
     """Make SIGTERM (`kill`, a scheduler's stop) exit like Ctrl-C does, through the process's exit handlers:
     Prefect stops the temporary server it started (else a uvicorn process outlives the run) and MLflow ends
-    its run. Only where SIGTERM still has its default action, and only from the main thread (Python's rule)."""
+    its run. Only where SIGTERM still has its default action, and only from the main thread (Python's rule).
+    The stop is also requested process-wide (data/stop.py, even while Prefect's handler owns SIGTERM), so that
+    a loop in a worker thread (a teacher's shard) ends at its next batch instead of holding the exit."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        watch_signals()
+
+
+def _exit_on_signal(signum, frame) -> None:
+    request_stop(signum)
+    sys.exit(128 + signum)

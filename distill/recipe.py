@@ -30,6 +30,7 @@ from data.devices import to_device
 from data.mix import mixed_dataset
 from data.prefetch import Prefetch
 from data.shards import atomic_write_json
+from data.stop import Stopped
 from distill import engine as ds
 from distill.balance import distributed_mean, gradnorm_ratios
 from distill.config import load_config, output_path, shards_path, teacher_configs
@@ -48,8 +49,8 @@ class CheckpointsExistError(RuntimeError):
     """A fresh (non-resume) run was pointed at an output_dir that holds another run's checkpoints."""
 
 
-class TrainingStopped(RuntimeError):
-    """SIGINT or SIGTERM: training stopped after a checkpoint of the last finished step."""
+class TrainingStopped(Stopped):
+    """SIGINT/SIGTERM: stopped after checkpointing the last finished step; a SystemExit, code 128 + signum."""
 
 
 class DistillRecipe:
@@ -175,7 +176,7 @@ class DistillRecipe:
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
         """Run every stage from where setup() left off; returns the summary. The MLflow runs (training and
-        the current stage's) end FAILED when an exception escapes, FINISHED otherwise."""
+        the current stage's) end FAILED when an exception escapes, KILLED on a TrainingStopped, else FINISHED."""
         with self._tracking("train", self.parent_run_id), stop_signals() as stop:
             self._log_inputs()
             while True:
@@ -212,8 +213,8 @@ class DistillRecipe:
                 if (self.step - stage.start) % tr.checkpoint_every == 0 or self.step == stage.end or stopping:
                     self._checkpoint()
                 if stopping:
-                    raise TrainingStopped(f"stopped by a signal after step {self.step} (checkpointed); "
-                                          "continue with train.resume=true")
+                    raise TrainingStopped(getattr(stop, "signum", signal.SIGTERM), f"stopped by a signal after step "
+                                          f"{self.step}, checkpoint in {self.ckpt_dir}; resume with train.resume=true")
             bar.close()
             ds.export_student(self.engine, self.stage_dir(stage))
 
@@ -287,10 +288,12 @@ class DistillRecipe:
     @contextlib.contextmanager
     def _tracking(self, name: str, parent: str | None, stage: Stage | None = None):
         """The MLflow run `name` (rank 0 only): the one a checkpoint recorded when resuming, else a new
-        child of `parent`. It ends FAILED if an exception leaves the block."""
+        child of `parent`. It ends FAILED if an exception leaves the block, KILLED on a stop by a signal."""
         if self.rank != 0:
             yield None
             return
+        import mlflow
+
         from distill import tracking
         key = stage.name if stage else "train"
         tags = {f"teacher.{n}.weights_digest": str(m["producer"].get("weights_digest"))
@@ -299,13 +302,18 @@ class DistillRecipe:
             tags.update({"mmtp.train_stage": stage.name})
         with tracking.stage_run(self.cfg, name, parent, tags, self.flow_run_id, run_id=self.run_ids.get(key)) as run:
             if stage and key not in self.run_ids:
-                import mlflow
                 mlflow.log_params({"stage.steps": stage.steps, "stage.terms": ",".join(stage.terms),
                                    "stage.parts": ",".join(stage.parts), "stage.lr": stage.lr,
                                    "stage.micro_batch_size": stage.micro_batch_size,
                                    **{f"stage.trainable_params.{p}": n for p, n in self.trainable.items()}})
             self.run_ids[key] = run.info.run_id
-            yield run
+            try:
+                yield run
+            except Stopped as e:
+                if stage:  # the innermost run: one line on where training stopped and how to resume
+                    log.warning("%s", e)
+                mlflow.end_run(status="KILLED")
+                raise
 
     def _log_inputs(self) -> None:
         if self.rank != 0:
@@ -356,14 +364,13 @@ def stop_signals():
     """An Event set by SIGINT/SIGTERM while training runs (main thread only; elsewhere never set): the
     loop finishes its step, checkpoints it and stops, so no half-written checkpoint is left behind."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def handler(signum, frame):
         log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+        stop.signum = signum  # TrainingStopped's exit code is 128 + signum
         stop.set()
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         yield stop
     finally:

@@ -69,7 +69,8 @@ def stage_run(cfg: DictConfig, stage: str, parent_run_id: str | None = None, tag
               flow_run_id: str | None = None, run_id: str | None = None):
     """An MLflow run for one stage, a child of `parent_run_id` when given, with params and config.
     `flow_run_id` (the Prefect flow run that called it, passed in by the flow) becomes a tag. `run_id`
-    reopens that run instead (a resumed stage continues its run). The run ends FAILED on an exception."""
+    reopens that run instead (a resumed stage continues its run). The run ends FAILED on an exception, KILLED on a
+    stop by a signal."""
     all_tags = {"mmtp.stage": stage, "mmtp.git_commit": git_commit(), **(tags or {})}
     if flow_run_id:
         all_tags["prefect.flow_run_id"] = str(flow_run_id)
@@ -78,12 +79,23 @@ def stage_run(cfg: DictConfig, stage: str, parent_run_id: str | None = None, tag
     experiment_id = setup(cfg)
     nested = mlflow.active_run() is not None
     if run_id:
-        with mlflow.start_run(run_id=run_id, nested=nested) as run:
+        with mlflow.start_run(run_id=run_id, nested=nested) as run, _killed_on_stop():
             yield run
         return
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags, nested=nested) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=all_tags, nested=nested) as run, \
+            _killed_on_stop():
         log_config(cfg)
         yield run
+
+
+@contextlib.contextmanager
+def _killed_on_stop():
+    """End the innermost MLflow run KILLED when a signal stops the process (SIGTERM, Ctrl-C), not FAILED."""
+    try:
+        yield
+    except (SystemExit, KeyboardInterrupt):
+        mlflow.end_run(status="KILLED")
+        raise
 
 
 def log_config(cfg: DictConfig) -> None:

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data.shards import digest, load_manifest, read_shard
+from data.stop import check_stop
 
 from .identity import file_sha256
 from .language import rows_after_prompt, run_prompt
@@ -101,31 +102,34 @@ def fit_fold(teacher, train: list[list[int]], val: list[list[int]], adapt, fold:
     before = best = _perplexity(model, teacher, val, adapt.batch_size)
     best_state, best_step, bad, step = {k: v.clone() for k, v in _lora_state(model).items()}, 0, 0, 0
     bar = tqdm(total=adapt.max_steps, desc=f"adapt fold {fold}", disable=not progress, leave=False)
-    while step < adapt.max_steps and bad < adapt.patience:
-        model.train()
-        for _ in range(adapt.eval_every):
-            pick = torch.randint(len(train), (adapt.batch_size,), generator=g).tolist()
-            nll, n = caption_nll(model, teacher, [train[i] for i in pick])
-            loss = nll / n
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"adapt fold {fold}: non-finite loss at step {step}; lower adapt.lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step >= adapt.max_steps:
-                break
-        model.eval()
-        ppl = _perplexity(model, teacher, val, adapt.batch_size)
-        bar.set_postfix(val_ppl=f"{ppl:.2f}")
-        if ppl < best:
-            best, best_step, bad = ppl, step, 0
-            best_state = {k: v.clone() for k, v in _lora_state(model).items()}
-        else:
-            bad += 1
-    bar.close()
+    try:
+        while step < adapt.max_steps and bad < adapt.patience:
+            model.train()
+            for _ in range(adapt.eval_every):
+                check_stop()  # a SIGTERM ends the fit between steps (the cache is written after every fold)
+                pick = torch.randint(len(train), (adapt.batch_size,), generator=g).tolist()
+                nll, n = caption_nll(model, teacher, [train[i] for i in pick])
+                loss = nll / n
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"adapt fold {fold}: non-finite loss at step {step}; lower adapt.lr")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                if step >= adapt.max_steps:
+                    break
+            model.eval()
+            ppl = _perplexity(model, teacher, val, adapt.batch_size)
+            bar.set_postfix(val_ppl=f"{ppl:.2f}")
+            if ppl < best:
+                best, best_step, bad = ppl, step, 0
+                best_state = {k: v.clone() for k, v in _lora_state(model).items()}
+            else:
+                bad += 1
+    finally:
+        bar.close()
     model.load_state_dict(best_state, strict=False)
     figures = {"fold": fold, "train_rows": len(train), "steps": step, "best_step": best_step,
                "val_perplexity_before": before, "val_perplexity_after": best}

@@ -33,6 +33,7 @@ from data.shards import (
     write_manifest,
     write_shard,
 )
+from data.stop import check_stop
 from data.targets import decode_vision, language_bytes_per_token, language_table, vision_table
 
 from . import peek_vocab_size
@@ -111,6 +112,7 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     done = finished_entry(out_path, samples_sha, producer_digest)
     if done is not None:
         return {**done, "skipped": True, "forwards": 0, "seconds": 0.0}
+    check_stop()
 
     modality = check_teacher(teacher)
     ident = teacher.identity()
@@ -127,16 +129,18 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     stream = Prefetch(stream, depth=2) if threaded else stream
     try:
         for batch, prepared in stream:
+            check_stop()  # a SIGTERM abandons the shard (written only at the end) at the next batch
             out = teacher.rows_from(prepared) if split else teacher.rows(batch)
             if len(out) != len(batch):
                 raise ValueError(f"teacher {ident['name']!r}: rows() returned {len(out)} rows for {len(batch)} samples")
             rows += out
             forwards += 1
             bar.update(len(batch))
+        check_stop()
     finally:
         if threaded:
             stream.close()
-    bar.close()
+        bar.close()
 
     table = TABLES[modality](ids, rows, ident)
     tokens = sum(len(r["token_ids"]) for r in rows) if modality == Modality.language else 0

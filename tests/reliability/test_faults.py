@@ -94,9 +94,13 @@ def test_servers_listen_on_loopback_only(tmp_path):
             assert ui.poll() is None and time.time() < deadline, "mmtp ui did not start listening"
             time.sleep(0.5)
         assert _listen_addresses(port) == {"127.0.0.1"}
-    finally:
-        os.killpg(ui.pid, signal.SIGKILL)
-        ui.wait()
+    finally:  # SIGTERM: `mmtp ui` then stops its server, which runs in a process group of its own
+        ui.send_signal(signal.SIGTERM)
+        try:
+            ui.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
     cmd = launcher_command(load_config(ROOT / "configs/tiny.yaml", ["train.nproc=2"]), tmp_path / "c.yaml", None)
     assert cmd[cmd.index("--master_addr") + 1] == "127.0.0.1"
 

@@ -267,8 +267,8 @@ def test_sigterm_stops_training_within_10s_with_no_partial_checkpoint(train_cfg)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=30)
     assert time.time() - sent <= 10, f"still running {time.time() - sent:.1f} s after SIGTERM"
-    assert code == 1, proc.log.read_text()[-2000:]
-    assert "stopped by a signal after step" in proc.log.read_text()
+    assert code == 143, proc.log.read_text()[-2000:]  # a stop, not a failure: 128 + SIGTERM, no traceback
+    assert "stopped by a signal after step" in proc.log.read_text() and "Traceback" not in proc.log.read_text()
     done, partial = _tags(ckpt)
     assert done and not partial  # the stop checkpointed its last step; nothing half-written
     stopped_at = _step(done[-1])
@@ -276,7 +276,7 @@ def test_sigterm_stops_training_within_10s_with_no_partial_checkpoint(train_cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     client = MlflowClient()
     run_id = _train_run(client, cfg)
-    assert client.get_run(run_id).info.status == "FAILED"
+    assert client.get_run(run_id).info.status == "KILLED"
 
     recipe = DistillRecipe(train_cfg("train.max_steps=" + str(stopped_at + 2), "train.checkpoint_every=100",
                                      "train.resume=true"))
