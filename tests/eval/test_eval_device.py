@@ -56,9 +56,9 @@ def test_mtp_figures_from_a_fresh_process_equal_this_processs(untrained, tmp_pat
     assert len(prompts) == 2 and prompts[0][2].shape == (1, 3)
     here = speculative_figures(model, prompts, 4, "cpu")
     child = mtp_figures_in_child(tmp_path / "student", prompts, 4)  # checks speculative == greedy there too
-    speedups = here.pop("mtp/speedup"), child.pop("mtp/speedup")
+    speedups = here.pop("mtp/speedup", 1.0), child.pop("mtp/speedup", 1.0)  # absent where timing noise (logged)
     assert child == here and min(speedups) > 0
-    assert {"mtp/acceptance_at_1", "mtp/acceptance_at_2", "mtp/tau"} <= set(child)
+    assert {"mtp/acceptance_at_1", "mtp/tau"} <= set(child)  # depth 2: only where a depth-1 draft was accepted
 
 
 def test_the_timing_process_runs_mkl_in_its_default_mode_and_says_why_it_failed(monkeypatch, tmp_path):

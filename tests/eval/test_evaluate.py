@@ -97,9 +97,10 @@ def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
     m = run.data.metrics
     for key in ("eval/agreement/main", "eval/agreement/mtp2", "eval/kl/mtp1", "eval/perplexity", "eval/grounded_acc",
                 "eval/grounded_acc_blank", "eval/vision/vit/patch_cos", "eval/probe/student", "eval/probe/pixels",
-                "eval/probe/clip", "baseline/eval/agreement/main", "mtp/acceptance_at_1", "mtp/acceptance_at_2",
-                "mtp/tau", "mtp/tokens_per_forward", "mtp/speedup"):
+                "eval/probe/clip", "baseline/eval/agreement/main", "mtp/acceptance_at_1", "mtp/tau",
+                "mtp/tokens_per_forward", "mtp/speedup"):
         assert key in m, key
+    # mtp/acceptance_at_2 only where a depth-1 draft was accepted, which 3 steps may not give (distill/mtp_eval.py)
     assert 0 <= m["eval/agreement/main"] <= 1 and m["eval/perplexity"] > 1
     assert m["eval/teacher_perplexity_bound"] == m["baseline/eval/teacher_perplexity_bound"] > 1  # data alone
     # the teacher measured exactly on the test captions (teachers/quality.py), and its n-gram references
