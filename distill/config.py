@@ -49,10 +49,7 @@ def load_config(path: str | Path | dict | list | None = None, overrides: list[st
             if isinstance(one, dict):
                 cfg = OmegaConf.merge(cfg, one)
                 continue
-            one = Path(one)
-            if not one.is_file():
-                raise ConfigError(f"config file not found: {one}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(one))
+            cfg = OmegaConf.merge(cfg, load_yaml(Path(one)))
         for override in overrides:
             key, sep, value = override.partition("=")
             if not sep or not key:
@@ -62,9 +59,66 @@ def load_config(path: str | Path | dict | list | None = None, overrides: list[st
             except (TypeError, ValueError, IndexError, yaml.YAMLError) as e:
                 raise ConfigError(f"config key '{key}': {str(e).splitlines()[0]}") from None
         OmegaConf.resolve(cfg)
+        resolve_paths(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
     return check_config(cfg)
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """One config file as a mapping; ConfigError for a folder, a missing file, a YAML syntax error (with its line
+    and column) or a file that is not a mapping of keys."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give a YAML file such as configs/default.yaml")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+        opened = f" ({context} at line {start.line + 1}, column {start.column + 1})" if context and start else ""
+        raise ConfigError(f"{path}{where}: YAML syntax error: {getattr(e, 'problem', None) or e}{opened}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys (key: value), not a "
+                          f"{type(loaded).__name__.removesuffix('Config').lower()}")
+    return loaded
+
+
+def _absolute(path: str | None, looks_local=None) -> str | None:
+    """`path` made absolute against the working directory. With `looks_local`, only a path that exists or passes
+    it, so that a hub id (`org/name`) or an MLflow run id is left as it is. URIs are left alone."""
+    if path is None or "://" in path or ":" in path.split("/")[0]:
+        return path
+    p = Path(path).expanduser()
+    if looks_local is not None and not p.exists() and not looks_local(path):
+        return path
+    return str(p.resolve())
+
+
+def resolve_paths(cfg: DictConfig) -> None:
+    """Make every path of `cfg` absolute once, at load, against the folder the command runs in, so that a
+    relative `output_dir` names the same folder in every stage and child process."""
+    cfg.output_dir = _absolute(cfg.output_dir)
+    cfg.shards_dir = _absolute(cfg.shards_dir)
+    cfg.cache_dir = _absolute(cfg.cache_dir)
+    cfg.train.init_from = _absolute(cfg.train.init_from)
+    cfg.train.hostfile = _absolute(cfg.train.hostfile)
+    cfg.train.mix_shards = [_absolute(p) for p in cfg.train.mix_shards]
+    for key in ("student", "baseline"):  # a folder, or an MLflow run id
+        cfg.evaluate[key] = _absolute(cfg.evaluate[key], lambda p: "/" in p)
+    if cfg.student.tokenizer != "captions":
+        cfg.student.tokenizer = _absolute(cfg.student.tokenizer)
+    if cfg.tracking.uri and cfg.tracking.uri.startswith("sqlite:///") and not cfg.tracking.uri.startswith(
+            "sqlite:////"):
+        cfg.tracking.uri = "sqlite:///" + _absolute(cfg.tracking.uri.removeprefix("sqlite:///"))
+    for source in cfg.data.sources:
+        for key in ("path", "data_files", "data_dir", "root"):
+            source[key] = _absolute(source[key])
+    for t in teacher_configs(cfg):
+        t.source = _absolute(t.source, lambda p: p.startswith(("/", "./", "../", "~")))  # else a hub id
+        t.adapters = _absolute(t.adapters)
 
 
 def from_dict(d: dict) -> DictConfig:

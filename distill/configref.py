@@ -21,8 +21,9 @@ HEADER = """# Config reference
 Generated from the typed schema (`distill/schema.py`, `teachers/registry.py`) by
 `python -m distill.configref > docs/config.md` (`make docs`); a test fails when this file is stale.
 Set keys in a YAML file (`--config`, repeatable: later files win) or on the command line as
-`key=value` (`train.lr=3e-4`, `teachers.vision.0.image_size=112`). An unknown key, a wrong type or
-an unknown choice exits with code 2 and one line naming the key (and the allowed values);
+`key=value` (`train.lr=3e-4`, `teachers.vision.0.image_size=112`). An unknown key, a wrong type,
+an unknown choice or a value outside its range (the `range` column: `>= 1`, `> 0`, `[0, 1)`, ...; a
+float must also be finite) exits with code 2 and one line naming the key (and the allowed values);
 `mmtp <command> --print-config` prints the resolved config without running anything.
 """
 
@@ -121,8 +122,8 @@ def render() -> str:
         title = " and ".join(p.rstrip(".") for p in prefixes) or "top level"
         doc = inspect.getdoc(cls) or ""
         doc = "" if doc.startswith(cls.__name__ + "(") else doc  # dataclass' generated signature
-        out += [f"\n## {title}\n", *([doc + "\n"] if doc else []), "| key | type | default | meaning |",
-                "|---|---|---|---|"]
+        out += [f"\n## {title}\n", *([doc + "\n"] if doc else []), "| key | type | default | range | meaning |",
+                "|---|---|---|---|---|"]
         comments = field_comments(cls)
         for f in dataclasses.fields(cls):
             key = (prefixes[0] if len(prefixes) == 1 else "") + f.name
@@ -132,7 +133,8 @@ def render() -> str:
                 sub = prefixes[0] + f.name + (".N." if str(f.type).startswith("list") else ".")
                 sections.setdefault(nested, []).append(sub)
                 meaning = meaning or f"see `{sub.rstrip('.')}` below"
-            out.append(f"| `{key}` | {_type(f)} | {_default(f)} | {meaning.replace('|', chr(92) + '|')} |")
+            spec = f"`{f.metadata['range']}`" if "range" in f.metadata else ""
+            out.append(f"| `{key}` | {_type(f)} | {_default(f)} | {spec} | {meaning.replace('|', chr(92) + '|')} |")
     return "\n".join(out) + "\n"
 
 if __name__ == "__main__":

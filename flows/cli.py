@@ -8,23 +8,61 @@
     mmtp ui       --config configs/default.yaml
     mmtp deploy   --config configs/default.yaml key=value ... [--cron-collect CRON] [--register-only]
 
-Config problems exit with code 2 and one line naming the key (and, for a choice, the allowed
-values), before anything runs; data problems exit with 1 and one line naming the file.
-`--print-config` prints the resolved config (files merged, overrides applied) and exits.
+Bad input exits with code 2 and one line: a config problem names the key (and, for a choice, the allowed
+values) before anything runs; a vocabulary mismatch names both sizes. Data problems (a corrupt shard) and OS
+errors (a full disk, a read-only folder) exit with 1 and one line naming the file and the fix. A stop by SIGTERM
+or SIGINT exits with 143 or 130 (docs/reliability.md). `--print-config` prints the resolved config (files merged,
+overrides applied) and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
-import subprocess
 import sys
 
 from distill.env import apply_env_defaults
 
-DATA_ERRORS = ("ShardError", "BadRowsError", "VocabMismatchError", "TeacherSourceError", "ManifestMismatchError",
-               "NonFiniteLossError", "UnsafeCheckpointError", "FileNotFoundError", "CheckpointsExistError",
-               "TrainingStopped")
+# Errors of the user's input or files, reported in one line: exit code by class name (anywhere in the class's
+# bases), so that this module imports none of the libraries (and not torch) before the config is checked.
+BAD_INPUT = ("ConfigError", "VocabMismatchError")
+DATA_ERRORS = ("ShardError", "BadRowsError", "TeacherSourceError", "ManifestMismatchError", "NonFiniteLossError",
+               "UnsafeCheckpointError", "FileNotFoundError", "CheckpointsExistError")
+OS_FIXES = {errno.ENOSPC: "free space on that disk or choose another output_dir, then re-run (finished shards and "
+                          "checkpoints are reused)",
+            errno.EDQUOT: "free some of your disk quota, then re-run (finished shards and checkpoints are reused)",
+            errno.EROFS: "the file system is read-only: choose another output_dir (or cache_dir)",
+            errno.EACCES: "make the folder writable for this user or choose another output_dir (or cache_dir)",
+            errno.EPERM: "make the folder writable for this user or choose another output_dir (or cache_dir)"}
+
+
+def exit_code(e: BaseException) -> int | None:
+    """2 for bad input, 1 for a data problem or an OS error of the run's files, None for anything else (a bug:
+    its traceback is kept)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & set(BAD_INPUT):
+        return 2
+    if names & set(DATA_ERRORS) or (isinstance(e, OSError) and e.errno in OS_FIXES):
+        return 1
+    return None
+
+
+def one_line(e: BaseException, cfg=None) -> str:
+    if isinstance(e, OSError) and e.errno in OS_FIXES:
+        where = e.filename or (f"a file under {cfg.output_dir}" if cfg is not None else "a file")
+        return f"{where}: {e.strerror or errno.errorcode[e.errno]}; {OS_FIXES[e.errno]}"
+    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+
+
+class QuietKnownErrors(logging.Filter):
+    """Prefect logs an exception that ends a task or flow run with its traceback; for the errors above the message
+    line is the whole story (the CLI prints it once more, alone, as its last line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and exit_code(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _keys_help() -> str:
@@ -78,28 +116,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from distill.config import ConfigError, load_config
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(QuietKnownErrors())
+    from distill.config import load_config
+    from distill.config_check import check_command
+    cfg = None
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"mmtp: error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        from omegaconf import OmegaConf
+        if args.print_config:
+            from omegaconf import OmegaConf
 
-        from distill.config import to_container
-        print(OmegaConf.to_yaml(to_container(cfg)), end="")
-        return 0
-    try:
+            from distill.config import to_container
+            print(OmegaConf.to_yaml(to_container(cfg)), end="")
+            return 0
+        check_command(cfg, args.command)
         return COMMANDS[args.command](cfg, args)
-    except ConfigError as e:
-        print(f"mmtp: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # one readable line for known data problems; a traceback for bugs
-        if type(e).__name__ in DATA_ERRORS:
-            print(f"mmtp: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    except KeyboardInterrupt:
+        print("mmtp: stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    except Exception as e:  # one readable line for bad input, data and OS errors; a traceback for bugs
+        code = exit_code(e)
+        if code is None:
+            raise
+        print(f"mmtp: error: {one_line(e, cfg)}", file=sys.stderr)
+        return code
 
 
 def _adapt(cfg, args) -> int:
@@ -139,11 +179,8 @@ def _onpolicy(cfg, args) -> int:
 
 
 def _ui(cfg, args) -> int:
-    from distill.tracking import tracking_uri
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg),
-           "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
-    return subprocess.call(cmd)
+    from flows.ui import run_ui
+    return run_ui(cfg, args.port)
 
 
 def _deploy(cfg, args) -> int:

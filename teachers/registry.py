@@ -64,21 +64,25 @@ class TeacherSourceError(OSError):
 class AdaptConfig:
     """Teacher correction (teachers/adapt.py, docs/teachers.md): LoRA adapters fitted on the train captions,
     cross-fitted over folds, before the teacher is collected from."""
-    folds: int = 2  # K >= 2: a train row is scored by the adapter fitted without its fold
-    rank: int = 8  # LoRA rank
-    alpha: float = 16.0  # LoRA scale numerator (scale = alpha / rank)
-    dropout: float = 0.0  # LoRA dropout
+    # K >= 2: a train row is scored by the adapter fitted without its fold
+    folds: int = field(default=2, metadata={"range": ">= 2"})
+    rank: int = field(default=8, metadata={"range": ">= 1"})  # LoRA rank
+    alpha: float = field(default=16.0, metadata={"range": "> 0"})  # LoRA scale numerator (scale = alpha / rank)
+    dropout: float = field(default=0.0, metadata={"range": "[0, 1)"})  # LoRA dropout
     # the linear modules that get adapters (every attention and MLP projection of a Llama-style block)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
-    layers: int | None = 4  # LoRA on the top N decoder layers only (null: every layer)
-    lr: float = 2.0e-3  # AdamW learning rate (constant)
-    batch_size: int = 8  # train captions per step
-    max_steps: int = 30  # per fold
-    eval_every: int = 10  # steps between val evaluations (early stopping)
-    patience: int = 2  # evaluations without a better val perplexity before a fold stops
-    val_rows: int = 64  # val rows (the first, in shard order) of the early-stopping perplexity
-    seed: int = 0  # adapter init and batch order (fold k uses seed + k)
+    # LoRA on the top N decoder layers only (null: every layer)
+    layers: int | None = field(default=4, metadata={"range": ">= 1"})
+    lr: float = field(default=2.0e-3, metadata={"range": "> 0"})  # AdamW learning rate (constant)
+    batch_size: int = field(default=8, metadata={"range": ">= 1"})  # train captions per step
+    max_steps: int = field(default=30, metadata={"range": ">= 1"})  # per fold
+    eval_every: int = field(default=10, metadata={"range": ">= 1"})  # steps between val evaluations (early stopping)
+    # evaluations without a better val perplexity before a fold stops
+    patience: int = field(default=2, metadata={"range": ">= 1"})
+    # val rows (the first, in shard order) of the early-stopping perplexity
+    val_rows: int = field(default=64, metadata={"range": ">= 1"})
+    seed: int = field(default=0, metadata={"range": ">= 0"})  # adapter init and batch order (fold k uses seed + k)
 
 
 ADAPT_FIELDS = tuple(f.name for f in dataclasses.fields(AdaptConfig))
@@ -91,13 +95,15 @@ class TeacherConfig:
     kind: str  # hf_causal_lm | hf_vision | efficientnet_lite0 | a dotted path package.module:Class (docs/teachers.md)
     source: str = ""  # local folder | hub id | "pkg:<python_package>" | "tiny-random:<arch>"
     gguf_file: str | None = None  # GGUF file inside source; converted to safetensors once, in cache_dir
-    top_k: int = 64  # language: log-probs kept per token (plus the tail mass)
-    image_size: int = 224  # vision input resolution
+    # language: log-probs kept per token (plus the tail mass)
+    top_k: int = field(default=64, metadata={"range": ">= 1"})
+    image_size: int = field(default=224, metadata={"range": ">= 1"})  # vision input resolution
     dtype: Dtype = Dtype.float32  # teacher forward dtype
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto: cuda when available, else cpu (at load time)
     trust_remote_code: bool = False  # run code shipped with a hub model; logged as a warning when set
     revision: str | None = None  # hub revision (branch, tag or commit) to pin
-    max_tokens: int = 64  # language: captions are truncated to this many tokens (BOS included)
+    # language: captions are truncated to this many tokens (BOS included)
+    max_tokens: int = field(default=64, metadata={"range": ">= 2"})
     # language: temperatures whose tempered tail is stored, making the KD exact at them (docs/losses.md)
     tail_temperatures: list[float] = field(default_factory=list)
     logprob_encoding: LogprobEncoding = LogprobEncoding.q8_sorted  # language: top-k storage (docs/collection.md)

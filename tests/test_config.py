@@ -53,8 +53,9 @@ def test_secret_looking_values_are_redacted():
 def test_config_reference_is_generated_from_the_schema_and_current():
     from distill.configref import render
     text = render()
-    assert "| `train.zero_stage` | int | `2` | DeepSpeed ZeRO stage 0-3 |" in text
-    assert "| `trust_remote_code` | bool | `False` |" in text and "## data.sources.N" in text
+    assert "| `train.zero_stage` | int | `2` | `[0, 3]` | DeepSpeed ZeRO stage 0-3 |" in text
+    assert "| `trust_remote_code` | bool | `False` |  |" in text and "## data.sources.N" in text
+    assert "| `top_k` | int | `64` | `>= 1` |" in text
     assert (PROJECT_ROOT / "docs" / "config.md").read_text() == text, "run `make docs` to regenerate docs/config.md"
 
 
