@@ -59,7 +59,7 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def speculative_figures(model, prompts: list[tuple], new_tokens: int, device=None, repeats: int = 3) -> dict:
+def speculative_figures(model, prompts: list[tuple], new_tokens: int, device=None, repeats: int = 2) -> dict:
     """The module's metrics over `prompts` (`mtp_prompts`), in this process, on `device` (default: the
     model's; the model is moved there); the reason for each figure left out is logged. Raises AssertionError when
     an output differs from greedy's."""
@@ -69,7 +69,7 @@ def speculative_figures(model, prompts: list[tuple], new_tokens: int, device=Non
     return figures
 
 
-def measure(model, prompts: list[tuple], new_tokens: int, device=None, repeats: int = 3) -> tuple[dict, list[str]]:
+def measure(model, prompts: list[tuple], new_tokens: int, device=None, repeats: int = 2) -> tuple[dict, list[str]]:
     """(figures, reasons): `speculative_figures`'s metrics and a line for each one left out (module docstring)."""
     from student import speculative_generate
     device = model_on(model, device)
