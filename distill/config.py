@@ -159,10 +159,15 @@ def cache_path(cfg: DictConfig, *parts: str) -> Path:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; list items are keyed by index, or by `name` when they have one."""
+    """{'a': {'b': 1}} -> {'a.b': 1}. List items are keyed by `name` when every item has a distinct one (teachers,
+    stages), else by index (data sources, whose `name` is optional), so no two settings share a key."""
     out: dict[str, Any] = {}
-    items = d.items() if isinstance(d, dict) else (
-        (x.get("name", i) if isinstance(x, dict) else i, x) for i, x in enumerate(d))
+    if isinstance(d, dict):
+        items = list(d.items())
+    else:
+        names = [x.get("name") if isinstance(x, dict) else None for x in d]
+        named = None not in names and len(set(names)) == len(names)
+        items = [(names[i] if named else i, x) for i, x in enumerate(d)]
     for k, v in items:
         key = f"{prefix}{k}"
         if isinstance(v, dict | list) and v:

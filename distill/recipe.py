@@ -309,10 +309,9 @@ class DistillRecipe:
             self.run_ids[key] = run.info.run_id
             try:
                 yield run
-            except Stopped as e:
+            except Stopped as e:  # the run ends KILLED (tracking.stage_run)
                 if stage:  # the innermost run: one line on where training stopped and how to resume
                     log.warning("%s", e)
-                mlflow.end_run(status="KILLED")
                 raise
 
     def _log_inputs(self) -> None:

@@ -57,6 +57,8 @@ class TrackingConfig:
     # MLflow URI. null: $MLFLOW_TRACKING_URI if set, else a sqlite store in the project folder.
     uri: str | None = None
     experiment: str = "mmtp-distill"  # MLflow experiment name
+    # name of a pipeline's parent run (a stage run on its own: <name>-<stage>); null: <output folder>-<kd|ce>-<id>
+    run_name: str | None = None
     registered_model: str | None = None  # Model Registry name of the evaluated student; null: the experiment name
     # A new version gets the alias `champion` when it beats the baseline on this metric (`candidate` always).
     champion_metric: str = "eval/agreement/main"
