@@ -14,6 +14,7 @@ import mlflow
 from prefect import flow, task
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities import annotations
 
 from data.samples import build_samples
 from data.shards import clean_temp_files, digest, run_lock
@@ -58,7 +59,21 @@ def collect_teacher(cfg, name: str):
     return tcfg, teacher, digest([teacher.identity(), collect_options(cfg, tcfg)])
 
 
-@task(name="build-samples")
+class opaque(annotations.opaque):
+    """Prefect's graph links a task to the argument itself, not to what it holds. Prefect 3.8's annotations come
+    back from pickling (to a Dask worker) as a 1-tuple of the value: this one comes back whole."""
+
+    def __reduce__(self):
+        return type(self), (self.unwrap(),)
+
+
+class quote(annotations.quote):
+    """Prefect's graph links a task to nothing in the argument (whole after pickling, as `opaque`)."""
+
+    __reduce__ = opaque.__reduce__
+
+
+@task(name="build-samples", task_run_name="samples")
 def build_samples_task(config: dict) -> dict:
     cfg = from_dict(config)
     return build_samples(to_container(cfg)["data"], shards_path(cfg, "samples"), cfg.seed, cfg.collect.progress)
@@ -96,12 +111,17 @@ def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict
             clean_temp_files(folder)
         if cfg.teachers.language is not None:
             check_vocab(cfg.teachers.language, cfg.student.vocab_size, cache_path(cfg, "teachers"))
-        samples = build_samples_task(config)
-        names = [t.name for t in teacher_configs(cfg)]
-        futures = {(n, s["file"]): teacher_shard_task.with_options(retries=cfg.collect.retries).submit(
-            config, n, s["file"]) for n in names for s in samples["shards"]}
-        entries = {n: [futures[n, s["file"]].result() for s in samples["shards"]] for n in names}
-        manifests = {n: finalize_task(config, n, samples, entries[n]) for n in names}
+        # Prefect's graph links a task to every argument that is, or holds, an object another task returned (by
+        # identity, down to interned dict keys such as "seed"): the config and the samples go in `opaque` (the
+        # object itself is matched, not its contents); a shard's file name, the very str the previous teacher's
+        # entry for that shard returned, is quoted and wait_for names the samples; finalize gets the futures.
+        samples = build_samples_task(opaque(config))
+        names, files = [t.name for t in teacher_configs(cfg)], [s["file"] for s in samples["shards"]]
+        shard_task = teacher_shard_task.with_options(retries=cfg.collect.retries)
+        futures = {n: [shard_task.submit(opaque(config), n, quote(f), wait_for=[opaque(samples)]) for f in files]
+                   for n in names}
+        entries = {n: [f.result() for f in futures[n]] for n in names}
+        manifests = {n: finalize_task(opaque(config), n, opaque(samples), futures[n]) for n in names}
         run_id = log_collection(cfg, samples, manifests, entries, parent_run_id, time.perf_counter() - started)
     link_mlflow_run(cfg, "collect", run_id)
     summary = {"samples_dir": str(shards_path(cfg, "samples")), "mlflow_run_id": run_id,
@@ -115,12 +135,13 @@ def collect_soft_targets(config: dict, parent_run_id: str | None = None) -> dict
 
 def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_run_id: str | None,
                    wall_seconds: float) -> str:
-    """The collect stage's MLflow run, opened once the shards are final (its own duration is ~0 s:
-    `collect/wall_seconds` is the stage's time)."""
+    """The collect stage's MLflow run, opened once the shards are final and back-dated to the collection's start,
+    so that its duration is the stage's (`collect/wall_seconds`)."""
     tags = {f"teacher.{n}.{k}": str(m["producer"].get(k)) for n, m in manifests.items()
             for k in ("kind", "source", "weights_digest")}
     quality = teacher_quality(cfg, manifests)
-    with tracking.stage_run(cfg, "collect", parent_run_id, tags, flow_run.id) as run:
+    started = time.time() - wall_seconds
+    with tracking.stage_run(cfg, "collect", parent_run_id, tags, flow_run.id, started=started) as run:
         tracking.log_manifest_input(shards_path(cfg, "samples"), samples, "samples", "collect")
         metrics = {"collect/wall_seconds": wall_seconds, "collect/rows": samples["rows"],
                    "collect/rows_seen": samples["rows_seen"],

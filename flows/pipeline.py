@@ -30,8 +30,9 @@ def distill_pipeline(config: dict) -> dict:
         parent_id = parent.info.run_id
         config = with_adapters(config, parent_id)  # teacher correction first, when teachers.language.adapt is set
         collected = collect_soft_targets(config, parent_id)
-        summary = distill_student(config, parent_id)
-        evaluated = evaluate_student(config, parent_id)
+        # The stages pass data through the output folder: wait_for draws those edges in Prefect's graph.
+        summary = distill_student(config, parent_id, wait_for=[collected])
+        evaluated = evaluate_student(config, parent_id, wait_for=[collected, summary])
         headline = {k: v for k, v in evaluated["metrics"].items() if k in HEADLINE}
         mlflow.log_metrics({"train/final_loss": summary["final_loss"], "train/steps": summary["steps"], **headline})
     result = {"mlflow_run_id": parent_id, "collect_run_id": collected["mlflow_run_id"],
@@ -56,7 +57,7 @@ def report(cfg, result: dict) -> str:
             ("eval report", result["report"]),
             ("student folder", result["student_dir"]),
             ("MLflow parent run", result["mlflow_run_id"]),
-            ("open the UI", f"make ui   (MLflow at {result['tracking_uri']})")]
+            ("open in the MLflow UI", tracking.ui_hint(cfg, result["mlflow_run_id"]))]
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 

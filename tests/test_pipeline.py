@@ -56,7 +56,7 @@ def test_tiny_pipeline_end_to_end(prefect_harness, tiny_cfg):
     table = json.loads(artifacts[stages["evaluate"].data.tags["prefect.flow_run_id"]]["eval-metrics"].data)
     shown = {row["metric"]: row["student"] for row in table}
     assert set(result["headline"]) <= set(shown) and "eval/agreement/main" in shown
-    assert shown == pytest.approx({k: stages["evaluate"].data.metrics[k] for k in shown})
+    assert shown == pytest.approx({k: stages["evaluate"].data.metrics[k] for k in shown}, rel=5e-4)  # 4 digits
 
     again = run_pipeline(tiny_cfg("train.max_steps=6", "train.checkpoint_every=2", "train.resume=true",
                                   "evaluate.probe=false", "evaluate.mtp_prompts=0"))

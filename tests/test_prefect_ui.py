@@ -30,6 +30,8 @@ def test_collect_run_shows_its_mlflow_run_task_names_and_library_warnings(prefec
         summary = run_collect(cfg)
         APILogHandler().flush()
     mlflow_run = MlflowClient(cfg.tracking.uri).get_run(summary["mlflow_run_id"])
+    span = (mlflow_run.info.end_time - mlflow_run.info.start_time) / 1000  # the run spans the collection
+    assert span >= mlflow_run.data.metrics["collect/wall_seconds"] - 0.01
     flow_run_id = mlflow_run.data.tags["prefect.flow_run_id"]
 
     with get_client(sync_client=True) as client:
