@@ -36,6 +36,7 @@ from data.targets import LogprobEncoding, decode_language_row, language_table  #
 from distill.config import cache_path, load_config, shards_path, teacher_configs, to_container  # noqa: E402
 from distill.losses import LOGPROB_FLOOR  # noqa: E402
 from teachers.collect import TABLES, collect_shard, prefetch_thread, split_rows  # noqa: E402
+from teachers.contract import Modality, check_teacher  # noqa: E402
 from teachers.registry import load_teacher  # noqa: E402
 
 
@@ -164,7 +165,7 @@ def main() -> None:
         write_shard(src, shard)
         for tcfg in teacher_configs(cfg):
             teacher = load_teacher(tcfg, cache_path(cfg, "teachers"))
-            language = tcfg.kind == "hf_causal_lm"
+            language = check_teacher(teacher) == Modality.language
             bare, collect = timers(teacher, language, shard, bs, src, Path(tmp) / tcfg.name, cfg.collect.compression,
                                   cfg.collect.prefetch)
             with torch.inference_mode():

@@ -252,29 +252,33 @@ class HFCausalLMTeacher:
         k == vocab) and token_logprob float32 [L] = the log-prob of the actual next token (NaN at the
         last position, which has none); with `tail_temperatures`, also tempered_tail float32 [L, n_τ] =
         log(U_τ / A_τ), U_τ = Σ_{j∉K} e^{l_j/τ} and A_τ = Σ_{i∈K} e^{l_i/τ} (docs/losses.md)."""
-        temps = self.cfg.tail_temperatures
         all_logits = self.forward_logits(token_ids, adapter)
-        out = []
-        for i, row in enumerate(token_ids):  # row by row: the masked copy below is one row's size
-            logits = all_logits[i, : len(row)]
-            log_z = torch.logsumexp(logits, dim=-1)
-            top_logits, top_ids = torch.topk(logits, self.cfg.top_k, dim=-1, sorted=True)
-            # logsumexp outside the top-k, not log(1 - sum p_topk): stable when the top-k holds ~all mass
-            rest = logits.scatter(-1, top_ids, float("-inf"))
-            following = torch.as_tensor(row[1:], device=logits.device).unsqueeze(-1)
-            token_logprob = torch.full((len(row),), float("nan"), device=logits.device)
-            token_logprob[:-1] = logits[:-1].gather(-1, following).squeeze(-1) - log_z[:-1]
-            out.append({
-                "token_ids": np.asarray(row, dtype=np.int32),
-                "topk_ids": top_ids.int().cpu().numpy(),
-                "topk_logprobs": (top_logits - log_z.unsqueeze(-1)).cpu().numpy(),
-                "tail_logprob": (torch.logsumexp(rest, dim=-1) - log_z).cpu().numpy(),
-                "token_logprob": token_logprob.cpu().numpy(),
-            })
-            if temps:
-                tempered = [torch.logsumexp(rest / t, -1) - torch.logsumexp(top_logits / t, -1) for t in temps]
-                out[-1]["tempered_tail"] = torch.stack(tempered, -1).cpu().numpy()
-        return out
+        # row by row: the masked copy in row_targets is one row's size
+        return [row_targets(all_logits[i, : len(row)], row, self.cfg.top_k, self.cfg.tail_temperatures)
+                for i, row in enumerate(token_ids)]
+
+
+def row_targets(logits: torch.Tensor, row: list[int], top_k: int, temps=()) -> dict:
+    """One stored row's targets (the fields of `HFCausalLMTeacher.soft_targets`) from its logits [L, V]:
+    position j is the teacher's distribution over token j+1 of `row`."""
+    log_z = torch.logsumexp(logits, dim=-1)
+    top_logits, top_ids = torch.topk(logits, top_k, dim=-1, sorted=True)
+    # logsumexp outside the top-k, not log(1 - sum p_topk): stable when the top-k holds ~all mass
+    rest = logits.scatter(-1, top_ids, float("-inf"))
+    following = torch.as_tensor(row[1:], device=logits.device).unsqueeze(-1)
+    token_logprob = torch.full((len(row),), float("nan"), device=logits.device)
+    token_logprob[:-1] = logits[:-1].gather(-1, following).squeeze(-1) - log_z[:-1]
+    out = {
+        "token_ids": np.asarray(row, dtype=np.int32),
+        "topk_ids": top_ids.int().cpu().numpy(),
+        "topk_logprobs": (top_logits - log_z.unsqueeze(-1)).cpu().numpy(),
+        "tail_logprob": (torch.logsumexp(rest, dim=-1) - log_z).cpu().numpy(),
+        "token_logprob": token_logprob.cpu().numpy(),
+    }
+    if temps:
+        tempered = [torch.logsumexp(rest / t, -1) - torch.logsumexp(top_logits / t, -1) for t in temps]
+        out["tempered_tail"] = torch.stack(tempered, -1).cpu().numpy()
+    return out
 
 
 def prompt_ids(tc, tokenizer, bos_id: int) -> tuple[str, list[int]]:

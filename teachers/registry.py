@@ -51,6 +51,7 @@ TEACHER_KINDS: dict[str, type] = {}  # names registered at run time (register_te
 # The kinds shipped here, as dotted paths imported on first use, so `import teachers.registry` stays light.
 BUILTIN_KINDS = {
     "hf_causal_lm": "teachers.language:HFCausalLMTeacher",
+    "hf_vlm": "teachers.vlm:HFVLMTeacher",
     "hf_vision": "teachers.vision:HFVisionTeacher",
     "efficientnet_lite0": "teachers.efficientnet:EfficientNetLite0Teacher",
 }
@@ -92,7 +93,7 @@ ADAPT_FIELDS = tuple(f.name for f in dataclasses.fields(AdaptConfig))
 class TeacherConfig:
     """One teacher; also the `teachers:` entries of the run config schema (distill/schema.py)."""
     name: str  # unique, used as a key everywhere
-    kind: str  # hf_causal_lm | hf_vision | efficientnet_lite0 | a dotted path package.module:Class (docs/teachers.md)
+    kind: str  # hf_causal_lm | hf_vlm | hf_vision | efficientnet_lite0 | package.module:Class (docs/teachers.md)
     source: str = ""  # local folder | hub id | "pkg:<python_package>" | "tiny-random:<arch>"
     gguf_file: str | None = None  # GGUF file inside source; converted to safetensors once, in cache_dir
     # language: log-probs kept per token (plus the tail mass)
