@@ -18,6 +18,12 @@ Metrics (MLflow names in brackets):
 - grounded-token accuracy: teacher-forced top-1 accuracy on the caption tokens that spell a word
   only the image tells (digit word, colour, count, shape) [eval/grounded_acc], the same with a
   blank grey image [eval/grounded_acc_blank], and their gap [eval/grounding_gap];
+- perplexity split at those grounded tokens and at every other caption token, the student's under its main
+  head [eval/perplexity_grounded, eval/perplexity_other; token-weighted in log space they give eval/perplexity]
+  and the language teacher's exact one from `token_logprob` at the same tokens [eval/teacher_perplexity_grounded,
+  eval/teacher_perplexity_other; not for shards before token_logprob]: a teacher that cannot see has its grounded
+  figure far above its other one. Only for captions with grounded words (teachers.quality.GroundedSplit). A
+  student with its own tokenizer: on its own tokens (as eval/perplexity and grounded_acc), not comparable;
 - vision fidelity per teacher: cosine between the adaptor outputs and the teacher's standardised
   features [eval/vision/<teacher>/summary_cos, .../patch_cos];
 - linear probe: logistic regression on train-split features predicting the (source, label) class,
@@ -51,6 +57,7 @@ from data.vocab import TokenMap
 from distill.losses import SparseTargets, language_kd_loss, shift_targets
 from distill.mtp_eval import mtp_figures_in_child, mtp_prompts, speculative_figures
 from distill.objective import standardize_batch, standardizers
+from teachers.quality import GroundedSplit
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,7 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
     heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
     sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
     nll, n_tokens, unknown, aligned, reachable, teacher_nll = 0.0, 0, [0, 0], [0, 0], 0, 0.0
+    split = GroundedSplit()  # the student's perplexity at the grounded tokens and at the others
     token_map = TokenMap.from_config(model.config)  # a trimmed vocabulary: batches move to the student's ids
     grounded = {"image": [0, 0], "blank": [0, 0]}
     cos = {}
@@ -122,8 +130,8 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         # next-token CE over caption tokens 1..L-1 (token 0 is BOS)
         labels_next = batch["labels"][:, 1:]
         ce = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels_next, ignore_index=-100,
-                             reduction="sum")
-        nll += float(ce)
+                             reduction="none").cpu().double().numpy()  # [b, t - 1]: -log p(caption token t)
+        nll += float(ce.sum())  # in float64, as the grounded split's sums
         n_tokens += int((labels_next != -100).sum())
         blank = model(torch.zeros_like(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"],
                       text_logits_only=True).logits
@@ -132,7 +140,9 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
             preds = {key: token_map.teacher_ids_of(pred) for key, pred in preds.items()}
         for b, it in enumerate(items):
             ids = it["input_ids"].tolist()
-            for t in grounded_positions(ids, it["grounded"], tokenizer):
+            positions = grounded_positions(ids, it["grounded"], tokenizer)
+            split.add(ce[b, : len(ids) - 1], positions)
+            for t in positions:
                 for key, pred in preds.items():
                     grounded[key][0] += int(pred[b, t - 1] == ids[t])
                     grounded[key][1] += 1
@@ -166,6 +176,7 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         metrics["eval/grounded_acc_blank"] = grounded["blank"][0] / grounded["blank"][1]
         metrics["eval/grounding_gap"] = metrics["eval/grounded_acc"] - metrics["eval/grounded_acc_blank"]
         metrics["eval/grounded_tokens"] = grounded["image"][1]
+    metrics.update(split.metrics("eval/perplexity"))
     for name, (sc, pc, n) in cos.items():
         metrics[f"eval/vision/{name}/summary_cos"] = sc / n
         metrics[f"eval/vision/{name}/patch_cos"] = pc / n
@@ -296,7 +307,8 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     producer = test.targets[test.language]["producer"]
     pad_id = producer.get("eos_id") or 0
     # the teacher's own figures: data alone, the same for the student and the baseline
-    teacher = eval_metrics(shards_path(cfg, "samples"), target_dirs[test.language], producer["vocab_size"])
+    teacher = eval_metrics(shards_path(cfg, "samples"), target_dirs[test.language], producer["vocab_size"],
+                           positions=lambda ids, words: grounded_positions(ids, words, tokenizer))
 
     try:
         device = resolve_device(ev.device)
@@ -340,7 +352,8 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
              "agreement/KL: teacher-forced on test captions, sparse top-k + tail KL(teacher‖student) at T=1 "
              "(a student with its own tokenizer: on its 1:1-aligned positions, eval/aligned_fraction; its "
              "perplexity is per student token, not comparable across tokenizers)",
-             "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image",
+             "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image; "
+             "perplexity_grounded / _other: at those tokens and at the others (teacher_perplexity_*: the teacher's)",
              teacher_note(metrics)]
     if baseline:
         notes.append(f"baseline: {baseline_ref}")

@@ -34,7 +34,8 @@ def verdict(key: str, kd: float, base: float) -> str:
 
 def teacher_note(metrics: dict[str, float]) -> str:
     """The report's line on the language teacher: its exact test figures (the headline teacher figure) against
-    the n-gram references, and the bound from its stored top-k + tail as a secondary figure."""
+    the n-gram references, its perplexity at the grounded tokens and at the others where there are grounded
+    words, and the bound from its stored top-k + tail as a secondary figure."""
     def fig(key: str, fmt: str = ".2f") -> str:
         return format(metrics[key], fmt) if key in metrics else "n/a"
     bound = (f"perplexity bound {fig('eval/teacher_perplexity_bound')} (a lower bound from the stored top-k + "
@@ -42,10 +43,14 @@ def teacher_note(metrics: dict[str, float]) -> str:
     if "eval/teacher_perplexity" not in metrics:
         return (f"language teacher on the test captions: {bound}; no exact figures, its shards predate "
                 "token_logprob: re-run `mmtp collect`")
+    split = ""  # at the tokens of the words only the image tells, and elsewhere (captions with grounded words)
+    if "eval/teacher_perplexity_grounded" in metrics:
+        split = (f"; at the grounded tokens {fig('eval/teacher_perplexity_grounded')}, at the others "
+                 f"{fig('eval/teacher_perplexity_other')} (a teacher that cannot see: the first far above)")
     return (f"language teacher on the test captions: perplexity {fig('eval/teacher_perplexity')} (exact: the headline "
-            f"teacher figure), top-1 accuracy {fig('eval/teacher_top1_acc', '.3f')}; n-gram references fitted on the "
-            f"train captions: unigram {fig('eval/unigram_perplexity')}, trigram {fig('eval/trigram_perplexity')}; "
-            f"{bound}")
+            f"teacher figure), top-1 accuracy {fig('eval/teacher_top1_acc', '.3f')}{split}; n-gram references fitted "
+            f"on the train captions: unigram {fig('eval/unigram_perplexity')}, trigram "
+            f"{fig('eval/trigram_perplexity')}; {bound}")
 
 
 def report(metrics: dict[str, float], baseline: dict[str, float] | None, title: str, notes: list[str]) -> str:

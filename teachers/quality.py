@@ -5,6 +5,11 @@ The figures are exact: every stored position has `token_logprob`, the teacher's 
 actual next token, so no bound is involved. Positions are those the student is scored on: each caption
 token and the end of the row (stored position j predicts token j+1; the last position predicts nothing).
 
+The perplexity is also split at the caption tokens that spell a grounded word (one only the image tells: the
+samples' `grounded` column) and at every other caption token (`GroundedSplit`): a teacher that cannot see the
+image has a grounded perplexity far above its other one. The student's (distill/evaluate.py) is split at the
+same tokens.
+
 The references are interpolated n-gram models over the same token ids (Jelinek-Mercer: orders 0 (uniform
 over the vocabulary) to n, with weights fitted by EM on the val rows, then scored on the eval rows).
 docs/teachers.md, "Measuring a teacher".
@@ -31,15 +36,17 @@ class NoTokenLogprob(ValueError):
 
 
 def rows_by_split(samples_dir: str | Path, target_dir: str | Path, splits: set[str]) -> dict[str, list[dict]]:
-    """The decoded target rows of the samples in `splits`, per split (target shards mirror the samples shards)."""
+    """The decoded target rows of the samples in `splits`, per split (target shards mirror the samples shards),
+    each with its sample's grounded words (`grounded`)."""
     samples_dir, target_dir = Path(samples_dir), Path(target_dir)
     out: dict[str, list[dict]] = {s: [] for s in splits}
     for entry in load_manifest(target_dir)["shards"]:
-        split = read_shard(samples_dir / entry["file"]).column("split").to_pylist()
+        samples = read_shard(samples_dir / entry["file"])
+        split, grounded = samples.column("split").to_pylist(), samples.column("grounded").to_pylist()
         table = read_shard(target_dir / entry["file"])
         for i, s in enumerate(split):
             if s in splits:
-                out[s].append(decode_language_row(table, i))
+                out[s].append({**decode_language_row(table, i), "grounded": grounded[i] or []})
     return out
 
 
@@ -60,6 +67,49 @@ def exact_figures(rows: list[dict]) -> dict[str, float]:
     if n == 0:
         return {"perplexity": float("nan"), "top1_acc": float("nan"), "tokens": 0}
     return {"perplexity": math.exp(nll / n), "top1_acc": hits / n, "tokens": n}
+
+
+class GroundedSplit:
+    """Perplexity at the caption tokens that spell a grounded word and at every other caption token, from the
+    per-token negative log-likelihoods of one model, row by row.
+
+    `add(token_nll, positions)`: `token_nll[t - 1]` is -log p(token t | the tokens before it) for t = 1..L-1 (a
+    stored target row's position t-1 predicts token t, as do a student's logits at t-1; a teacher row's
+    -token_logprob[:-1], its last position predicting nothing), `positions` the grounded t
+    (distill.evaluate.grounded_positions). Token-weighted in log space the two give back the perplexity over all
+    the tokens: n_g·log(ppl_grounded) + n_o·log(ppl_other) = (n_g + n_o)·log(ppl)."""
+
+    def __init__(self):
+        self.nll, self.n = [0.0, 0.0], [0, 0]  # at the grounded tokens, at the others
+
+    def add(self, token_nll, positions) -> None:
+        nll = np.asarray(token_nll, np.float64)
+        at = np.asarray(positions, np.int64) - 1
+        if len(at) and not (0 <= at.min() and at.max() < len(nll)):
+            raise ValueError(f"grounded positions {list(positions)} outside the predicted tokens 1..{len(nll)}")
+        grounded = np.zeros(len(nll), bool)
+        grounded[at] = True
+        for k, where in enumerate((grounded, ~grounded)):
+            self.nll[k] += float(nll[where].sum())
+            self.n[k] += int(where.sum())
+
+    def metrics(self, name: str) -> dict[str, float]:
+        """{name}_grounded and {name}_other; none where no row has a grounded token (captions without
+        grounded words)."""
+        if not self.n[0]:
+            return {}
+        return {f"{name}_{part}": math.exp(self.nll[k] / self.n[k])
+                for k, part in enumerate(("grounded", "other")) if self.n[k]}
+
+
+def teacher_grounded_split(rows: list[dict], positions) -> GroundedSplit:
+    """The teacher's exact figures (`token_logprob`) split at the grounded tokens; `positions(token_ids, words)`
+    gives a row's grounded positions (distill.evaluate.grounded_positions with the teacher's tokenizer)."""
+    split = GroundedSplit()
+    for r in rows:
+        words = r.get("grounded") or []
+        split.add(-r["token_logprob"][:-1].astype(np.float64), positions(r["token_ids"].tolist(), words))
+    return split
 
 
 def _contexts(seq: list[int], n: int):
@@ -130,31 +180,38 @@ def ngram_perplexity(train: list[list[int]], val: list[list[int]], test: list[li
     return NGram(train, n, vocab_size).fit_weights(val).perplexity(test)
 
 
-def teacher_report(samples_dir, target_dir, split: str, vocab_size: int, ngrams=(1, 3)) -> dict[str, float]:
+def teacher_report(samples_dir, target_dir, split: str, vocab_size: int, ngrams=(1, 3),
+                   positions=None) -> dict[str, float]:
     """The teacher's exact figures on `split`, and the n-gram references fitted on train (weights on val).
 
-    Keys: teacher_perplexity, teacher_top1_acc, tokens, and <n>gram_perplexity for each n in `ngrams`.
-    Raises NoTokenLogprob for shards collected before token_logprob."""
+    Keys: teacher_perplexity, teacher_top1_acc, tokens, <n>gram_perplexity for each n in `ngrams`, and with
+    `positions` (see teacher_grounded_split) teacher_perplexity_grounded and teacher_perplexity_other where the
+    captions have grounded words. Raises NoTokenLogprob for shards collected before token_logprob."""
     parts = rows_by_split(samples_dir, target_dir, {"train", "val", split})
     figures = exact_figures(parts[split])
     out = {"teacher_perplexity": figures["perplexity"], "teacher_top1_acc": figures["top1_acc"],
            "tokens": figures["tokens"]}
+    if positions is not None:
+        out.update(teacher_grounded_split(parts[split], positions).metrics("teacher_perplexity"))
     seqs = {k: [r["token_ids"].tolist() for r in v] for k, v in parts.items()}
     for n in ngrams:
         out[f"{n}gram_perplexity"] = ngram_perplexity(seqs["train"], seqs["val"], seqs[split], n, vocab_size)
     return out
 
 
-def eval_metrics(samples_dir, target_dir, vocab_size: int) -> dict[str, float]:
+def eval_metrics(samples_dir, target_dir, vocab_size: int, positions=None) -> dict[str, float]:
     """`mmtp evaluate`'s teacher figures on the test split (eval/teacher_perplexity, eval/teacher_top1_acc,
-    eval/unigram_perplexity, eval/trigram_perplexity); none, with one warning, for shards without token_logprob."""
+    eval/unigram_perplexity, eval/trigram_perplexity, and with `positions` (see teacher_grounded_split)
+    eval/teacher_perplexity_grounded and eval/teacher_perplexity_other where the captions have grounded words);
+    none, with one warning, for shards without token_logprob."""
     try:
-        r = teacher_report(samples_dir, target_dir, "test", vocab_size, ngrams=(1, 3))
+        r = teacher_report(samples_dir, target_dir, "test", vocab_size, ngrams=(1, 3), positions=positions)
     except NoTokenLogprob as err:
         log.warning("evaluate: no exact teacher figures: %s", err)
         return {}
     out = {"eval/teacher_perplexity": r["teacher_perplexity"], "eval/teacher_top1_acc": r["teacher_top1_acc"],
            "eval/unigram_perplexity": r["1gram_perplexity"], "eval/trigram_perplexity": r["3gram_perplexity"]}
+    out.update({f"eval/{k}": v for k, v in r.items() if k.startswith("teacher_perplexity_")})
     return {k: v for k, v in out.items() if math.isfinite(v)}  # NaN: an empty split
 
 

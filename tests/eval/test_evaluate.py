@@ -110,6 +110,15 @@ def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
     assert m["eval/teacher_perplexity"] >= 1 and 0 <= m["eval/teacher_top1_acc"] <= 1
     assert m["eval/teacher_perplexity"] >= m["eval/teacher_perplexity_bound"]  # the bound is a lower bound
     assert m["eval/unigram_perplexity"] >= 1 and m["eval/trigram_perplexity"] >= 1
+    # perplexity at the grounded tokens and at the others (digit and scene captions), the teacher's at the same tokens:
+    # each pair brackets its overall figure (a token-weighted mean in log space), the teacher's is data alone
+    for key in ("eval/perplexity", "eval/teacher_perplexity"):
+        low, high = sorted([m[f"{key}_grounded"], m[f"{key}_other"]])
+        assert low * (1 - 1e-9) <= m[key] <= high * (1 + 1e-9), key
+    for part in ("grounded", "other"):
+        assert m[f"eval/teacher_perplexity_{part}"] == m[f"baseline/eval/teacher_perplexity_{part}"]
+        assert f"baseline/eval/perplexity_{part}" in m
+    assert "perplexity_grounded / _other" in Path(result["report"]).read_text()
     assert "baseline/eval/vision/vit/patch_cos" not in m  # the CE-only student has no vision heads
     text = Path(result["report"]).read_text()
     assert "| eval/agreement/main |" in text and "CE-only baseline" in text

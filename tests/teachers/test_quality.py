@@ -150,6 +150,18 @@ def test_teacher_report_is_the_teachers_own_perplexity(tiny_shards):
     assert got["teacher_top1_acc"] == pytest.approx(hits / n)
     assert {"1gram_perplexity", "3gram_perplexity"} <= got.keys()
     assert 1 <= got["3gram_perplexity"] < teacher.vocab_size and 1 <= got["1gram_perplexity"] < teacher.vocab_size
+    # the samples' grounded words travel with the rows and split the exact figure at their tokens (distill/evaluate.py)
+    from distill.evaluate import grounded_positions
+
+    def positions(ids, words):
+        return grounded_positions(ids, words, teacher.tokenizer)
+    assert any(r["grounded"] for r in test_rows)  # digit and scene captions
+    split = quality.teacher_grounded_split(test_rows, positions)
+    assert split.n[0] > 0 and sum(split.n) == n
+    with_split = teacher_report(samples_dir, target_dir, "test", teacher.vocab_size, positions=positions)
+    g, o = with_split["teacher_perplexity_grounded"], with_split["teacher_perplexity_other"]
+    assert math.exp((split.n[0] * math.log(g) + split.n[1] * math.log(o)) / n) == pytest.approx(
+        got["teacher_perplexity"], rel=1e-9)
     # the collect run's figures: on val, against the unigram; a random teacher is worse, so it warns
     val = quality.collection_metrics("lm", samples_dir, target_dir, teacher.vocab_size)
     assert set(val) == {"collect/lm/val_perplexity", "collect/lm/val_top1_acc", "collect/lm/val_unigram_perplexity"}
