@@ -81,15 +81,20 @@ def build_idefics3():
 FAMILIES = {"llava": build_llava, "idefics3": build_idefics3}
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def vlm_dir(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vlm") / request.param
+def save_tiny_vlm(family: str, folder):
+    """A tiny random VLM of `family` (seed 0) with its processor, saved to `folder`; also used by
+    tests/train/test_vlm_pipeline.py."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        proc, model = FAMILIES[request.param]()
+        proc, model = FAMILIES[family]()
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def vlm_dir(request, tmp_path_factory):
+    return save_tiny_vlm(request.param, tmp_path_factory.mktemp("vlm") / request.param)
 
 
 def config(source, **overrides):
