@@ -273,7 +273,7 @@ class EvalConfig:
     device: str = "auto"
     batch_size: int = ranged(32, ">= 1")  # evaluation forward batch
     probe: bool = True  # linear probes (encode the train split once more)
-    mtp_prompts: int = ranged(16, ">= 1")  # test captions used for the speculative-decoding figures
+    mtp_prompts: int = ranged(16, ">= 0")  # test captions used for the speculative-decoding figures (0: none)
     mtp_prompt_tokens: int = ranged(3, ">= 1")  # caption tokens given as the prompt; the rest is generated
     mtp_new_tokens: int = ranged(24, ">= 1")
 
@@ -305,7 +305,7 @@ class OnPolicyConfig:
     # the parts the rounds train; the vision tower and its adaptor heads stay frozen (the rounds have no vision term)
     trainable: list[Part] = field(default_factory=lambda: [Part.merger, Part.decoder, Part.mtp])
     # test prompts for eval/onpolicy_kl, the teacher's KL on the student's generations
-    eval_prompts: int = ranged(64, ">= 1")
+    eval_prompts: int = ranged(64, ">= 0")
 
 
 @dataclass
