@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from data.devices import resolve_device
+from data.stop import check_stop
 
 from .contract import Modality
 from .identity import file_sha256, tokenizer_digest, weights_digest
@@ -185,6 +186,7 @@ class HFCausalLMTeacher:
             folds = [fold_of(s["id"], self.adapters["folds"]) for s in samples]
             rows = [None] * len(samples)
             for k in sorted(set(folds)):
+                check_stop()  # a stop request is honoured between the folds' forwards too (teachers/collect.py)
                 picked = [i for i, f in enumerate(folds) if f == k]
                 for i, row in zip(picked, self.soft_targets([token_ids[i] for i in picked], adapter=k), strict=True):
                     rows[i] = row
