@@ -101,6 +101,32 @@ def peek_vocab_size(cfg, cache_dir) -> int:
     return int(config.get_text_config().vocab_size)
 
 
+def load_pretrained(tc, location: str, local: bool, kwargs: dict, tokenizer_cls, model_cls) -> tuple:
+    """(tokenizer or processor, model) of a teacher folder or hub id: safetensors only where a local folder has
+    them (never a pickled .bin lying beside them), the offline error for a hub id that cannot be reached."""
+    try:
+        tokenizer = tokenizer_cls.from_pretrained(location, **kwargs)
+        if local and any(Path(location).glob("*.safetensors")):
+            kwargs = {**kwargs, "use_safetensors": True}
+        return tokenizer, model_cls.from_pretrained(location, dtype=torch_dtype(tc.dtype), **kwargs)
+    except OSError as err:
+        if local:
+            raise
+        raise offline_error(tc, err) from err
+
+
+def vocab_and_specials(tc, model, tok) -> tuple[int, int, int | None]:
+    """(vocab size, bos id, eos id) of a language teacher: bos is eos where the tokenizer has no bos; top_k must
+    fit the vocabulary."""
+    vocab_size = int(model.config.get_text_config().vocab_size)
+    if tc.top_k > vocab_size:
+        raise ValueError(f"teacher {tc.name!r}: top_k={tc.top_k} exceeds the vocab size {vocab_size}")
+    bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if bos_id is None:
+        raise ValueError(f"teacher {tc.name!r}: its tokenizer has neither a bos nor an eos token")
+    return vocab_size, bos_id, tok.eos_token_id
+
+
 class HFCausalLMTeacher:
     """A `LanguageTeacher` (teachers/contract.py) over any AutoModelForCausalLM."""
     modality = Modality.language
@@ -122,29 +148,14 @@ class HFCausalLMTeacher:
         elif tc.gguf_file:
             kwargs["gguf_file"] = tc.gguf_file
         self.location = location
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-            if local and any(Path(location).glob("*.safetensors")):
-                kwargs["use_safetensors"] = True  # never fall back to a pickled .bin lying beside them
-            self.model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(tc.dtype), **kwargs)
-        except OSError as err:
-            if local:
-                raise
-            raise offline_error(tc, err) from err
+        self.tokenizer, self.model = load_pretrained(tc, location, local, kwargs, AutoTokenizer, AutoModelForCausalLM)
         self.adapters = None  # adapters.json of the fitted correction adapters (teachers/adapt.py), when given
         if tc.adapters:
             from .adapt import attach_adapters
             self.model, self.adapters = attach_adapters(self.model, Path(tc.adapters).expanduser())
         self.model.to(self.device).eval().requires_grad_(False)
-        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
-        if tc.top_k > self.vocab_size:
-            raise ValueError(f"teacher {tc.name!r}: top_k={tc.top_k} exceeds the vocab size {self.vocab_size}")
-        tok = self.tokenizer
-        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        self.eos_id = tok.eos_token_id
-        if self.bos_id is None:
-            raise ValueError(f"teacher {tc.name!r}: its tokenizer has neither a bos nor an eos token")
-        self.prompt_format, self.prompt_ids = prompt_ids(tc, tok, self.bos_id)
+        self.vocab_size, self.bos_id, self.eos_id = vocab_and_specials(tc, self.model, self.tokenizer)
+        self.prompt_format, self.prompt_ids = prompt_ids(tc, self.tokenizer, self.bos_id)
         self._prompt_state = {}  # adapter name -> (key/value cache, last logits) of the prompt
         self._identity = None
 

@@ -26,8 +26,8 @@ from data.images import decode_image
 
 from .contract import Modality
 from .identity import json_sha256, tokenizer_digest, weights_digest
-from .language import HFCausalLMTeacher, peek_vocab_size, row_targets
-from .registry import offline_error, resolve_source, teacher_config, torch_dtype
+from .language import HFCausalLMTeacher, load_pretrained, peek_vocab_size, row_targets, vocab_and_specials
+from .registry import resolve_source, teacher_config
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +48,13 @@ class HFVLMTeacher:
         location, local = resolve_source(tc, Path(cache_dir).expanduser())
         kwargs = dict(revision=tc.revision, trust_remote_code=tc.trust_remote_code)
         self.location = location
-        try:
-            self.processor = AutoProcessor.from_pretrained(location, **kwargs)
-            if local and any(Path(location).glob("*.safetensors")):
-                kwargs["use_safetensors"] = True  # never fall back to a pickled .bin lying beside them
-            self.model = AutoModelForImageTextToText.from_pretrained(location, dtype=torch_dtype(tc.dtype), **kwargs)
-        except OSError as err:
-            if local:
-                raise
-            raise offline_error(tc, err) from err
+        self.processor, self.model = load_pretrained(tc, location, local, kwargs, AutoProcessor,
+                                                     AutoModelForImageTextToText)
         self.model.to(self.device).eval().requires_grad_(False)
-        self.tokenizer = tok = self.processor.tokenizer
+        self.tokenizer = self.processor.tokenizer
         if not getattr(self.processor, "chat_template", None):
             raise ValueError(f"{where}: its processor has no chat template")
-        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
-        if tc.top_k > self.vocab_size:
-            raise ValueError(f"teacher {tc.name!r}: top_k={tc.top_k} exceeds the vocab size {self.vocab_size}")
-        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        self.eos_id = tok.eos_token_id
-        if self.bos_id is None:
-            raise ValueError(f"teacher {tc.name!r}: its tokenizer has neither a bos nor an eos token")
+        self.vocab_size, self.bos_id, self.eos_id = vocab_and_specials(tc, self.model, self.tokenizer)
         config = self.model.config
         self.image_token_ids = {i for i in (getattr(config, "image_token_id", None),
                                             getattr(config, "image_token_index", None)) if i is not None}
