@@ -65,7 +65,7 @@ lint: $(STAMP)  ## ruff
 
 # docs/config.md is generated from the typed config schema; a test fails when it is stale.
 docs: $(STAMP)  ## regenerate docs/config.md from the config schema
-	$(PY) -m distill.configref > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
+	$(PY) -m distill.config.reference > docs/config.md.tmp && mv docs/config.md.tmp docs/config.md
 
 bench: $(STAMP)  ## the collection, training and MTP benchmarks
 	$(PY) bench/collect.py

@@ -34,8 +34,8 @@ def ce_stages(stages: list[dict]) -> list[dict]:
 
 
 def resolved_stages(cfg) -> list[dict]:
-    """What the trainer will run for `cfg` (distill.stages.resolve_stages), as plain dicts."""
-    from distill.stages import resolve_stages
+    """What the trainer will run for `cfg` (distill.train.stages.resolve_stages), as plain dicts."""
+    from distill.train import resolve_stages
     return [{"name": s.name, "start": s.start, "steps": s.steps, "terms": list(s.terms), "parts": list(s.parts),
              "lr": s.lr, "micro_batch_size": s.micro_batch_size, "warmup_steps": s.warmup_steps}
             for s in resolve_stages(cfg, bool(cfg.teachers.vision))]

@@ -100,8 +100,8 @@ def measure_training(cfg, device: torch.device, steps: int, warmup: int) -> dict
     """One ZeRO stage (cfg.train.zero_stage) of synthetic training steps."""
     import student as student_pkg
     from data.devices import to_device
-    from distill import engine as ds
-    from distill.objective import DistillObjective, term_metric
+    from distill.train import DistillObjective, term_metric
+    from distill.train import engine as ds
 
     vision = [t.name for t in cfg.teachers.vision] if cfg.loss.vision else []
     batch = synthetic_batch(cfg, vocab=student_pkg.load_preset(cfg.student.preset).vocab_size,
@@ -194,7 +194,7 @@ def main() -> None:
 
 def measure(args) -> dict:
     from distill.config import load_config, to_container
-    from distill.engine import init_distributed
+    from distill.train import init_distributed
 
     smoke = args.cpu_smoke
     device = torch.device("cpu") if smoke else torch.device("cuda", torch.cuda.current_device())

@@ -131,7 +131,7 @@ def evaluate(cfg, folder: Path, out_dir: Path, mtp: bool, probe: bool = True, sh
     shards of `shards_dir` (default the config's)."""
     from omegaconf import OmegaConf
 
-    from distill.evaluate import evaluate_run
+    from distill.eval import evaluate_run
     ev = {"student": str(folder), "baseline": None, "probe": probe, **({} if mtp else {"mtp_prompts": 0})}
     ecfg = OmegaConf.merge(cfg, {"output_dir": str(out_dir), "evaluate": ev,
                                  **({"shards_dir": shards_dir} if shards_dir else {})})
@@ -145,7 +145,7 @@ def checkpoint_student(ckpt_dir: Path, step: int, like: Path, out: Path, zero_st
     import torch
 
     import student
-    from distill.engine import MARKER, _deepspeed_state_classes, tag_for, verify_checkpoint
+    from distill.train.engine import MARKER, _deepspeed_state_classes, tag_for, verify_checkpoint
     tag = Path(ckpt_dir) / tag_for(step)
     if not (tag / MARKER).exists():
         raise FileNotFoundError(f"{tag}: no complete checkpoint at step {step} (train.keep_checkpoints too low?)")
@@ -180,7 +180,7 @@ def train_and_evaluate(cfg, arm: str, seed: int, plan: dict, extra_shards: dict[
     """Train (resuming a killed run of the same arm and seed), evaluate the student, its curve checkpoints and,
     for each of `extra_shards` (row name -> shards folder), the student against those shards; keep the figures in
     <output_dir>/bench_row.json, so that a re-run of the benchmark skips finished arms and seeds."""
-    from distill.launch import run_training
+    from distill.train import run_training
     done = output_path(cfg, "bench_row.json")
     if done.exists():
         return json.loads(done.read_text())

@@ -200,7 +200,7 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> Path:
     """Caption perplexity and agreement with the teacher against the curve stage's steps, per arm: the mean over
-    the seeds with a ± std band (distill/plots.py's style); the KD arms' teachers' perplexity as grey lines."""
+    the seeds with a ± std band (distill/train/plots.py's style); the KD arms' teachers' perplexity as grey lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,7 +9,7 @@ lighter drafters replace every depth, in this process only:
 - `linear`: the projection alone.
 Without attention a depth needs only the last verified position, so their drafting step runs each depth on that
 one position (the loop of student/speculative.py with its `_draft` swapped). Each starts from the student's own
-weights of those parts and is trained with the drafter stage's loss (distill/drafters.py: the frozen student's
+weights of those parts and is trained with the drafter stage's loss (distill/losses/drafters.py: the frozen student's
 greedy continuations of train captions, scored over `config.draft_vocab`) for `--steps` AdamW steps of `--batch`
 captions (5 warm-up steps, cosine to a tenth of `--lr`). Then the three drafters (`block` = the student's own)
 are timed against greedy decoding as bench/mtp.py times them (D = the student's depth, chain, the draft
@@ -36,7 +36,7 @@ import mtp as bench  # noqa: E402
 import student  # noqa: E402
 import student.speculative as speculative  # noqa: E402
 from data.shards import atomic_write_json  # noqa: E402
-from distill.drafters import drafter_loss, greedy_captions  # noqa: E402
+from distill.losses import drafter_loss, greedy_captions  # noqa: E402
 
 
 class LightDepth(nn.Module):

@@ -82,7 +82,7 @@ def run(args) -> dict:
     from omegaconf import OmegaConf
 
     from data.shards import digest
-    from distill.evaluate import evaluate_run
+    from distill.eval import evaluate_run
     overrides = ["tracking.experiment=mmtp-onpolicy", "train.progress=false", "collect.progress=false",
                  *args.overrides]
     base = load_config(args.config, overrides)

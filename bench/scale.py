@@ -27,7 +27,7 @@ import mlflow  # noqa: E402
 
 from data.samples import build_samples  # noqa: E402
 from distill.config import load_config, output_path, teacher_configs, to_container  # noqa: E402
-from distill.launch import run_training  # noqa: E402
+from distill.train import run_training  # noqa: E402
 from flows.collect import run_collect  # noqa: E402
 
 # The tiny config's data, 4× larger, so that each worker has several shards to do.

@@ -11,7 +11,7 @@ Needs the config's shards (run `mmtp collect` first). Prints one JSON object:
   the vision tower measured (`DistillRecipe.train_step`) ÷ the same step with static weights and
   no measurement (goal ≤ 1.15);
 - language_loss: the language loss alone, from the heads' post-norm states of a real batch to the
-  gradients w.r.t. those states and the output weight, with the chunked head (distill/chunked.py,
+  gradients w.r.t. those states and the output weight, with the chunked head (distill/losses/chunked.py,
   `--chunk-size` positions a time; default loss.chunk_size, or 256 when that is 0) ÷ the dense
   logits of every head: `memory_ratio` of the peak bytes (goal ≤ 0.25) and `time_ratio` (goal ≤ 1);
   `chunked_step_ratio`: a full trainer step (static weights, unmeasured) chunked ÷ dense (goal ≤ 1;
@@ -43,11 +43,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from data.devices import to_device  # noqa: E402
-from distill.balance import build_balancer  # noqa: E402
-from distill.chunked import chunked_language_loss  # noqa: E402
 from distill.config import load_config  # noqa: E402
-from distill.recipe import DistillRecipe  # noqa: E402
-from distill.stages import LANGUAGE  # noqa: E402
+from distill.losses import build_balancer, chunked_language_loss  # noqa: E402
+from distill.train import DistillRecipe  # noqa: E402
+from distill.train.stages import LANGUAGE  # noqa: E402
 
 
 def timed(fn) -> float:

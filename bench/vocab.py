@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 from data.shards import atomic_write_json  # noqa: E402
 from distill.config import load_config, shards_path, teacher_configs  # noqa: E402
-from distill.evaluate import evaluate_run  # noqa: E402
-from distill.recipe import DistillRecipe  # noqa: E402
+from distill.eval import evaluate_run  # noqa: E402
+from distill.train import DistillRecipe  # noqa: E402
 
 VARIANTS = {"teacher": [], "trimmed": ["student.vocab=trimmed"], "xtoken": ["student.tokenizer=captions"]}
 METRICS = ("eval/agreement/main", "eval/kl/main", "eval/agreement/mtp1", "eval/perplexity", "eval/aligned_fraction",

@@ -5,12 +5,12 @@ The stored teacher targets live in the teacher's token space (teachers/language.
 the same caption differently. Here:
 
 - `vocab_map`: teacher id -> student id with the same surface bytes (-1: none), for the sparse KD, which
-  folds the mass of a -1 column into the tail bucket exactly (distill/losses.py).
+  folds the mass of a -1 column into the tail bucket exactly (distill/losses/language.py).
 - `encode_row` / `align`: both tokenizations of a caption with character offsets, partitioned into groups
   of consecutive tokens that end at the same character (common boundaries). A group of one teacher and one
   student token is 1:1 aligned.
 - `student_targets`: per student position, the teacher's targets where they apply: `exact` positions take
-  the sparse KD (distill/losses.py), `approx` positions the ULD loss (distill/xtoken.py).
+  the sparse KD (distill/losses/language.py), `approx` positions the ULD loss (distill/losses/xtoken.py).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def student_targets(teacher_row: dict, teacher_ids, teacher_offsets, student_ids
     teacher token is j+1 (eos forms its own group):
       exact[i]  the group is 1:1 and id_map[teacher token j+1] == student token i+1: teacher position j's
                 top-k, remapped through id_map (-1: not a student token), and tail; the sparse KD is exact.
-      approx[i] any other group: teacher position j's distribution, for the ULD loss (distill/xtoken.py).
+      approx[i] any other group: teacher position j's distribution, for the ULD loss (distill/losses/xtoken.py).
     Student positions inside a group, the last one (eos) and those whose j >= L (truncated) get no target.
     Returns token_ids (the student row), topk_ids int64 [n, k] (-1 where none), topk_logprobs, tail_logprob
     (0 where none), tempered_tail when the row has it, exact and approx bool [n], teacher_position int64 [n]

@@ -1,5 +1,5 @@
 """Running statistics of teacher features (count, mean, per-dim std, covariance), gathered at
-collection time and stored beside the target shards; distill.standardize turns them into a
+collection time and stored beside the target shards; data.standardize turns them into a
 z-score or PHI-S standardiser for the vision KD loss.
 
 `FeatureStatsAccumulator` keeps count, sum and sum of outer products in float64 over batches,

@@ -3,7 +3,7 @@
 Teacher shards stay in the language teacher's token space (collection does not change). `CrossTokenizer`
 moves each dataset item into the student's: the caption is re-encoded with the student's tokenizer and
 the teacher targets move to the student positions (`student_targets`, data/align.py). `collate` then
-carries the `exact` positions (the sparse KD) and the `approx` ones (the ULD loss, distill/xtoken.py).
+carries the `exact` positions (the sparse KD) and the `approx` ones (the ULD loss, distill/losses/xtoken.py).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def build_tokenizer(spec: str | None, captions: list[str], vocab_size: int):
         if vocab_size < MIN_BPE_VOCAB:
             raise ValueError(f"student.tokenizer_vocab_size={vocab_size}: a byte-level BPE needs at least "
                              f"{MIN_BPE_VOCAB} tokens (256 bytes, 4 specials, one merge)")
-        from teachers.tiny import make_tiny_tokenizer
-        return make_tiny_tokenizer(list(captions), vocab_size)
+        from data.bpe import make_bpe_tokenizer
+        return make_bpe_tokenizer(list(captions), vocab_size)
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"student.tokenizer: {spec!r} is neither null, {CAPTIONS!r} nor a tokenizer folder")

@@ -6,7 +6,7 @@ descending) and `tail_logprob` (float16, L: log of the probability mass outside 
 The log-probs may be stored lossily instead (`LogprobEncoding`), and `tempered_tail` (float16,
 L×n_τ) may hold the exact tempered tail for the temperatures the schema metadata lists.
 `token_logprob` (float16, L; NaN at the last position) holds the teacher's log-probability of the
-actual next token: the teacher's exact perplexity and top-1 accuracy come from it (teachers/quality.py).
+actual next token: the teacher's exact perplexity and top-1 accuracy come from it (data/quality.py).
 Vision rows: `id`, `summary` (float16, D_s) and `features` (float16, P×D_f).
 Fixed-size lists keep every value buffer flat, so decoding is a zero-copy numpy reshape.
 """

@@ -4,7 +4,7 @@ its special tokens and one unknown token.
 Shards stay in the teacher's token space (collection does not change); `TokenMap.batch` moves a collated
 batch into the student's: caption ids through the map (a token the training captions never used becomes
 the unknown token), teacher top-k ids through the map with -1 for tokens outside the student vocabulary,
-whose mass the sparse KD folds exactly into the tail bucket (distill/losses.py). The map itself is
+whose mass the sparse KD folds exactly into the tail bucket (distill/losses/language.py). The map itself is
 `teacher_token_ids` in the student's config.json: student id s is teacher token `teacher_token_ids[s]`
 (-1 for the unknown token), so the exported student decodes through it anywhere.
 """

@@ -17,7 +17,7 @@ from mlflow.data.dataset_source_registry import get_registered_sources
 from mlflow.data.meta_dataset import MetaDataset
 from omegaconf import DictConfig, OmegaConf
 
-from distill.config import PROJECT_ROOT, flatten, to_container
+from distill.config.load import PROJECT_ROOT, flatten, to_container
 
 log = logging.getLogger(__name__)
 # A param whose last key is one of these secret-looking names (or ends in `_<name>`) is logged as ***. An explicit

@@ -66,8 +66,8 @@ class QuietKnownErrors(logging.Filter):
 
 
 def _keys_help() -> str:
-    """The top-level config keys and their meaning, from the schema (distill/configref.py)."""
-    from distill.configref import top_level_keys
+    """The top-level config keys and their meaning, from the schema (distill/config/reference.py)."""
+    from distill.config import top_level_keys
     keys = top_level_keys()
     width = max(len(k) for k, _ in keys)
     lines = [f"  {k:<{width}}  {meaning}" for k, meaning in keys]
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(QuietKnownErrors())
-    from distill.config import load_config
-    from distill.config_check import check_command
+    from distill.config import check_command, load_config
     cfg = None
     try:
         cfg = load_config(args.config, args.overrides)

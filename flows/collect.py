@@ -16,11 +16,13 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities import annotations
 
+from data.quality import collection_metrics
 from data.samples import build_samples
 from data.shards import clean_temp_files, digest, run_lock
 from distill import tracking
 from distill.config import (
     ConfigError,
+    Runner,
     cache_path,
     from_dict,
     output_path,
@@ -29,12 +31,10 @@ from distill.config import (
     teacher_configs,
     to_container,
 )
-from distill.schema import Runner
 from flows.adapt import with_adapters
 from flows.artifacts import link_mlflow_run
 from teachers.collect import check_vocab, collect_shard, finalize_targets
 from teachers.contract import Modality, check_teacher
-from teachers.quality import collection_metrics
 from teachers.registry import load_teacher
 
 
@@ -169,7 +169,7 @@ def log_collection(cfg, samples: dict, manifests: dict, entries: dict, parent_ru
 
 def teacher_quality(cfg, manifests: dict) -> dict[str, float]:
     """The language teacher's exact figures on the val captions and a unigram of the train captions'
-    (teachers/quality.py; it warns when the teacher is the worse of the two)."""
+    (data/quality.py; it warns when the teacher is the worse of the two)."""
     return {k: v for name, m in manifests.items() if m["modality"] == Modality.language
             for k, v in collection_metrics(name, shards_path(cfg, "samples"), shards_path(cfg, "targets", name),
                                            m["producer"]["vocab_size"]).items()}

@@ -11,8 +11,8 @@ from prefect.runtime import flow_run
 
 from distill import tracking
 from distill.config import from_dict, shards_path, teacher_configs, to_container
-from distill.evaluate import evaluate_run, resolve_student
-from distill.registry import publish_student
+from distill.eval import evaluate_run, resolve_student
+from distill.export import publish_student
 from flows.artifacts import link_mlflow_run, metrics_table
 
 

@@ -24,10 +24,9 @@ from prefect.runtime import flow_run
 
 from data.shards import atomic_write_json, load_manifest, run_lock
 from distill import tracking
-from distill.config import from_dict, output_path, shards_path, teacher_configs, to_container
-from distill.evaluate import evaluate_run
-from distill.onpolicy import ORIGIN, generations, onpolicy_kl, round_config
-from distill.schema import Vocab
+from distill.config import Vocab, from_dict, output_path, shards_path, teacher_configs, to_container
+from distill.eval import evaluate_run
+from distill.train.onpolicy import ORIGIN, generations, onpolicy_kl, round_config
 from flows.adapt import with_adapters
 from flows.artifacts import link_mlflow_run
 from flows.collect import collect_options, collect_teacher

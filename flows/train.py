@@ -8,7 +8,7 @@ from prefect.runtime import flow_run
 
 from data.shards import run_lock
 from distill.config import from_dict, output_path, to_container
-from distill.launch import run_training
+from distill.train import run_training
 from flows.artifacts import link_mlflow_run
 
 

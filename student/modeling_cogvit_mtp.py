@@ -47,7 +47,7 @@ class CogViTMTPOutput(ModelOutput):
         mtp_hidden_states: tuple of D tensors [B, S, d], each MTP module's block output (before its norm).
         head_states: with `forward(..., head_states=True)` (instead of `logits` and `mtp_logits`), the main head's
             and then each MTP depth's post-norm states, what `lm_head` would read, at the positions `logits` would
-            have: D + 1 tensors [B, T or S, d] (distill/chunked.py computes the loss from them in chunks).
+            have: D + 1 tensors [B, T or S, d] (distill/losses/chunked.py computes the loss from them in chunks).
         image_embeds: merged image tokens fed to the decoder [B, N_img, d].
         vision_hidden_states: vision tower patch tokens of the clean image [B, Ph * Pw, Dv] (row-major grid).
         vision_summary: the tower's summary tokens of the clean image [B, n, Dv], named by

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from data.identity import file_sha256
 from data.shards import digest, load_manifest, read_shard
 from data.stop import check_stop
 
-from .identity import file_sha256
-from .language import rows_after_prompt, run_prompt
+from .prompt import rows_after_prompt, run_prompt
 
 log = logging.getLogger(__name__)
 INFO = "adapters.json"

@@ -17,9 +17,9 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 
 from data.devices import resolve_device
+from data.identity import file_sha256
 
 from .contract import Modality
-from .identity import file_sha256
 from .registry import TeacherSourceError, resolve_source, teacher_config, torch_dtype
 from .vision import image_rows, prepare_images, resize_normalize, rows_from_pixels
 

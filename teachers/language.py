@@ -29,10 +29,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from data.devices import resolve_device
+from data.identity import file_sha256, tokenizer_digest, weights_digest
 from data.stop import check_stop
 
+from .adapt import attach_adapters, fold_of
 from .contract import Modality
-from .identity import file_sha256, tokenizer_digest, weights_digest
+from .prompt import rows_after_prompt, run_prompt
 from .registry import TeacherSourceError, offline_error, resolve_source, teacher_config, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,6 @@ class HFCausalLMTeacher:
         self.tokenizer, self.model = load_pretrained(tc, location, local, kwargs, AutoTokenizer, AutoModelForCausalLM)
         self.adapters = None  # adapters.json of the fitted correction adapters (teachers/adapt.py), when given
         if tc.adapters:
-            from .adapt import attach_adapters
             self.model, self.adapters = attach_adapters(self.model, Path(tc.adapters).expanduser())
         self.model.to(self.device).eval().requires_grad_(False)
         self.vocab_size, self.bos_id, self.eos_id = vocab_and_specials(tc, self.model, self.tokenizer)
@@ -193,7 +194,6 @@ class HFCausalLMTeacher:
         if self.adapters is None:
             rows = self.soft_targets(token_ids)
         else:  # cross-fitted: a row of fold k is scored by adapter k, which never trained on it
-            from .adapt import fold_of
             folds = [fold_of(s["id"], self.adapters["folds"]) for s in samples]
             rows = [None] * len(samples)
             for k in sorted(set(folds)):
@@ -309,24 +309,3 @@ def prompt_ids(tc, tokenizer, bos_id: int) -> tuple[str, list[int]]:
         return fmt, list(tokenizer(text, add_special_tokens=False)["input_ids"])
     prefix = tokenizer(tc.prefix, add_special_tokens=False)["input_ids"] if tc.prefix else []
     return fmt, [bos_id] + list(prefix)
-
-
-def run_prompt(model, prompt_ids: list[int], device) -> tuple:
-    """(key/value cache, float32 logits of the last position) of the prompt alone, batch 1."""
-    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
-    return out.past_key_values, out.logits[0, -1].float()
-
-
-def rows_after_prompt(model, cache, first: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Float32 logits [B, L, V] of right-padded stored rows [bos, tokens...] read after a prompt: position 0 is
-    the prompt's last position (`first`), the rest run on `cache` (batch 1, repeated here in place), with bos
-    standing for the prompt. Differentiable, so teacher correction trains through it."""
-    n, p = input_ids.shape[0], cache.get_seq_length()
-    logits = first.expand(n, 1, -1)
-    if input_ids.shape[1] > 1:
-        cache.batch_repeat_interleave(n)
-        full_mask = torch.cat([mask.new_ones(n, p), mask[:, 1:]], 1)
-        rest = model(input_ids=input_ids[:, 1:], attention_mask=full_mask, past_key_values=cache,
-                     use_cache=True).logits.float()
-        logits = torch.cat([logits, rest], 1)
-    return logits

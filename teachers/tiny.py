@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -23,16 +22,17 @@ from transformers import (
     Dinov2WithRegistersModel,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     SiglipVisionConfig,
     SiglipVisionModel,
     ViTConfig,
     ViTModel,
 )
 
-from .identity import json_sha256
+from data.bpe import SPECIAL_TOKENS, make_bpe_tokenizer  # noqa: F401  (re-exported)
+from data.identity import json_sha256
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+make_tiny_tokenizer = make_bpe_tokenizer  # the tiny teachers' tokenizer: a BPE trained on their corpus
+
 VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
               num_attention_heads=4, intermediate_size=64)
 # arch -> (model class, config class, default config kwargs)
@@ -48,23 +48,6 @@ ARCHS = {
                          dict(VISION, num_register_tokens=4)),
 }
 TOKENIZER_DEFAULTS = dict(vocab_size=512, corpus_size=2000, corpus_seed=0)
-
-
-def make_tiny_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `corpus`, with <pad> <unk> <s> </s> as ids 0..3.
-
-    Byte-level means every string encodes (no <unk> in practice) and decodes back exactly.
-    It adds no special tokens by itself; the language teacher adds bos/eos explicitly.
-    """
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 
 def tiny_corpus(n: int, seed: int) -> list[str]:

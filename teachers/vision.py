@@ -23,10 +23,10 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from data.devices import resolve_device
+from data.identity import weights_digest
 from data.images import decode_image
 
 from .contract import Modality
-from .identity import weights_digest
 from .registry import offline_error, resolve_source, teacher_config, torch_dtype
 
 

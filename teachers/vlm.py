@@ -22,10 +22,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from data.devices import resolve_device
+from data.identity import json_sha256, tokenizer_digest, weights_digest
 from data.images import decode_image
 
 from .contract import Modality
-from .identity import json_sha256, tokenizer_digest, weights_digest
 from .language import HFCausalLMTeacher, load_pretrained, peek_vocab_size, row_targets, vocab_and_specials
 from .registry import resolve_source, teacher_config
 

@@ -200,7 +200,7 @@ def test_a_checkpoint_becomes_the_student_the_trainer_exported(bench, train_cfg,
     import torch
     from safetensors.torch import load_file
 
-    from distill.launch import run_training
+    from distill.train import run_training
     stages = ("train.stages=[{name: joint, steps: 4, losses: [language, vision]}, "
               "{name: drafters, steps: 2, losses: [drafter], trainable: [mtp]}]")
     cfg = train_cfg("train.max_steps=null", stages, "train.checkpoint_every=2", "train.keep_checkpoints=3")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from distill.config import PROJECT_ROOT, ConfigError, flatten, load_config, to_container
+from distill.config import ConfigError, flatten, load_config, to_container
+from distill.env import PROJECT_ROOT
 from flows.cli import main
 
 TINY = "configs/tiny.yaml"
@@ -51,7 +52,7 @@ def test_secret_looking_values_are_redacted():
 
 
 def test_config_reference_is_generated_from_the_schema_and_current():
-    from distill.configref import render
+    from distill.config import render
     text = render()
     assert "| `train.zero_stage` | int | `2` | `[0, 3]` | DeepSpeed ZeRO stage 0-3 |" in text
     assert "| `trust_remote_code` | bool | `False` |  |" in text and "## data.sources.N" in text
@@ -108,10 +109,10 @@ def test_config_enums_are_the_registries():
 
     from data.images import RESAMPLE
     from data.sources import SOURCES
-    from distill import schema
-    from distill.balance import BALANCERS
-    from distill.losses import DIVERGENCES, _divergence
-    from distill.standardize import MODES
+    from data.standardize import MODES
+    from distill.config import schema
+    from distill.losses import BALANCERS
+    from distill.losses.language import DIVERGENCES, _divergence
     from teachers.registry import DTYPES, TeacherConfig
     assert [e.value for e in schema.KDKind] == list(DIVERGENCES)
     assert [e.value for e in schema.Resample] == list(RESAMPLE)
@@ -142,8 +143,7 @@ def test_print_config_prints_the_resolved_yaml_and_runs_nothing(capsys, monkeypa
 
 @pytest.mark.parametrize("argv", [["--help"], ["collect", "--help"], ["train", "--help"]])
 def test_help_lists_the_top_level_config_keys(argv, capsys):
-    from distill.configref import top_level_keys
-    from distill.schema import Config
+    from distill.config import Config, top_level_keys
     with pytest.raises(SystemExit) as done:
         main(argv)
     assert done.value.code == 0

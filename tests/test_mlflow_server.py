@@ -133,7 +133,7 @@ def test_student_registered_with_aliases_on_a_real_mlflow_server(tiny_cfg, tmp_p
     from PIL import Image
 
     from distill import tracking
-    from distill.registry import input_example, publish_student
+    from distill.export import input_example, publish_student
     cfg = tiny_cfg(f"tracking.uri={mlflow_server}", "tracking.experiment=registry-test",
                    "tracking.registered_model=captioner", "tracking.champion_metric=eval/kl/main")
     model, folder = _tiny_student(tmp_path)

@@ -107,7 +107,7 @@ def test_collect_run_is_logged_to_mlflow(collected):
     assert run.data.metrics["collect/lm/tokens_per_s"] > 0 and run.data.metrics["collect/vit/samples_per_s"] > 0
     assert run.data.metrics["collect/lm/bytes_per_token"] > 0 and run.data.metrics["collect/wall_seconds"] > 0
     assert run.data.tags["mmtp.stage"] == "collect" and run.data.tags["teacher.lm.weights_digest"]
-    # the language teacher measured on the val captions against a unigram of the train captions (teachers/quality.py)
+    # the language teacher measured on the val captions against a unigram of the train captions (data/quality.py)
     m = run.data.metrics
     assert m["collect/lm/val_perplexity"] >= 1 and 0 <= m["collect/lm/val_top1_acc"] <= 1
     vocab = load_manifest(summary["targets"]["lm"])["producer"]["vocab_size"]
@@ -118,13 +118,13 @@ def test_collect_run_is_logged_to_mlflow(collected):
 
 
 def test_collection_warns_only_for_a_teacher_worse_than_the_unigram(monkeypatch, caplog):
-    """The decision (teachers.quality.worse_than_unigram) and the one warning line it gives at collection."""
+    """The decision (data.quality.worse_than_unigram) and the one warning line it gives at collection."""
     import logging
 
     from teachers import quality
     figures = {"teacher_perplexity": 412.3, "teacher_top1_acc": 0.1, "tokens": 10, "1gram_perplexity": 35.1}
     monkeypatch.setattr(quality, "teacher_report", lambda *a, **k: dict(figures))
-    with caplog.at_level(logging.WARNING, logger="teachers.quality"):
+    with caplog.at_level(logging.WARNING, logger="data.quality"):
         got = quality.collection_metrics("smollm2", "samples", "targets", 100)
     assert got == {"collect/smollm2/val_perplexity": 412.3, "collect/smollm2/val_top1_acc": 0.1,
                    "collect/smollm2/val_unigram_perplexity": 35.1}
@@ -132,7 +132,7 @@ def test_collection_warns_only_for_a_teacher_worse_than_the_unigram(monkeypatch,
     assert "perplexity 412.3 against 35.1" in caplog.records[0].getMessage()
     caplog.clear()
     figures["teacher_perplexity"] = 9.8
-    with caplog.at_level(logging.WARNING, logger="teachers.quality"):
+    with caplog.at_level(logging.WARNING, logger="data.quality"):
         quality.collection_metrics("smollm2", "samples", "targets", 100)
     assert not caplog.records and quality.worse_than_unigram("smollm2", 9.8, 35.1) is None
 

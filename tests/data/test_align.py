@@ -7,8 +7,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from data.align import Group, align, encode_row, student_targets, vocab_map
-from distill.losses import SparseTargets, language_kd_loss
-from distill.xtoken import uld_loss
+from distill.losses import SparseTargets, language_kd_loss, uld_loss
 from teachers.tiny import make_tiny_tokenizer, tiny_corpus
 
 CAPTIONS = [*tiny_corpus(12, seed=3), "a bluecat sits, doesn't it?", "two  spaces\n", "un café 🐱 là", ""]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.balance import STRATEGIES, TrunkTaps, build_balancer, gradnorm_ratios
+from distill.losses import STRATEGIES, TrunkTaps, build_balancer, gradnorm_ratios
 
 TERMS = ["small", "big"]
 

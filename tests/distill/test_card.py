@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 import student
-from distill.card import finish_student, parameter_count, write_card
 from distill.config import load_config
+from distill.export import finish_student, parameter_count, write_card
 from teachers.tiny import make_tiny_tokenizer
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"

@@ -1,4 +1,4 @@
-"""The chunked language head (distill/chunked.py) against the dense LanguageDistillLoss: the same terms and
+"""The chunked language head (distill/losses/chunked.py) against the dense LanguageDistillLoss: the same terms and
 the same gradients w.r.t. the heads' hidden states and the output weight, with no more than one chunk of
 positions' full-vocabulary logits ever made."""
 
@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from distill.chunked import chunked_language_loss
-from distill.losses import LanguageDistillLoss, SparseTargets
+from distill.losses import LanguageDistillLoss, SparseTargets, chunked_language_loss
 
 B, T, V, D, K = 2, 7, 50, 8, 5  # 14 positions per head: chunk sizes 3 and 5 do not divide them
 
@@ -188,11 +187,11 @@ def test_no_more_than_one_chunk_of_logits_exists_in_the_forward_or_the_backward(
 
 def test_the_trainer_takes_the_same_first_step_with_loss_chunk_size(train_cfg, monkeypatch):
     """A tiny run with `loss.chunk_size` set: the same first-step losses and trunk gradient norms as dense."""
-    import distill.objective
-    from distill.recipe import DistillRecipe
+    import distill.train.objective
+    from distill.train import DistillRecipe
     calls = []
-    real = distill.objective.chunked_language_loss
-    monkeypatch.setattr(distill.objective, "chunked_language_loss", lambda *a: calls.append(a[-1]) or real(*a))
+    real = distill.train.objective.chunked_language_loss
+    monkeypatch.setattr(distill.train.objective, "chunked_language_loss", lambda *a: calls.append(a[-1]) or real(*a))
 
     def first_step(*overrides):
         recipe = DistillRecipe(train_cfg("train.max_steps=1", *overrides))
@@ -219,7 +218,7 @@ def test_the_trainer_logs_the_selective_kd_share_kept(train_cfg):
     random teacher is flat, its mass in the tail bucket: bucketed entropies of about 0.28 nats), and the KD
     changes."""
     from distill.losses import teacher_entropy
-    from distill.recipe import DistillRecipe
+    from distill.train import DistillRecipe
 
     def first_step(*overrides, median=False):
         recipe = DistillRecipe(train_cfg("train.max_steps=1", "loss.chunk_size=37", *overrides))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import student
-from distill.image_losses import same_caption, siglip_loss
+from distill.losses import same_caption, siglip_loss
 
 
 def reference(image, text, scale, bias, positives):

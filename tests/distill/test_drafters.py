@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import student
-from distill.drafters import drafter_loss, greedy_captions
+from distill.losses import drafter_loss, greedy_captions
 
 
 def heads(b=2, t=6, d=8, v=11, depth=2, seed=0):
@@ -55,11 +55,11 @@ def test_a_draft_vocabulary_scores_its_rows_only_and_skips_targets_outside_it():
 
 def test_the_greedy_targets_are_the_same_in_chunks(monkeypatch):
     """The main head's argmax is taken a few positions at a time (no [B, T, V] logits at once): the same loss."""
-    import distill.drafters
+    import distill.losses.drafters
     states, weight = heads(b=3, t=7)
     mask = torch.ones(3, 7, dtype=torch.long)
     whole = drafter_loss(states, weight, mask)
-    monkeypatch.setattr(distill.drafters, "GREEDY_CHUNK", 4)  # 21 positions: 6 chunks, the last one short
+    monkeypatch.setattr(distill.losses.drafters, "GREEDY_CHUNK", 4)  # 21 positions: 6 chunks, the last one short
     chunked = drafter_loss(states, weight, mask)
     assert whole.keys() == chunked.keys() and all(torch.equal(whole[k], chunked[k]) for k in whole)
 

@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from distill import tracking
-from distill.config import PROJECT_ROOT, flatten, load_config, to_container
+from distill.config import flatten, load_config, to_container
+from distill.env import PROJECT_ROOT
 
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from data.featurestats import FeatureStatsAccumulator
-from distill.image_losses import vision_kd_loss
-from distill.standardize import FeatureStandardizer, equalizing_rotation, hadamard
+from data.standardize import FeatureStandardizer, equalizing_rotation, hadamard
+from distill.losses import vision_kd_loss
 
 
 def anisotropic_gaussian(n, dim, seed, sample_seed=0):

@@ -1,12 +1,11 @@
-"""The ULD loss (distill/xtoken.py) for cross-tokenizer positions that do not align 1:1."""
+"""The ULD loss (distill/losses/xtoken.py) for cross-tokenizer positions that do not align 1:1."""
 
 import math
 
 import pytest
 import torch
 
-from distill.losses import SparseTargets
-from distill.xtoken import uld_loss
+from distill.losses import SparseTargets, uld_loss
 
 
 def sparse_teacher(teacher_logits, k, mask=None):

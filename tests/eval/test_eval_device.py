@@ -9,8 +9,16 @@ import torch
 
 import student as student_pkg
 from distill.config import shards_path
-from distill.evaluate import evaluate_student, exported_dtype, load_eval_data
-from distill.mtp_eval import default_mkl_env, mtp_figures, mtp_figures_in_child, mtp_prompts, speculative_figures
+from distill.eval import (
+    default_mkl_env,
+    evaluate_student,
+    exported_dtype,
+    load_eval_data,
+    mtp_figures,
+    mtp_figures_in_child,
+    mtp_prompts,
+    speculative_figures,
+)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from distill.evaluate import agreement_and_kl, grounded_positions, teacher_caption_nll
+from distill.eval import agreement_and_kl, better, grounded_positions, teacher_caption_nll, teacher_note
+from distill.eval.report import report
 from distill.losses import SparseTargets
-from distill.report import better, report, teacher_note
 
 
 def _targets_from(logits, k):
@@ -84,7 +84,7 @@ def test_report_names_the_exact_teacher_figure_the_headline_and_the_bound_second
 
 @pytest.mark.slow
 def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
-    from distill.launch import run_training
+    from distill.train import run_training
     from flows.evaluate import run_evaluate
     out = Path(train_cfg().output_dir)
     base = run_training(train_cfg("train.max_steps=3", "loss.vision=false", "loss.ce_weight=1.0",
@@ -100,10 +100,10 @@ def test_evaluate_flow_logs_metrics_report_and_baseline(train_cfg):
                 "eval/probe/clip", "baseline/eval/agreement/main", "mtp/acceptance_at_1", "mtp/tau",
                 "mtp/tokens_per_forward", "mtp/speedup"):
         assert key in m, key
-    # mtp/acceptance_at_2 only where a depth-1 draft was accepted, which 3 steps may not give (distill/mtp_eval.py)
+    # mtp/acceptance_at_2 only where a depth-1 draft was accepted, which 3 steps may not give (distill/eval/mtp_eval.py)
     assert 0 <= m["eval/agreement/main"] <= 1 and m["eval/perplexity"] > 1
     assert m["eval/teacher_perplexity_bound"] == m["baseline/eval/teacher_perplexity_bound"] > 1  # data alone
-    # the teacher measured exactly on the test captions (teachers/quality.py), and its n-gram references
+    # the teacher measured exactly on the test captions (data/quality.py), and its n-gram references
     for key in ("eval/teacher_perplexity", "eval/teacher_top1_acc", "eval/unigram_perplexity",
                 "eval/trigram_perplexity"):
         assert key in m and m[key] == m[f"baseline/{key}"], key

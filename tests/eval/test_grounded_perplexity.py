@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill.evaluate import evaluate_student, grounded_positions
-from distill.report import teacher_note, verdict
+from data.quality import GroundedSplit
+from distill.eval import evaluate_student, grounded_positions, teacher_note, verdict
 from teachers import quality
-from teachers.quality import GroundedSplit
 
 NAN = float("nan")
 VOCAB = ["<s>", "a", "red", "ball", "blue", "cube"]  # id 0 is BOS (and the padding)

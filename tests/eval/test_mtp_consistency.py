@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import student
-from distill import mtp_eval
-from distill.mtp_eval import mtp_figures_in_child, speculative_figures
+from distill.eval import mtp_eval, mtp_figures_in_child, speculative_figures
 
 
 @torch.no_grad()
@@ -39,7 +38,7 @@ def prompts(n=3):
 
 def test_all_rejected_drafts_give_no_speedup(caplog):
     model = never_accepting()
-    with caplog.at_level(logging.WARNING, "distill.mtp_eval"):
+    with caplog.at_level(logging.WARNING, "distill.eval.mtp_eval"):
         f = speculative_figures(model, prompts(), 9, "cpu")
     assert f["mtp/acceptance_at_1"] == 0.0 and f["mtp/tokens_per_forward"] == 1.0 and f["mtp/tau"] == 1.0
     assert "mtp/acceptance_at_2" not in f  # depth 2 drafts only count after an accepted depth-1 draft
@@ -53,7 +52,7 @@ def test_prefill_only_decoding_reports_no_tau_or_speedup(caplog):
     model = tiny(eos_token_id=0)
     with torch.no_grad():
         model.decoder.norm.weight.zero_()  # all main-head logits 0: token 0, eos, first
-    with caplog.at_level(logging.WARNING, "distill.mtp_eval"):
+    with caplog.at_level(logging.WARNING, "distill.eval.mtp_eval"):
         f = speculative_figures(model, prompts(), 24, "cpu")
     assert f == {"mtp/tokens_per_forward": 1.0}
     assert "mtp/tau, mtp/speedup absent: every prompt ended at its first token" in caplog.text
@@ -63,7 +62,7 @@ def test_prefill_only_decoding_reports_no_tau_or_speedup(caplog):
 def test_a_speedup_above_tokens_per_forward_is_noise_and_left_out(monkeypatch, caplog):
     ticks = iter([0.0, 10.0, 10.0, 11.0])  # greedy (run first) 10 s, speculative 1 s
     monkeypatch.setattr(mtp_eval, "_clock", lambda device: next(ticks))
-    with caplog.at_level(logging.WARNING, "distill.mtp_eval"):
+    with caplog.at_level(logging.WARNING, "distill.eval.mtp_eval"):
         f = speculative_figures(never_accepting(), prompts(1), 9, "cpu", repeats=1)
     assert "mtp/speedup" not in f and "timing noise" in caplog.text
 
@@ -79,7 +78,7 @@ def test_the_timing_process_gets_an_absolute_student_path(monkeypatch, tmp_path,
     (tmp_path / "student").mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(mtp_eval.subprocess, "run", child)
-    with caplog.at_level(logging.WARNING, "distill.mtp_eval"):
+    with caplog.at_level(logging.WARNING, "distill.eval.mtp_eval"):
         assert mtp_figures_in_child("student", [], 4) == {"mtp/tokens_per_forward": 1.0}
     assert seen["folder"] == str(tmp_path.resolve() / "student") and Path(seen["cwd"]) != tmp_path
     assert "why" in caplog.text  # the child's reasons are logged here
@@ -89,7 +88,7 @@ def test_the_timing_process_gets_an_absolute_student_path(monkeypatch, tmp_path,
 def test_a_relative_folder_is_evaluated_by_the_timing_process(monkeypatch, tmp_path, caplog):
     never_accepting().save_pretrained(tmp_path / "student")
     monkeypatch.chdir(tmp_path)
-    with caplog.at_level(logging.WARNING, "distill.mtp_eval"):
+    with caplog.at_level(logging.WARNING, "distill.eval.mtp_eval"):
         f = mtp_figures_in_child("student", prompts(2), 9)
     assert f["mtp/acceptance_at_1"] == 0.0 and f["mtp/tokens_per_forward"] == 1.0
     assert f.get("mtp/speedup", 0.0) <= 1 + mtp_eval.NOISE and "mtp/acceptance_at_2 absent" in caplog.text

@@ -81,7 +81,7 @@ def _listen_addresses(port: int) -> set[str]:
 
 def test_servers_listen_on_loopback_only(tmp_path):
     from distill.config import load_config
-    from distill.launch import launcher_command
+    from distill.train import launcher_command
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

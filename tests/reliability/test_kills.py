@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from data.shards import load_manifest, stray_temp_files
-from distill.engine import MARKER, complete_tags
+from distill.train.engine import MARKER, complete_tags
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 TRAIN = ["train.max_steps=8", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
@@ -163,7 +163,7 @@ def test_killed_collection_resumes_to_the_uninterrupted_shards(prefect_harness, 
 def reference_losses(tiny_collected, tmp_path_factory):
     """loss/total per step of an uninterrupted in-process run of the same training config."""
     from distill.config import load_config
-    from distill.recipe import DistillRecipe
+    from distill.train import DistillRecipe
     root = tmp_path_factory.mktemp("uninterrupted")
     src = Path(tiny_collected[0].output_dir)
     for name in ("samples", "targets"):
@@ -210,7 +210,7 @@ def test_killed_training_resumes_from_the_last_complete_checkpoint(train_cfg, re
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    import distill.engine as engine
+    import distill.train.engine as engine
     from flows.train import run_train
     cfg = train_cfg(*TRAIN)
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"
@@ -252,7 +252,7 @@ def test_sigterm_stops_training_within_10s_with_no_partial_checkpoint(train_cfg)
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from distill.recipe import DistillRecipe
+    from distill.train import DistillRecipe
     args = ["train.max_steps=400", "train.checkpoint_every=100"]
     cfg = train_cfg(*args)
     out, ckpt = Path(cfg.output_dir), Path(cfg.output_dir) / "checkpoints"

@@ -72,7 +72,7 @@ def test_sigterm_handler_requests_the_stop_and_exits_143():
 
 
 def test_training_stopped_is_a_stop_and_the_handler_records_the_signal():
-    from distill.recipe import TrainingStopped, stop_signals
+    from distill.train import TrainingStopped, stop_signals
     assert issubclass(TrainingStopped, Stopped) and TrainingStopped(signal.SIGTERM, "x").code == 143
     before = signal.getsignal(signal.SIGINT)
     with stop_signals() as stop:
@@ -324,7 +324,7 @@ def test_sigterm_stops_each_long_command_promptly_with_143(command, overrides, a
     within 30 s (CI load; measured tightly in docs/reliability.md), no traceback, the MLflow runs not left RUNNING."""
     from mlflow.tracking import MlflowClient
 
-    from distill.recipe import DistillRecipe
+    from distill.train import DistillRecipe
     cfg = train_cfg("train.max_steps=2", "train.progress=false")
     recipe = DistillRecipe(cfg)  # a trained student for evaluate and onpolicy
     recipe.setup()

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import teachers.language as language
+from data.identity import file_sha256
 from teachers import TeacherSourceError, load_teacher, peek_vocab_size
-from teachers.identity import file_sha256
 from teachers.language import HFCausalLMTeacher
 from teachers.tiny import ensure_tiny_teacher
 

@@ -1,4 +1,4 @@
-"""teachers/quality.py: the teacher's exact figures from token_logprob, the interpolated n-gram references, and
+"""data/quality.py: the teacher's exact figures from token_logprob, the interpolated n-gram references, and
 teacher_report on real tiny shards checked against the tiny teacher model itself."""
 
 import logging
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from teachers import quality
-from teachers.quality import (
+from data.quality import (
     MIN_WEIGHT,
     NGram,
     exact_figures,
@@ -19,6 +18,7 @@ from teachers.quality import (
     teacher_report,
     worse_than_unigram,
 )
+from teachers import quality
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 NAN = float("nan")
@@ -52,7 +52,7 @@ def test_rows_without_token_logprob_say_to_recollect():
 def test_old_shards_give_no_figures_and_one_warning(kind, monkeypatch, caplog):
     old = {k: v for k, v in row([2, 10, 3], [-1.0, -1.0, NAN], [10, 3, 3]).items() if k != "token_logprob"}
     monkeypatch.setattr(quality, "rows_by_split", lambda s, t, splits: {k: [old] for k in splits})
-    with caplog.at_level(logging.WARNING, logger="teachers.quality"):
+    with caplog.at_level(logging.WARNING, logger="data.quality"):
         got = (quality.eval_metrics("s", "t", 20) if kind == "eval" else
                quality.collection_metrics("lm", "s", "t", 20))
     assert got == {}
@@ -150,8 +150,9 @@ def test_teacher_report_is_the_teachers_own_perplexity(tiny_shards):
     assert got["teacher_top1_acc"] == pytest.approx(hits / n)
     assert {"1gram_perplexity", "3gram_perplexity"} <= got.keys()
     assert 1 <= got["3gram_perplexity"] < teacher.vocab_size and 1 <= got["1gram_perplexity"] < teacher.vocab_size
-    # the samples' grounded words travel with the rows and split the exact figure at their tokens (distill/evaluate.py)
-    from distill.evaluate import grounded_positions
+    # the samples' grounded words travel with the rows and split the exact figure at their tokens
+    # (distill/eval/evaluate.py)
+    from distill.eval import grounded_positions
 
     def positions(ids, words):
         return grounded_positions(ids, words, teacher.tokenizer)

@@ -1,6 +1,6 @@
 import threading
 
-from teachers.identity import weights_digest
+from data.identity import weights_digest
 from teachers.tiny import ensure_tiny_teacher, make_tiny_tokenizer
 
 

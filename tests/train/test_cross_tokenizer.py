@@ -12,11 +12,9 @@ import student  # noqa: F401  (registers the Auto classes)
 from data.dataset import DistillDataset, ManifestMismatchError
 from data.student_tokenizer import CrossTokenizer, build_tokenizer, split_captions
 from distill.config import ConfigError, load_config, shards_path
-from distill.evaluate import evaluate_run, evaluate_student, folder_cross, load_eval_data
+from distill.eval import evaluate_run, evaluate_student, folder_cross, load_eval_data, mtp_figures
 from distill.losses import SparseTargets, language_kd_loss
-from distill.mtp_eval import mtp_figures
-from distill.recipe import DistillRecipe
-from distill.student_vocab import STUDENT_TOKENIZER, StudentVocab
+from distill.train import STUDENT_TOKENIZER, DistillRecipe, StudentVocab
 from tests.conftest import PROJECT_ROOT, TINY, linked_config
 
 XTOKEN = PROJECT_ROOT / "configs" / "tiny_xtoken.yaml"

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from distill.launch import run_training
+from distill.train import run_training
 
 # One rank of 8 rows against two ranks of 4: the global batch holds the same rows (rank r takes
 # every 2nd row of the same order). Losses are means over each rank's tokens, so they agree up to

@@ -56,7 +56,7 @@ def test_two_rounds_generate_score_train_and_track(tiny_collected, tmp_path):
     # the rounds train onpolicy.trainable (merger, decoder, MTP): the vision tower and its heads stay as they were
     from safetensors.torch import load_file
 
-    from distill.stages import part_of
+    from distill.train import part_of
     before = load_file(Path(cfg.output_dir) / "student" / "model.safetensors")
     after = load_file(root / "round-1" / "student" / "model.safetensors")
     changed = {part_of(k) for k in before if not before[k].equal(after[k])}
@@ -156,8 +156,7 @@ def test_init_from_must_match_the_run(tiny_collected, tmp_path):
 
 def test_a_round_keeps_the_runs_drafter_stage(tmp_path):
     from distill.config import load_config
-    from distill.onpolicy import round_config
-    from distill.stages import resolve_stages
+    from distill.train import resolve_stages, round_config
     plain = round_config(load_config(list(CONFIGS)), tmp_path / "r1", tmp_path / "student", None)
     assert [(s.name, s.terms) for s in resolve_stages(plain, True)] == [("onpolicy", ("language",))]
     # onpolicy.kd_kind on the continuations; the offline rows take onpolicy.offline_kd_kind (null: the same)

@@ -11,7 +11,7 @@ from transformers import AutoModel
 
 import student  # noqa: F401  (registers the Auto classes)
 from data.dataset import ManifestMismatchError
-from distill.recipe import DistillRecipe, NonFiniteLossError
+from distill.train import DistillRecipe, NonFiniteLossError
 
 # The first 5 steps of configs/tiny.yaml (seed 0, gradnorm balancing over 3 terms, fp32), recorded
 # from a run of this recipe: loss/total (the weighted sum; the weights start at 1) and the raw
@@ -147,7 +147,7 @@ class _Payload:
 
 
 def test_pickled_payload_in_a_checkpoint_is_refused(train_cfg, tmp_path):
-    from distill.engine import UnsafeCheckpointError
+    from distill.train import UnsafeCheckpointError
     full = run(train_cfg("train.max_steps=2", "train.checkpoint_every=2"))
     states = Path(full.cfg.output_dir) / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt"
     state = torch.load(states, map_location="cpu", weights_only=False)  # our own file, trusted

@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 
 import student
 from distill.config import load_config
-from distill.recipe import DistillRecipe
-from distill.stages import resolve_stages
+from distill.train import DistillRecipe, resolve_stages
 
 STAGES = ("train.stages=[{name: vision, steps: 3, losses: [vision], trainable: [vision, heads], micro_batch_size: 16},"
           " {name: contrastive, steps: 2, losses: [vision, contrastive], lr: 2.0e-3},"
@@ -134,7 +133,7 @@ def test_a_failing_stage_ends_its_runs_failed(train_cfg, monkeypatch):
 
 
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(train_cfg):
-    from distill.recipe import CheckpointsExistError
+    from distill.train import CheckpointsExistError
     run(train_cfg("train.max_steps=2"))
     with pytest.raises(CheckpointsExistError, match=r"up to step 2.*train\.resume=true.*new output_dir"):
         DistillRecipe(train_cfg("train.max_steps=2")).setup()

@@ -4,8 +4,7 @@ micro-batch under accumulation, parameter groups, and the batch on the engine's 
 import pytest
 import torch
 
-from distill.engine import param_groups
-from distill.recipe import DistillRecipe
+from distill.train import DistillRecipe, param_groups
 
 
 def setup(cfg) -> DistillRecipe:
@@ -54,7 +53,7 @@ def test_trunk_norms_are_the_weighted_term_gradients(train_cfg):
     torch.manual_seed(0)
     out = objective.student(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                             text_logits_only=True, branch_hook=hook)
-    from distill.image_losses import vision_kd_loss
+    from distill.losses import vision_kd_loss
     lang = objective.language(out.logits, batch["lang"], labels=batch["labels"], mtp_logits=out.mtp_logits)["loss"]
     vit = vision_kd_loss(out.teacher_outputs["vit"]["summary"], out.teacher_outputs["vit"]["features"],
                          batch["vision"]["vit"]["summary"], batch["vision"]["vit"]["features"], out.mask["vit"],
@@ -70,7 +69,7 @@ def test_trunk_norms_are_the_weighted_term_gradients(train_cfg):
 
 
 def test_a_term_that_misses_the_trunk_raises(train_cfg):
-    from distill.balance import TrunkTaps
+    from distill.losses import TrunkTaps
     taps = TrunkTaps()
     x = torch.ones(3, requires_grad=True)
     (taps("a", x) * 2).sum().backward()

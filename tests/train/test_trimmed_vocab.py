@@ -9,9 +9,8 @@ import student  # noqa: F401  (registers the Auto classes)
 from data.dataset import collate
 from data.vocab import UNKNOWN, TokenMap, caption_token_ids
 from distill.config import shards_path
-from distill.evaluate import evaluate_student, load_eval_data
-from distill.mtp_eval import mtp_figures
-from distill.recipe import DistillRecipe
+from distill.eval import evaluate_student, load_eval_data, mtp_figures
+from distill.train import DistillRecipe
 from tests.conftest import linked_config
 
 

@@ -8,14 +8,21 @@
   it is a deterministic product of D-1 Givens rotations that equalises the diagonal exactly (the
   Schur-Horn construction), so the output keeps the teacher's D (no padding).
 
-The statistics come from `data.featurestats.FeatureStatsAccumulator`, run at collection time.
+The statistics come from `data.featurestats.FeatureStatsAccumulator`, run at collection time and stored beside
+the shards; `standardizers` reads them back and `standardize_batch` applies them to a batch, in fp32, before
+the engine (training) or the student (evaluation): a data transform, so it lives here, beside the statistics.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from data.shards import ShardError, sha256_file
 
 MODES = ("zscore", "phis")
 
@@ -135,3 +142,30 @@ class FeatureStandardizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, dim={self.mean.shape[0]}"
+
+
+def standardizers(manifest: dict, folder: str | Path, mode: str) -> dict[str, FeatureStandardizer]:
+    """Summary and patch standardisers of one vision teacher, from the stats its collection stored.
+
+    They run on the batch in fp32 before the engine (a data transform), so bf16 training does not
+    round the PHI-S rotation.
+    """
+    path = Path(folder) / manifest["feature_stats"]["file"]
+    if not path.exists() or sha256_file(path) != manifest["feature_stats"]["sha256"]:
+        raise ShardError(f"{path}: feature statistics missing or not matching the manifest's sha256; "
+                         "re-run `mmtp collect`")
+    stats = load_file(str(path))
+    out = {}
+    for part in ("summary", "features"):
+        mean = stats[f"{part}_mean"].double()
+        extra = {"cov": stats[f"{part}_cov"].double()} if mode == "phis" else {"std": stats[f"{part}_std"].double()}
+        out[part] = FeatureStandardizer.from_stats(mean, mode=mode, **extra)
+    return out
+
+
+def standardize_batch(batch: dict, stds: dict[str, dict[str, FeatureStandardizer]]) -> dict:
+    """Replace each vision teacher's raw features in `batch` by standardised ones."""
+    with torch.no_grad():
+        batch["vision"] = {name: {part: stds[name][part](x) for part, x in parts.items()}
+                           for name, parts in batch["vision"].items() if name in stds}
+    return batch

@@ -32,12 +32,12 @@ def init_distributed() -> tuple[int, int]:
         # Ours: no launcher set RANK, or a parent's own single-process variables were inherited.
         if "RANK" not in os.environ or os.environ.get(SINGLE_PROCESS_PID, str(os.getpid())) != str(os.getpid()):
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()), **{SINGLE_PROCESS_PID: str(os.getpid())})
+                              MASTER_PORT=str(free_port()), **{SINGLE_PROCESS_PID: str(os.getpid())})
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -16,7 +16,7 @@ Where the speed-up is timed: every `mmtp` process runs MKL in its strict reprodu
 distill/env.py so that a teacher writes the same shard bytes in any process), and that mode slows MKL's
 batch-1 products, greedy decoding's output head most, which flatters the ratio. MKL reads the variable once,
 when it loads, so on CPU under `MKL_CBWR` the figures come from a fresh Python process without it
-(`mtp_figures_in_child`, `python -m distill.mtp_eval`): MKL's default mode, as a user's own process decodes.
+(`mtp_figures_in_child`, `python -m distill.eval.mtp_eval`): MKL's default mode, as a user's own process decodes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 from data.devices import model_on, to_device
 from data.vocab import TokenMap
+from distill.env import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
 NOISE = 0.05  # relative timing noise allowed above the bound `mtp/tokens_per_forward` on `mtp/speedup`
@@ -139,8 +140,8 @@ def mtp_figures_in_child(folder: str | Path, prompts: list[tuple], new_tokens: i
         job, result = Path(tmp) / "job.pt", Path(tmp) / "figures.json"
         torch.save({"folder": str(folder), "prompts": prompts, "new_tokens": new_tokens,
                     "threads": torch.get_num_threads()}, job)
-        done = subprocess.run([sys.executable, "-m", "distill.mtp_eval", str(job), str(result)], env=default_mkl_env(),
-                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "distill.eval.mtp_eval", str(job), str(result)],
+                              env=default_mkl_env(), cwd=PROJECT_ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
             raise RuntimeError(f"the MTP timing process for {folder} failed (exit {done.returncode}):\n{tail}")
@@ -156,7 +157,7 @@ def default_mkl_env() -> dict[str, str]:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m distill.mtp_eval JOB OUT`: the child's side of `mtp_figures_in_child`."""
+    """`python -m distill.eval.mtp_eval JOB OUT`: the child's side of `mtp_figures_in_child`."""
     from transformers import AutoModel
 
     import student  # noqa: F401  (registers the Auto classes)

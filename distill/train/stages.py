@@ -99,7 +99,7 @@ def part_of(name: str) -> str:
     for part, prefixes in PARTS.items():
         if name.startswith(prefixes):
             return part
-    raise ValueError(f"student parameter {name!r} belongs to no part of distill.stages.PARTS")
+    raise ValueError(f"student parameter {name!r} belongs to no part of distill.train.stages.PARTS")
 
 
 def freeze_for(student: nn.Module, stage: Stage) -> dict[str, int]:

@@ -12,8 +12,8 @@ import torch
 from data.dataset import collate
 from data.student_tokenizer import CrossTokenizer, build_tokenizer, save_tokenizer, split_captions
 from data.vocab import TokenMap, caption_token_ids, trimmed_vocab
-from distill.config import output_path
-from distill.schema import Vocab
+from distill.config.load import output_path
+from distill.config.schema import Vocab
 
 STUDENT_TOKENIZER = "student_tokenizer"  # output_dir/<this>: a student tokenizer, saved with every export
 

@@ -1,6 +1,6 @@
 """Start training: in this process for one rank, or one process per rank through a launcher.
 
-`train.nproc > 1` runs `python -m torch.distributed.run --nproc_per_node N -m distill.recipe` on
+`train.nproc > 1` runs `python -m torch.distributed.run --nproc_per_node N -m distill.train.recipe` on
 this machine (gloo on CPU, nccl on GPUs); `train.hostfile` hands the same module to DeepSpeed's
 launcher for several nodes. The ranks read the resolved config from `output_dir/train_config.yaml`
 and rank 0 writes `output_dir/train_summary.json`, which is read back here.
@@ -16,22 +16,22 @@ import sys
 from omegaconf import OmegaConf
 
 from data.shards import atomic_write_bytes
-from distill.config import output_path
-from distill.engine import RANK_VARS, _free_port
+from distill.config.load import output_path
+from distill.train.engine import RANK_VARS, free_port
 
 
 def launcher_command(cfg, config_path, parent_run_id: str | None, flow_run_id: str | None = None) -> list[str]:
     args = ["--config", str(config_path), "--parent-run-id", parent_run_id or "", "--flow-run-id", flow_run_id or ""]
     if cfg.train.hostfile:
-        return ["deepspeed", "--hostfile", cfg.train.hostfile, "--module", "distill.recipe", *args]
+        return ["deepspeed", "--hostfile", cfg.train.hostfile, "--module", "distill.train.recipe", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.train.nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "distill.recipe", *args]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "distill.train.recipe", *args]
 
 
 def run_training(cfg, parent_run_id: str | None = None, flow_run_id: str | None = None) -> dict:
     """Train as the config says; returns the summary (steps, final loss, student folder, MLflow run id)."""
     if cfg.train.nproc <= 1 and not cfg.train.hostfile:
-        from distill.recipe import DistillRecipe
+        from distill.train.recipe import DistillRecipe
         recipe = DistillRecipe(cfg, parent_run_id, flow_run_id)
         recipe.setup()
         return recipe.train()

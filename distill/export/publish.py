@@ -1,7 +1,7 @@
 """The evaluated student as an MLflow model in the Model Registry.
 
 `publish_student`, called inside the evaluate run: rewrites the folder's model card with the evaluation
-table, logs the folder as a pyfunc model (distill/student_pyfunc.py, with signature and input example) whose
+table, logs the folder as a pyfunc model (distill/export/student_pyfunc.py, with signature and input example) whose
 LoggedModel carries the evaluation metrics, registers it under `tracking.registered_model` (default: the
 experiment name), and sets the aliases: `candidate` on every new version, `champion` when it beats the
 baseline on `tracking.champion_metric` (in that metric's direction, as in the evaluation report).
@@ -22,8 +22,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from distill.card import write_card
-from distill.report import better
+from distill.eval.report import better
+from distill.export.card import write_card
 
 log = logging.getLogger(__name__)
 PYFUNC = Path(__file__).with_name("student_pyfunc.py")

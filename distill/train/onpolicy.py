@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from data.dataset import DistillDataset, collate, image_tensor
 from data.shards import ShardError, ShardWriter, digest, load_manifest, read_shard, sha256_file, write_manifest
 from data.targets import SAMPLES_SCHEMA, decode_language_row
-from distill.config import check_config, from_dict, shards_path, to_container
-from distill.losses import language_kd_loss
+from distill.config.load import check_config, from_dict, shards_path, to_container
+from distill.losses.language import language_kd_loss
 
 log = logging.getLogger(__name__)
 ORIGIN = "onpolicy"

@@ -1,4 +1,6 @@
-"""Digests that identify a teacher: its weight files and its tokenizer.
+"""Digests that identify a teacher: its weight files and its tokenizer. They live in data/, beside the shards
+that record them, because both the teachers (collection) and distill (evaluation compares a student's tokenizer
+with the teacher's) read them, and distill does not import teachers.
 
 Digests are sha256 hex strings, made by data/shards.py's helpers (the one place they are written;
 `json_sha256` is its `digest`). A file's digest is memoised per (path, size, mtime) so a process hashes

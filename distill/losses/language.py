@@ -1,4 +1,4 @@
-"""Language distillation losses (the image-feature ones are in distill/image_losses.py).
+"""Language distillation losses (the image-feature ones are in distill/losses/image.py).
 
 Language KD is computed from the teacher's stored top-k log-probs plus one tail bucket (the
 mass outside the top-k), against the student's full logits. Both sides become distributions over
@@ -21,81 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.kd_weights import GATES, kd_gate_keep, kd_position_weights, teacher_entropy  # noqa: F401  (re-exported)
-
-# Teacher log-probs are clamped here. A real softmax never gives exactly zero mass, so -inf in a
-# non-empty bucket is a storage rounding artefact; left alone it would make reverse KL infinite.
-LOGPROB_FLOOR = -100.0
-
-
-@dataclass
-class SparseTargets:
-    """Stored language-teacher targets for a batch, aligned with the student's text positions.
-
-    Teacher position j predicts token j+1 (the usual causal-LM convention).
-    """
-    topk_ids: Tensor  # [B, L, k] integer token ids, distinct per position
-    topk_logprobs: Tensor  # [B, L, k] true log-probs at T=1
-    tail_logprob: Tensor  # [B, L] log of the mass outside the top-k (-inf when k = vocab)
-    mask: Tensor  # [B, L] bool, True where the position has a valid target
-    # Optional: [B, L, n] log(U_tau / A_tau), the tempered tail over the tempered top-k mass, for each
-    # temperature in `tail_temperatures`; the KD is exact at those temperatures (docs/losses.md).
-    tempered_tail: Tensor | None = None
-    tail_temperatures: tuple[float, ...] = ()
-    # The teacher's vocabulary when it differs from the student's (trimmed or cross-tokenizer students):
-    # the uniform-tail approximation spreads the tail over the teacher's outside tokens. 0: the same.
-    teacher_vocab_size: int = 0
-    # Cross-tokenizer students: [B, L] bool, positions whose next student token does not align 1:1 with a
-    # teacher token (data/align.py); they take the ULD loss (distill/xtoken.py), `mask` the sparse KD.
-    approx: Tensor | None = None
-    # Rows the student generated (on-policy rows, data/mix.py): [B, L] bool; they take the loss's
-    # `generated_kind` divergence, the other rows its `kind`.
-    generated: Tensor | None = None
-
-    @classmethod
-    def from_mapping(cls, batch: Mapping[str, Tensor]) -> SparseTargets:
-        missing = [k for k in ("topk_ids", "topk_logprobs", "tail_logprob", "mask") if k not in batch]
-        if missing:
-            raise KeyError(f"language targets are missing keys {missing}")
-        return cls(batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], batch["mask"],
-                   batch.get("tempered_tail"), tuple(batch.get("tail_temperatures", ())),
-                   int(batch.get("teacher_vocab_size", 0)), batch.get("approx"), batch.get("generated"))
-
-    def __getitem__(self, index) -> SparseTargets:
-        """Index the batch/position dims, e.g. `targets[:, :n]`."""
-        tempered = None if self.tempered_tail is None else self.tempered_tail[index]
-        approx = None if self.approx is None else self.approx[index]
-        generated = None if self.generated is None else self.generated[index]
-        return SparseTargets(self.topk_ids[index], self.topk_logprobs[index],
-                             self.tail_logprob[index], self.mask[index], tempered, self.tail_temperatures,
-                             self.teacher_vocab_size, approx, generated)
-
-
-def shift_targets(targets: SparseTargets, k: int) -> SparseTargets:
-    """Targets for MTP depth k.
-
-    The student's depth-k head at position i predicts token i+1+k, which is what the teacher
-    predicts at position i+k. So position i gets the teacher's targets from i+k, and the last k
-    positions (no teacher position to copy) are masked (`approx` too). k = 0 returns the targets unchanged.
-    """
-    if k < 0:
-        raise ValueError(f"MTP depth must be >= 0, got {k}")
-    if k == 0:
-        return targets
-    length = targets.mask.shape[1]
-
-    def shift(x: Tensor, fill) -> Tensor:
-        out = torch.full_like(x, fill)
-        if k < length:
-            out[:, : length - k] = x[:, k:]
-        return out
-
-    tempered = None if targets.tempered_tail is None else shift(targets.tempered_tail, 0.0)
-    approx = None if targets.approx is None else shift(targets.approx, False)
-    generated = None if targets.generated is None else shift(targets.generated, False)
-    return SparseTargets(shift(targets.topk_ids, 0), shift(targets.topk_logprobs, 0.0),
-                         shift(targets.tail_logprob, 0.0), shift(targets.mask, False), tempered,
-                         targets.tail_temperatures, targets.teacher_vocab_size, approx, generated)
+from distill.losses.targets import GATES, LOGPROB_FLOOR, SparseTargets, kd_position_weights, shift_targets
+from distill.losses.xtoken import uld_loss
 
 
 def _check_targets(logits: Tensor, t: SparseTargets) -> None:
@@ -203,7 +130,7 @@ def _jsd(log_p: Tensor, log_q: Tensor) -> Tensor:  # (KL(p || m) + KL(q || m)) /
 
 
 # The KD kinds: per-bucket divergence terms of teacher p and student q (log-probs). The config's
-# loss.kd_kind enum (distill/schema.py KDKind) is checked against these names by tests/test_config.py.
+# loss.kd_kind enum (distill/config/schema.py KDKind) is checked against these names by tests/test_config.py.
 DIVERGENCES = {"forward_kl": _forward_kl, "reverse_kl": _reverse_kl, "jsd": _jsd}
 KINDS = tuple(DIVERGENCES)
 
@@ -240,8 +167,7 @@ def language_kd_loss(student_logits: Tensor, targets: SparseTargets | Mapping[st
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if isinstance(targets, Mapping):
-        targets = SparseTargets.from_mapping(targets)
+    targets = SparseTargets.from_mapping(targets)
     _check_targets(student_logits, targets)
     log_p, log_q, valid = _buckets(student_logits, targets, temperature)
     mask = targets.mask.bool()
@@ -273,9 +199,30 @@ def causal_ce_loss(logits: Tensor, labels: Tensor, depth: int = 0, ignore_index:
     if n <= 0:
         return logits.sum() * 0.0
     target = labels[:, 1 + depth: 1 + depth + n].long()
-    loss = F.cross_entropy(logits[:, :n].float().flatten(0, 1), target.flatten(),
-                           ignore_index=ignore_index, reduction="sum", label_smoothing=label_smoothing)
-    return loss / (target != ignore_index).sum().clamp_min(1)
+    return _ce_sum(logits[:, :n], target, ignore_index, label_smoothing) / (target != ignore_index).sum().clamp_min(1)
+
+
+def _ce_sum(logits: Tensor, target: Tensor, ignore_index: int, label_smoothing: float) -> Tensor:
+    """The summed CE of logits [B, n, V] against target ids [B, n] (`ignore_index` skipped), in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), target.flatten().long(), ignore_index=ignore_index,
+                           reduction="sum", label_smoothing=label_smoothing)
+
+
+@dataclass
+class LossTerm:
+    """One term of the language loss at one head: the plan both heads (dense and chunked) read.
+    Its value is (sum over positions of `kind` at `target`, times `weights` when given) / `denom`."""
+    key: str  # "ce", "lang_kd" or "lang_uld", with "/mtp{d}" for depth d >= 1
+    kind: str  # ce | kd | uld
+    coef: float  # its weight in its depth's term
+    target: Tensor | SparseTargets  # ce: the label each position predicts [B, T]; kd, uld: the teacher's
+    weights: Tensor | None  # kd: per-position weights [B, T] that hold the denominators (kd_position_weights)
+    denom: Tensor
+
+    def flat(self) -> LossTerm:
+        """The same term over positions [1, B * T], so that a chunk of positions is a slice."""
+        target = self.target.flat() if isinstance(self.target, SparseTargets) else self.target.reshape(1, -1)
+        return replace(self, target=target, weights=None if self.weights is None else self.weights.reshape(1, -1))
 
 
 class LanguageDistillLoss(nn.Module):
@@ -287,13 +234,15 @@ class LanguageDistillLoss(nn.Module):
     Head d (0 = main) at position i predicts token i+1+d; its KD target is the teacher at i+d.
     `generated_kind` (None = `kind`): the KD divergence on rows the student generated (`SparseTargets.generated`);
     `generated_kd_weight` (None = one mean over every row): KD_d = offline mean + weight x generated mean.
-    ULD_d (distill/xtoken.py) only with targets that carry `approx` positions (a cross-tokenizer student);
+    ULD_d (distill/losses/xtoken.py) only with targets that carry `approx` positions (a cross-tokenizer student);
     KD_d then covers the `mask` (exact) positions alone.
     `label_smoothing`: of CE_d, every depth. `kd_gate` ("none" | "entropy") with `kd_gate_nats`: selective KD,
     KD_d is the mean over the positions where the teacher (at i + d) has an entropy of at most `kd_gate_nats`
     (`kd_gate_keep`; ULD is not gated).
     Returns {"loss", "ce", "lang_kd", "lang_uld", "ce/mtp{d}", "lang_kd/mtp{d}", "lang_uld/mtp{d}"} (CE keys
     only when alpha > 0, KD keys only when alpha < 1, ULD keys only with `approx` targets).
+    The terms are planned once (`plan`, `term_sum`); `forward` scores them on full logits and
+    distill/losses/chunked.py on chunks of positions.
     """
 
     def __init__(self, kind: str = "forward_kl", temperature: float = 1.0, alpha: float = 0.0,
@@ -301,23 +250,8 @@ class LanguageDistillLoss(nn.Module):
                  generated_kind: str | None = None, generated_kd_weight: float | None = None,
                  label_smoothing: float = 0.0, kd_gate: str = "none", kd_gate_nats: float = math.inf):
         super().__init__()
-        for name in (kind, generated_kind or kind):
-            if name not in KINDS:
-                raise ValueError(f"unknown KD kind {name!r}; expected one of {KINDS}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha (CE weight) must be in [0, 1], got {alpha}")
-        if any(w < 0 for w in mtp_weights):
-            raise ValueError(f"mtp_weights must be >= 0, got {list(mtp_weights)}")
-        if not uld_weight >= 0:
-            raise ValueError(f"uld_weight must be >= 0, got {uld_weight}")
-        if generated_kd_weight is not None and not generated_kd_weight >= 0:
-            raise ValueError(f"generated_kd_weight must be >= 0 or None, got {generated_kd_weight}")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if kd_gate not in GATES:
-            raise ValueError(f"unknown KD gate {kd_gate!r}; expected one of {GATES}")
-        if kd_gate != "none" and not kd_gate_nats >= 0:
-            raise ValueError(f"kd_gate_nats must be >= 0, got {kd_gate_nats}")
+        _check_settings(kind, generated_kind, alpha, mtp_weights, uld_weight, generated_kd_weight, label_smoothing,
+                        kd_gate, kd_gate_nats)
         self.kind, self.temperature, self.alpha, self.uld_weight = kind, temperature, alpha, uld_weight
         self.label_smoothing = label_smoothing  # of the ground-truth CE of every depth
         self.kd_gate, self.kd_gate_nats = kd_gate, kd_gate_nats  # selective KD (`kd_gate_keep`)
@@ -326,35 +260,79 @@ class LanguageDistillLoss(nn.Module):
         self.mtp_weights = list(mtp_weights)
         self.ignore_index = ignore_index
 
-    def forward(self, logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
-                labels: Tensor | None = None, mtp_logits: Sequence[Tensor] = ()) -> dict[str, Tensor]:
-        if len(mtp_logits) != len(self.mtp_weights):
-            raise ValueError(f"got {len(mtp_logits)} MTP logits but {len(self.mtp_weights)} mtp_weights")
+    def check_call(self, heads: int, labels: Tensor | None) -> None:
+        if heads != 1 + len(self.mtp_weights):
+            raise ValueError(f"got {heads} head states or logits (the main head's and {heads - 1} MTP heads') but "
+                             f"{len(self.mtp_weights)} mtp_weights")
         if self.alpha > 0 and labels is None:
             raise ValueError(f"alpha={self.alpha} mixes in CE, which needs labels")
-        if isinstance(targets, Mapping):
-            targets = SparseTargets.from_mapping(targets)
+
+    def plan(self, depth: int, length: int, targets: SparseTargets, labels: Tensor | None) -> list[LossTerm]:
+        """Head `depth`'s terms over its `length` positions, in the order of the returned keys."""
+        suffix = "" if depth == 0 else f"/mtp{depth}"
+        terms = []
+        if self.alpha > 0:  # labels[i + 1 + depth] for position i, as causal_ce_loss aligns them
+            ce = labels.new_full((labels.shape[0], length), self.ignore_index)
+            n = min(length, labels.shape[1] - 1 - depth)
+            if n > 0:
+                ce[:, :n] = labels[:, 1 + depth: 1 + depth + n]
+            denom = (ce != self.ignore_index).sum().clamp_min(1)
+            terms.append(LossTerm("ce" + suffix, "ce", self.alpha, ce, None, denom))
+        if self.alpha < 1:
+            # MTP heads may be shorter than L (no input token beyond the sequence end); the weights hold the
+            # denominators, and the selective-KD gate reads the teacher at i + depth, as the shift put it
+            shifted = shift_targets(targets, depth)[:, :length]
+            weights = kd_position_weights(shifted, self.generated_kd_weight, self.kd_gate, self.kd_gate_nats)
+            denom = shifted.mask.sum().clamp_min(1) if weights is None else torch.ones((), device=shifted.mask.device)
+            terms.append(LossTerm("lang_kd" + suffix, "kd", 1 - self.alpha, shifted, weights, denom))
+            if shifted.approx is not None:  # the teacher's distribution where tokens do not line up
+                uld = replace(shifted, mask=shifted.approx)
+                terms.append(LossTerm("lang_uld" + suffix, "uld", (1 - self.alpha) * self.uld_weight, uld, None,
+                                  uld.mask.sum().clamp_min(1)))
+        return terms
+
+    def term_sum(self, term: LossTerm, logits: Tensor) -> Tensor:
+        """The sum of `term` over the positions of `logits` [B, T, V] (a chunk's [1, c, V] with a flat term)."""
+        if term.kind == "ce":
+            return _ce_sum(logits, term.target, self.ignore_index, self.label_smoothing)
+        if term.kind == "kd":
+            per_position = language_kd_loss(logits, term.target, self.kind, self.temperature, reduction="none",
+                                            generated_kind=self.generated_kind)
+            return (per_position if term.weights is None else per_position * term.weights).sum()
+        return uld_loss(logits, term.target, reduction="none").sum()
+
+    def forward(self, logits: Tensor, targets: SparseTargets | Mapping[str, Tensor],
+                labels: Tensor | None = None, mtp_logits: Sequence[Tensor] = ()) -> dict[str, Tensor]:
+        self.check_call(1 + len(mtp_logits), labels)
+        targets = SparseTargets.from_mapping(targets)
         out: dict[str, Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
-        heads = zip([logits, *mtp_logits], [1.0, *self.mtp_weights], strict=True)
-        for depth, (head, weight) in enumerate(heads):
-            suffix = "" if depth == 0 else f"/mtp{depth}"
+        for depth, (head, weight) in enumerate(zip([logits, *mtp_logits], [1.0, *self.mtp_weights], strict=True)):
             term = total.new_zeros(())
-            if self.alpha > 0:
-                out["ce" + suffix] = ce = causal_ce_loss(head, labels, depth, self.ignore_index, self.label_smoothing)
-                term = term + self.alpha * ce
-            if self.alpha < 1:
-                # MTP heads may be shorter than L (no input token beyond the sequence end).
-                shifted = shift_targets(targets, depth)[:, : head.shape[1]]
-                out["lang_kd" + suffix] = kd = language_kd_loss(head, shifted, self.kind, self.temperature,
-                                                                generated_kind=self.generated_kind,
-                                                                generated_weight=self.generated_kd_weight,
-                                                                gate=self.kd_gate, gate_nats=self.kd_gate_nats)
-                if shifted.approx is not None:  # the teacher's distribution where tokens do not line up
-                    from distill.xtoken import uld_loss  # imports this module
-                    out["lang_uld" + suffix] = uld = uld_loss(head, replace(shifted, mask=shifted.approx))
-                    kd = kd + self.uld_weight * uld
-                term = term + (1 - self.alpha) * kd
+            for t in self.plan(depth, head.shape[1], targets, labels):
+                out[t.key] = value = self.term_sum(t, head) / t.denom
+                term = term + t.coef * value
             total = total + weight * term
         out["loss"] = total
         return out
+
+
+def _check_settings(kind, generated_kind, alpha, mtp_weights, uld_weight, generated_kd_weight, label_smoothing,
+                    kd_gate, kd_gate_nats) -> None:
+    for name in (kind, generated_kind or kind):
+        if name not in KINDS:
+            raise ValueError(f"unknown KD kind {name!r}; expected one of {KINDS}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (CE weight) must be in [0, 1], got {alpha}")
+    if any(w < 0 for w in mtp_weights):
+        raise ValueError(f"mtp_weights must be >= 0, got {list(mtp_weights)}")
+    if not uld_weight >= 0:
+        raise ValueError(f"uld_weight must be >= 0, got {uld_weight}")
+    if generated_kd_weight is not None and not generated_kd_weight >= 0:
+        raise ValueError(f"generated_kd_weight must be >= 0 or None, got {generated_kd_weight}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if kd_gate not in GATES:
+        raise ValueError(f"unknown KD gate {kd_gate!r}; expected one of {GATES}")
+    if kd_gate != "none" and not kd_gate_nats >= 0:
+        raise ValueError(f"kd_gate_nats must be >= 0, got {kd_gate_nats}")

@@ -8,7 +8,7 @@ Metrics (MLflow names in brackets):
   the same tokens from its stored top-k + tail, a token outside the top-k counted at the whole tail mass: a
   lower bound of the teacher's perplexity [eval/teacher_perplexity_bound; the teacher's tokenizer only, secondary];
 - the language teacher measured exactly on the test captions from its stored `token_logprob`
-  (teachers/quality.py): perplexity [eval/teacher_perplexity, the headline teacher figure] and top-1 accuracy
+  (data/quality.py): perplexity [eval/teacher_perplexity, the headline teacher figure] and top-1 accuracy
   [eval/teacher_top1_acc], against n-gram references fitted on the train captions (weights on val)
   [eval/unigram_perplexity, eval/trigram_perplexity]; not for shards collected before token_logprob. A student
   below the teacher's perplexity has passed its teacher on the captions, and from there KD pulls against CE;
@@ -22,14 +22,14 @@ Metrics (MLflow names in brackets):
   head [eval/perplexity_grounded, eval/perplexity_other; token-weighted in log space they give eval/perplexity]
   and the language teacher's exact one from `token_logprob` at the same tokens [eval/teacher_perplexity_grounded,
   eval/teacher_perplexity_other; not for shards before token_logprob]: a teacher that cannot see has its grounded
-  figure far above its other one. Only for captions with grounded words (teachers.quality.GroundedSplit). A
+  figure far above its other one. Only for captions with grounded words (data.quality.GroundedSplit). A
   student with its own tokenizer: on its own tokens (as eval/perplexity and grounded_acc), not comparable;
 - vision fidelity per teacher: cosine between the adaptor outputs and the teacher's standardised
   features [eval/vision/<teacher>/summary_cos, .../patch_cos];
 - linear probe: logistic regression on train-split features predicting the (source, label) class,
   accuracy on the test split, for the student's `image_features` [eval/probe/student], each
   vision teacher's summary [eval/probe/<teacher>] and raw pixels [eval/probe/pixels].
-- MTP self-speculative decoding against greedy [mtp/...]: distill/mtp_eval.py.
+- MTP self-speculative decoding against greedy [mtp/...]: distill/eval/mtp_eval.py.
 
 Device: `evaluate.device` (auto = CUDA when present). Batches are collated and standardised on the
 CPU, then moved once; on CUDA a student exported from bf16 training runs under bf16 autocast, any
@@ -52,12 +52,12 @@ import torch.nn.functional as F
 
 from data.dataset import DistillDataset, collate
 from data.devices import model_on, resolve_device, to_device
+from data.quality import GroundedSplit
+from data.standardize import standardize_batch, standardizers
 from data.student_tokenizer import CrossTokenizer
 from data.vocab import TokenMap
-from distill.losses import SparseTargets, language_kd_loss, shift_targets
-from distill.mtp_eval import mtp_figures_in_child, mtp_prompts, speculative_figures
-from distill.objective import standardize_batch, standardizers
-from teachers.quality import GroundedSplit
+from distill.eval.mtp_eval import mtp_figures_in_child, mtp_prompts, speculative_figures
+from distill.losses.language import SparseTargets, language_kd_loss, shift_targets
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def load_eval_data(samples_dir: Path, target_dirs: dict[str, Path], image_size: 
 
 def resolve_student(ref: str | None, cfg) -> Path:
     """A student folder from a path, or from an MLflow run id (its `student/` artifact)."""
-    from distill.config import output_path
+    from distill.config.load import output_path
     if ref is None:
         return output_path(cfg, "student")
     if Path(ref).expanduser().is_dir():
@@ -275,7 +275,7 @@ def folder_cross(folder, teacher_tokenizer, teacher_vocab_size: int) -> CrossTok
     None when it carries the teacher's tokenizer (a trimmed vocabulary included) or none."""
     from transformers import AutoTokenizer
 
-    from teachers.identity import tokenizer_digest
+    from data.identity import tokenizer_digest
     if not (Path(folder) / "tokenizer_config.json").is_file():
         return None
     own = AutoTokenizer.from_pretrained(str(folder))
@@ -295,11 +295,11 @@ def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     import student  # noqa: F401  (registers the Auto classes)
+    from data.quality import eval_metrics
     from data.shards import atomic_write_bytes
-    from distill.config import output_path, shards_path
-    from distill.report import eval_plots, report, teacher_note
+    from distill.config.load import output_path, shards_path
+    from distill.eval.report import eval_plots, report, teacher_note
     from student.portable import saved_image_size
-    from teachers.quality import eval_metrics
     ev = cfg.evaluate
     test, train, stds = load_eval_data(shards_path(cfg, "samples"), target_dirs, cfg.student.image_size,
                                        ev.probe, cfg.loss.standardize)

@@ -3,7 +3,7 @@
     recipe = DistillRecipe(cfg); recipe.setup(); summary = recipe.train()
 
 Single process runs in-process; `train.nproc > 1` runs this module under torchrun (see
-distill/launch.py), one process per rank, with data sharded per rank and logging on rank 0.
+distill/train/launch.py), one process per rank, with data sharded per rank and logging on rank 0.
 No teacher model is loaded here: teachers reach training only through their shards.
 """
 
@@ -30,13 +30,23 @@ from data.devices import to_device
 from data.mix import mixed_dataset
 from data.prefetch import Prefetch
 from data.shards import atomic_write_json
+from data.standardize import standardize_batch, standardizers
 from data.stop import Stopped
-from distill import engine as ds
-from distill.balance import distributed_mean, gradnorm_ratios
-from distill.config import load_config, output_path, shards_path, teacher_configs
-from distill.objective import DistillObjective, standardize_batch, standardizers, term_metric
-from distill.stages import CONTRASTIVE, DRAFTER, LANGUAGE, VISION, Stage, freeze_for, resolve_stages, stage_student
-from distill.student_vocab import student_vocab
+from distill.config.load import load_config, output_path, shards_path, teacher_configs
+from distill.losses.balance import distributed_mean, gradnorm_ratios
+from distill.train import engine as ds
+from distill.train.objective import DistillObjective, term_metric
+from distill.train.stages import (
+    CONTRASTIVE,
+    DRAFTER,
+    LANGUAGE,
+    VISION,
+    Stage,
+    freeze_for,
+    resolve_stages,
+    stage_student,
+)
+from distill.train.student_vocab import student_vocab
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +356,8 @@ class DistillRecipe:
         if self.rank == 0:
             import mlflow
 
-            from distill.card import finish_student
-            from distill.plots import training_plots
+            from distill.export.card import finish_student
+            from distill.train.plots import training_plots
             for stage in self.stages:  # tokenizer, processor, LoRA adapter, model card
                 finish_student(self.cfg, self.stage_dir(stage))
             for path in training_plots(self.history, output_path(self.cfg, "plots")):

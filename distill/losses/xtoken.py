@@ -10,7 +10,7 @@ for any pair of distinct tokens has the closed form
 over ranks r. It matches the shape of the distribution (how peaked, how spread) but not which token gets
 which mass. So it is only used where the student's next token starts a group of tokens that does not align
 1:1 with a teacher token (data/align.py, `approx` positions); where it does (`exact` positions), the sparse
-KD of distill/losses.py carries strictly more: the mass of each token.
+KD of distill/losses/language.py carries strictly more: the mass of each token.
 
 The teacher side is the stored top-k plus the tail. The tail is a bucket, not a token, so it is not sorted
 among the top-k but kept as the last entry, compared with the student's mass outside its own top-k:
@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from distill.losses import SparseTargets
+from distill.losses.targets import SparseTargets
 
 
 def uld_loss(student_logits: Tensor, targets: SparseTargets | Mapping[str, Tensor], reduction: str = "mean") -> Tensor:
@@ -41,8 +41,7 @@ def uld_loss(student_logits: Tensor, targets: SparseTargets | Mapping[str, Tenso
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if isinstance(targets, Mapping):
-        targets = SparseTargets.from_mapping(targets)
+    targets = SparseTargets.from_mapping(targets)
     if student_logits.dim() != 3:
         raise ValueError(f"student logits must be [B, L, V], got shape {tuple(student_logits.shape)}")
     B, L, V = student_logits.shape

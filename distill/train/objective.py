@@ -8,54 +8,23 @@ Terms balanced against each other (a training stage switches each on or off): `l
 mixed with sparse KD on the main head and the MTP depths, on the clean image), one term per vision
 teacher (cosine + smooth-L1 on standardised features, on the masked view) and `contrastive`
 (SigLIP's sigmoid loss between the clean image's `image` summary token and the caption pooled by
-the decoder). `drafter` (distill/drafters.py: the MTP modules learn the frozen main head's greedy tokens)
+the decoder). `drafter` (distill/losses/drafters.py: the MTP modules learn the frozen main head's greedy tokens)
 runs in a stage of its own. The shared trunk is the student's vision tower: the only part that every term trains.
-`taps` measures each term's gradient on it during the training backward (see distill.balance.TrunkTaps).
+`taps` measures each term's gradient on it during the training backward (see distill.losses.balance.TrunkTaps).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from distill.balance import TrunkTaps, build_balancer
-from distill.chunked import chunked_language_loss
-from distill.drafters import drafter_loss, greedy_captions
-from distill.image_losses import same_caption, siglip_loss, vision_kd_loss
-from distill.losses import LanguageDistillLoss, SparseTargets, kd_gate_keep
-from distill.stages import CONTRASTIVE, DRAFTER, LANGUAGE
-from distill.standardize import FeatureStandardizer
-
-
-def standardizers(manifest: dict, folder: str | Path, mode: str) -> dict[str, FeatureStandardizer]:
-    """Summary and patch standardisers of one vision teacher, from the stats its collection stored.
-
-    They run on the batch in fp32 before the engine (a data transform), so bf16 training does not
-    round the PHI-S rotation.
-    """
-    from data.shards import ShardError, sha256_file
-    path = Path(folder) / manifest["feature_stats"]["file"]
-    if not path.exists() or sha256_file(path) != manifest["feature_stats"]["sha256"]:
-        raise ShardError(f"{path}: feature statistics missing or not matching the manifest's sha256; "
-                         "re-run `mmtp collect`")
-    stats = load_file(str(path))
-    out = {}
-    for part in ("summary", "features"):
-        mean = stats[f"{part}_mean"].double()
-        extra = {"cov": stats[f"{part}_cov"].double()} if mode == "phis" else {"std": stats[f"{part}_std"].double()}
-        out[part] = FeatureStandardizer.from_stats(mean, mode=mode, **extra)
-    return out
-
-
-def standardize_batch(batch: dict, stds: dict[str, dict[str, FeatureStandardizer]]) -> dict:
-    """Replace each vision teacher's raw features in `batch` by standardised ones."""
-    with torch.no_grad():
-        batch["vision"] = {name: {part: stds[name][part](x) for part, x in parts.items()}
-                           for name, parts in batch["vision"].items() if name in stds}
-    return batch
+from distill.losses.balance import TrunkTaps, build_balancer
+from distill.losses.chunked import chunked_language_loss
+from distill.losses.drafters import drafter_loss, greedy_captions
+from distill.losses.image import same_caption, siglip_loss, vision_kd_loss
+from distill.losses.language import LanguageDistillLoss
+from distill.losses.targets import SparseTargets, kd_gate_keep
+from distill.train.stages import CONTRASTIVE, DRAFTER, LANGUAGE
 
 
 def balancer_options(loss_cfg) -> dict:
@@ -82,7 +51,7 @@ class DistillObjective(nn.Module):
                                             label_smoothing=loss_cfg.label_smoothing,
                                             kd_gate=getattr(loss_cfg.kd_gate, "value", loss_cfg.kd_gate),
                                             kd_gate_nats=loss_cfg.kd_gate_nats)
-        self.chunk_size = loss_cfg.chunk_size  # > 0: distill/chunked.py, no full-vocab logits
+        self.chunk_size = loss_cfg.chunk_size  # > 0: distill/losses/chunked.py, no full-vocab logits
         self.drafter_prompt_tokens = loss_cfg.drafter_prompt_tokens
         self.use_language, self.use_contrastive, self.use_drafter = use_language, use_contrastive, use_drafter
         self.vision = list(vision)
@@ -100,7 +69,7 @@ class DistillObjective(nn.Module):
         dtype = next(self.student.parameters()).dtype
         decoder = self.use_language or self.use_drafter
         chunked = self.use_language and self.chunk_size > 0
-        if self.use_drafter:  # the drafters learn the student's own greedy captions (distill/drafters.py)
+        if self.use_drafter:  # the drafters learn the student's own greedy captions (distill/losses/drafters.py)
             ids, mask = greedy_captions(self.student, batch["pixel_values"].to(dtype), batch["input_ids"],
                                         batch["attention_mask"], self.drafter_prompt_tokens)
             batch = {**batch, "input_ids": ids, "attention_mask": mask}
@@ -112,16 +81,16 @@ class DistillObjective(nn.Module):
                            head_states=chunked or self.use_drafter,
                            teacher_heads=bool(self.vision))  # no masked view in a stage with no vision term
         losses, logs = {}, {}
+        lang = SparseTargets.from_mapping(batch["lang"]) if self.use_language else None  # read once, here
         if chunked:
             parts = chunked_language_loss(self.language, out.head_states, self.student.get_output_embeddings().weight,
-                                          batch["lang"], batch["labels"], self.chunk_size)
+                                          lang, batch["labels"], self.chunk_size)
         elif self.use_language:
-            parts = self.language(out.logits, batch["lang"], labels=batch["labels"], mtp_logits=out.mtp_logits)
+            parts = self.language(out.logits, lang, labels=batch["labels"], mtp_logits=out.mtp_logits)
         if self.use_language:
             losses[LANGUAGE] = parts.pop("loss")
             logs.update({f"loss/{k}": v.detach() for k, v in parts.items()})
             if self.language.kd_gate != "none" and self.language.alpha < 1:  # selective KD: the main head's share
-                lang = SparseTargets.from_mapping(batch["lang"])
                 keep = kd_gate_keep(lang, self.language.kd_gate, self.language.kd_gate_nats)
                 logs["kd_gate/kept"] = (keep.sum() / lang.mask.sum().clamp_min(1)).detach().float()
         for name in self.vision:  # teacher features arrive standardised (standardize_batch)

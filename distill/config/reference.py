@@ -1,7 +1,7 @@
-"""The config reference (docs/config.md), generated from the typed schema in distill/schema.py so
+"""The config reference (docs/config.md), generated from the typed schema in distill/config/schema.py so
 that it cannot drift: every key, its type, its default, and the comment written beside the field.
 
-    python -m distill.configref > docs/config.md      (or: make docs)
+    python -m distill.config.reference > docs/config.md      (or: make docs)
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import re
 import tokenize
 from enum import Enum
 
-from distill import schema
-from teachers import registry
+from data import teacher_config
+from distill.config import schema
 
 HEADER = """# Config reference
 
-Generated from the typed schema (`distill/schema.py`, `teachers/registry.py`) by
-`python -m distill.configref > docs/config.md` (`make docs`); a test fails when this file is stale.
+Generated from the typed schema (`distill/config/schema.py`, `data/teacher_config.py`) by
+`python -m distill.config.reference > docs/config.md` (`make docs`); a test fails when this file is stale.
 Set keys in a YAML file (`--config`, repeatable: later files win) or on the command line as
 `key=value` (`train.lr=3e-4`, `teachers.vision.0.image_size=112`). An unknown key, a wrong type,
 an unknown choice or a value outside its range (the `range` column: `>= 1`, `> 0`, `[0, 1)`, ...; a
@@ -54,13 +54,13 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def _classes(kind: type) -> dict[str, type]:
     """The schema's dataclasses (kind=object) or enums (kind=Enum), by name."""
-    return {name: obj for module in (schema, registry) for name, obj in vars(module).items()
+    return {name: obj for module in (schema, teacher_config) for name, obj in vars(module).items()
             if isinstance(obj, type) and issubclass(obj, kind) and obj is not kind
             and (kind is Enum or dataclasses.is_dataclass(obj))}
 
 
 def _type_name(f: dataclasses.Field) -> str:
-    """The annotation as written: `AdaptConfig | None`, not `teachers.registry.AdaptConfig | None`."""
+    """The annotation as written: `AdaptConfig | None`, not `data.teacher_config.AdaptConfig | None`."""
     return f.type.__name__ if isinstance(f.type, type) else re.sub(r"\b[a-z_]\w*\.", "", str(f.type))
 
 

@@ -1,5 +1,5 @@
 """The typed schema of a run's configuration: the dataclasses that configs/*.yaml merge onto, and the enums
-of every choice (distill/config.py loads and checks them; docs/config.md is generated from here)."""
+of every choice (distill/config/load.py loads and checks them; docs/config.md is generated from here)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from data.images import RESAMPLE
 from data.sources import SOURCES
-from teachers.registry import TeacherConfig
+from data.teacher_config import TeacherConfig
 
 
 def ranged(default, spec: str):
@@ -24,7 +24,7 @@ class Runner(str, Enum):
 
 # Every field that names a choice is an enum (or is checked in `_check`). Where the registry lives in a
 # module that imports torch, the names are listed here and tests/test_config.py checks them against it
-# (distill.losses.DIVERGENCES, distill.balance.BALANCERS, distill.standardize.MODES).
+# (distill.losses.language.DIVERGENCES, distill.losses.balance.BALANCERS, data.standardize.MODES).
 SourceKind = Enum("SourceKind", {kind: kind for kind in SOURCES}, type=str)  # data.sources.SOURCES
 Resample = Enum("Resample", {name: name for name in RESAMPLE}, type=str)  # data.images.RESAMPLE
 
@@ -174,7 +174,7 @@ class LossConfig:
     uld_weight: float = ranged(1.0, ">= 0")
     mtp_weight: float = ranged(0.5, ">= 0")  # weight of each MTP depth's term relative to the main head
     # > 0: the language loss from the heads' hidden states, this many positions' full-vocabulary logits at a
-    # time (distill/chunked.py; docs/losses.md, "Chunked head"; configs/default.yaml: 32); 0: all dense at once
+    # time (distill/losses/chunked.py; docs/losses.md, "Chunked head"; configs/default.yaml: 32); 0: all dense at once
     chunk_size: int = ranged(0, ">= 0")
     # the drafter term: the captions' first 1..N tokens prompt the student's greedy captions it learns from
     drafter_prompt_tokens: int = ranged(3, ">= 1")

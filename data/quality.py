@@ -7,7 +7,7 @@ token and the end of the row (stored position j predicts token j+1; the last pos
 
 The perplexity is also split at the caption tokens that spell a grounded word (one only the image tells: the
 samples' `grounded` column) and at every other caption token (`GroundedSplit`): a teacher that cannot see the
-image has a grounded perplexity far above its other one. The student's (distill/evaluate.py) is split at the
+image has a grounded perplexity far above its other one. The student's (distill/eval/evaluate.py) is split at the
 same tokens.
 
 The references are interpolated n-gram models over the same token ids (Jelinek-Mercer: orders 0 (uniform
@@ -76,7 +76,7 @@ class GroundedSplit:
     `add(token_nll, positions)`: `token_nll[t - 1]` is -log p(token t | the tokens before it) for t = 1..L-1 (a
     stored target row's position t-1 predicts token t, as do a student's logits at t-1; a teacher row's
     -token_logprob[:-1], its last position predicting nothing), `positions` the grounded t
-    (distill.evaluate.grounded_positions). Token-weighted in log space the two give back the perplexity over all
+    (distill.eval.evaluate.grounded_positions). Token-weighted in log space the two give back the perplexity over all
     the tokens: n_g·log(ppl_grounded) + n_o·log(ppl_other) = (n_g + n_o)·log(ppl)."""
 
     def __init__(self):
@@ -104,7 +104,7 @@ class GroundedSplit:
 
 def teacher_grounded_split(rows: list[dict], positions) -> GroundedSplit:
     """The teacher's exact figures (`token_logprob`) split at the grounded tokens; `positions(token_ids, words)`
-    gives a row's grounded positions (distill.evaluate.grounded_positions with the teacher's tokenizer)."""
+    gives a row's grounded positions (distill.eval.evaluate.grounded_positions with the teacher's tokenizer)."""
     split = GroundedSplit()
     for r in rows:
         words = r.get("grounded") or []

@@ -29,7 +29,7 @@ def vision_kd_loss(student_summary: Tensor | None, student_patches: Tensor | Non
                    summary_weight: float = 1.0, patch_weight: float = 1.0, cos_weight: float = 1.0,
                    l1_weight: float = 1.0, beta: float = 1.0) -> dict[str, Tensor]:
     """Feature KD for one vision teacher: cosine + smooth-L1 between the adaptor outputs and the
-    teacher's standardised features (see distill.standardize), on the summary [B, D] and on the
+    teacher's standardised features (see data.standardize), on the summary [B, D] and on the
     patches [B, P, D].
 
     `patch_mask` [B, P] marks what was hidden from the student (masked-image distillation): a bool
