@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import sys
 
@@ -141,40 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
-def _adapt(cfg, args) -> int:
-    from flows.adapt import run_adapt
-    run_adapt(cfg)
-    return 0
+# The stages that take the config alone: command -> "module:function", imported when the command runs.
+STAGES = {"adapt": "flows.adapt:run_adapt", "collect": "flows.collect:run_collect", "train": "flows.train:run_train",
+          "evaluate": "flows.evaluate:run_evaluate", "pipeline": "flows.pipeline:run_pipeline",
+          "onpolicy": "flows.onpolicy:run_onpolicy"}
 
 
-def _collect(cfg, args) -> int:
-    from flows.collect import run_collect
-    run_collect(cfg)
-    return 0
-
-
-def _train(cfg, args) -> int:
-    from flows.train import run_train
-    run_train(cfg)
-    return 0
-
-
-def _evaluate(cfg, args) -> int:
-    from flows.evaluate import run_evaluate
-    run_evaluate(cfg)
-    return 0
-
-
-def _pipeline(cfg, args) -> int:
-    from flows.pipeline import run_pipeline
-    run_pipeline(cfg)
-    return 0
-
-
-def _onpolicy(cfg, args) -> int:
-    from flows.onpolicy import run_onpolicy
-    run_onpolicy(cfg)
-    return 0
+def _stage(target: str):
+    def run(cfg, args) -> int:
+        module, _, function = target.partition(":")
+        getattr(importlib.import_module(module), function)(cfg)
+        return 0
+    return run
 
 
 def _ui(cfg, args) -> int:
@@ -188,9 +167,7 @@ def _deploy(cfg, args) -> int:
     return 0
 
 
-COMMANDS = {"adapt": _adapt,
-            "collect": _collect, "train": _train, "evaluate": _evaluate, "pipeline": _pipeline, "onpolicy": _onpolicy,
-            "ui": _ui, "deploy": _deploy}
+COMMANDS = {**{name: _stage(target) for name, target in STAGES.items()}, "ui": _ui, "deploy": _deploy}
 
 if __name__ == "__main__":
     sys.exit(main())
