@@ -57,11 +57,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import student  # noqa: E402
 import student.speculative as speculative  # noqa: E402
-from data.dataset import image_tensor  # noqa: E402
 from data.shards import atomic_write_json, load_manifest, read_shard  # noqa: E402
 from data.targets import decode_language_row  # noqa: E402
 from student import speculative_generate  # noqa: E402
 from student.decoder import KVCache  # noqa: E402
+from student.pixels import image_tensor  # noqa: E402
 from student.speculative import greedy_tokens  # noqa: E402
 from student.speculative_batch import speculative_generate_batch  # noqa: E402
 

@@ -13,17 +13,15 @@ loss jumps at each switch; a window spanning the sources mixes them in every bat
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import lru_cache
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from data.images import decode_image
 from data.shards import MANIFEST, ShardError, load_manifest, read_shard
 from data.targets import Modality, decode_language_row, language_encoding
-from student.image_processing_cogvit_mtp import CogViTMTPImageProcessor
 
 
 class ManifestMismatchError(ShardError):
@@ -69,10 +67,14 @@ def modality(manifest: dict, folder: Path) -> Modality:
 
 
 class DistillDataset(torch.utils.data.Dataset):
-    """Rows of one split: image tensor, the caption and its teacher token ids, and every teacher's targets."""
+    """Rows of one split: image tensor, the caption and its teacher token ids, and every teacher's targets.
 
-    def __init__(self, samples_dir: str | Path, target_dirs: dict[str, str | Path], split: str = "train",
-                 image_size: int = 56, verify: bool = True, open_shards: int = 8):
+    `transform` turns a sample's PNG bytes into its `pixel_values`: the student's preprocessing, which the
+    layer above passes in (`student.image_transform(size)`), as data/ imports no model code.
+    """
+
+    def __init__(self, samples_dir: str | Path, target_dirs: dict[str, str | Path], split: str = "train", *,
+                 transform: Callable[[bytes], torch.Tensor], verify: bool = True, open_shards: int = 8):
         self.samples_dir = Path(samples_dir)
         self.target_dirs = {n: Path(d) for n, d in target_dirs.items()}
         self.samples = load_manifest(self.samples_dir, verify)
@@ -80,7 +82,7 @@ class DistillDataset(torch.utils.data.Dataset):
         kinds = {n: modality(m, self.target_dirs[n]) for n, m in self.targets.items()}
         self.language = next((n for n, k in kinds.items() if k == Modality.language), None)
         self.vision = [n for n, k in kinds.items() if k == Modality.vision]
-        self.image_size, self.open_shards = image_size, open_shards
+        self.transform, self.open_shards = transform, open_shards
         self._open: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self.index: list[tuple[int, int]] = []  # (shard, row) of every row in `split`
         for s, entry in enumerate(self.samples["shards"]):
@@ -106,7 +108,7 @@ class DistillDataset(torch.utils.data.Dataset):
         shard, row = self.index[i]
         sample = self._table("samples", shard).slice(row, 1).to_pylist()[0]
         item = {"id": sample["id"], "caption": sample["caption"], "label": sample["label"],
-                "grounded": sample["grounded"], "pixel_values": image_tensor(sample["image"], self.image_size),
+                "grounded": sample["grounded"], "pixel_values": self.transform(sample["image"]),
                 "vision": {}}
         for name in self.targets:
             table = self._table(name, shard)
@@ -145,16 +147,6 @@ class DistillDataset(torch.utils.data.Dataset):
             rows = [i for shard in shards[lo:lo + window] for i in by_shard[shard]]
             order += rng.permutation(rows).tolist()
         return order
-
-
-def image_tensor(png: bytes, size: int) -> torch.Tensor:
-    """The student's own preprocessing (`CogViTMTPImageProcessor`, saved with the exported student)."""
-    return torch.from_numpy(_image_processor(size).pixels(decode_image(png)))
-
-
-@lru_cache(maxsize=8)
-def _image_processor(size: int) -> CogViTMTPImageProcessor:
-    return CogViTMTPImageProcessor.for_size(size)
 
 
 class BlockShuffleSampler(torch.utils.data.Sampler):

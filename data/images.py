@@ -2,7 +2,8 @@
 
 Samples carry their image as PNG bytes (RGB). `encode_png` makes those bytes, `decode_image`
 turns them back into an RGB PIL image and fails loudly on bad data. The student's pixel tensors are
-made by its image processor (`data.dataset.image_tensor`), the teachers' by each teacher.
+made by its image processor (`student.pixels.image_tensor`, which the trainer passes to the dataset), the
+teachers' by each teacher.
 """
 
 from __future__ import annotations

@@ -68,14 +68,14 @@ class MixedDataset(torch.utils.data.Dataset):
                 for j in range(len(base))]
 
 
-def mixed_dataset(base: DistillDataset, folders, fraction: float, image_size: int, student_vocab: int | None,
+def mixed_dataset(base: DistillDataset, folders, fraction: float, student_vocab: int | None,
                   expected_digests: dict) -> MixedDataset:
     """`base` mixed with shard folders (each with samples/ and targets/<base's language teacher>/), every folder
     checked as the training shards are."""
     extra = []
     for folder in map(Path, folders):
         folder, dirs = folder.expanduser(), {base.language: folder.expanduser() / "targets" / base.language}
-        ds = DistillDataset(folder / "samples", dirs, "train", image_size)
+        ds = DistillDataset(folder / "samples", dirs, "train", transform=base.transform)
         check_manifests(ds.samples, ds.targets, student_vocab=student_vocab, expected_digests=expected_digests,
                         where={"samples": folder / "samples", **dirs})
         extra.append(ds)

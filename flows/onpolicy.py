@@ -68,8 +68,9 @@ def onpolicy_kl_task(config: dict, student_dir: str, folder: str) -> dict:
     cfg = from_dict(config)
     generate_task.fn(config, student_dir, folder, "test", cfg.onpolicy.eval_prompts, 0)
     scored = score_task.fn(config, folder)
-    return {**onpolicy_kl(Path(student_dir), Path(folder), cfg.teachers.language.name, cfg.onpolicy.prompt_tokens,
-                          cfg.evaluate.batch_size), "eval/onpolicy_teacher_forwards": scored["teacher_forwards"]}
+    kl = onpolicy_kl(Path(student_dir), Path(folder), cfg.teachers.language.name, cfg.onpolicy.prompt_tokens,
+                     cfg.student.image_size, cfg.evaluate.batch_size)
+    return {**kl, "eval/onpolicy_teacher_forwards": scored["teacher_forwards"]}
 
 
 @task(name="evaluate-round")

@@ -11,6 +11,7 @@ from .decoder import IGNORE_INDEX, KVCache, mtp_labels, shift_labels
 from .image_processing_cogvit_mtp import CogViTMTPImageProcessor
 from .lora import decoder_config_kwargs
 from .modeling_cogvit_mtp import CogViTMTPForDistillation, CogViTMTPOutput, build_student
+from .pixels import image_tensor, image_transform
 from .processing_cogvit_mtp import CogViTMTPProcessor
 from .speculative import speculative_generate
 from .vision import sample_image_mask, summary_names
@@ -35,6 +36,8 @@ __all__ = [
     "KVCache",
     "build_student",
     "decoder_config_kwargs",
+    "image_tensor",
+    "image_transform",
     "load_preset",
     "mtp_labels",
     "sample_image_mask",

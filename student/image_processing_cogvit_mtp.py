@@ -1,8 +1,8 @@
 """Image processor of the CogViT MTP student: the one preprocessing used in training, evaluation and inference.
 
 RGB, bilinear resize to `size` x `size` (PIL), rescale by 1/255, normalise with mean 0.5 and std 0.5 per
-channel. `data.dataset.image_tensor` calls `pixels` below, so the shards' training images and a user's
-images go through the same code.
+channel. `student.pixels.image_tensor` (the dataset's transform) calls `pixels` below, so the shards'
+training images and a user's images go through the same code.
 """
 
 import numpy as np

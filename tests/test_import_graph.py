@@ -68,17 +68,10 @@ def test_the_graph_is_read():
     assert "distill.losses.language" in g["distill.losses"]  # through the face's table
 
 
-# The one crossing left: the training pixels are made by the student's own image processor, the file that is
-# saved with an exported student and must import nothing of this project (docs/architecture.md, "Still open").
-# The set may only shrink.
-KNOWN_CROSSINGS = {"data.dataset -> student.image_processing_cogvit_mtp"}
-
-
 def test_no_layer_imports_one_above_it(graph):
     wrong = {f"{a} -> {b}" for a, targets in graph.items() for b in targets
              if b.split(".")[0] in FORBIDDEN[a.split(".")[0]]}
-    assert sorted(wrong - KNOWN_CROSSINGS) == []
-    assert KNOWN_CROSSINGS <= wrong, "a known crossing is gone: take it off KNOWN_CROSSINGS"
+    assert sorted(wrong) == []
 
 
 def test_no_circle(graph):

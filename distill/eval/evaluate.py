@@ -58,6 +58,7 @@ from data.student_tokenizer import CrossTokenizer
 from data.vocab import TokenMap
 from distill.eval.mtp_eval import mtp_figures_in_child, mtp_prompts, speculative_figures
 from distill.losses.language import SparseTargets, language_kd_loss, shift_targets
+from student.pixels import image_transform
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,9 @@ def probes(model, train_ds, test_ds, test_student, test_labels, stds, pad_id, ba
 def load_eval_data(samples_dir: Path, target_dirs: dict[str, Path], image_size: int, with_train: bool,
                    standardize: str = "phis"):
     """Test split (and train split for the probes), with the standardisers used in training."""
-    test = DistillDataset(samples_dir, target_dirs, "test", image_size)
-    train = DistillDataset(samples_dir, target_dirs, "train", image_size, verify=False) if with_train else None
+    test = DistillDataset(samples_dir, target_dirs, "test", transform=image_transform(image_size))
+    train = (DistillDataset(samples_dir, target_dirs, "train", transform=image_transform(image_size), verify=False)
+             if with_train else None)
     stds = {n: standardizers(test.targets[n], target_dirs[n], standardize) for n in test.vision}
     return test, train, stds
 

@@ -16,11 +16,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from data.dataset import DistillDataset, collate, image_tensor
+from data.dataset import DistillDataset, collate
 from data.shards import ShardError, ShardWriter, digest, load_manifest, read_shard, sha256_file, write_manifest
 from data.targets import SAMPLES_SCHEMA, decode_language_row
 from distill.config.load import check_config, from_dict, shards_path, to_container
 from distill.losses.language import language_kd_loss
+from student.pixels import image_tensor, image_transform
 
 log = logging.getLogger(__name__)
 ORIGIN = "onpolicy"
@@ -116,15 +117,17 @@ def generations(cfg, student_dir: Path, out_dir: Path, *, split: str, n: int, ro
 
 
 @torch.no_grad()
-def onpolicy_kl(student_dir: Path, folder: Path, language: str, prompt_tokens: int, batch_size: int = 32) -> dict:
+def onpolicy_kl(student_dir: Path, folder: Path, language: str, prompt_tokens: int, image_size: int,
+                batch_size: int = 32) -> dict:
     """eval/onpolicy_kl: KL(teacher || student) at T=1 on the positions that predict the student's own tokens
     (after the prompt) of its scored continuations in `folder` (samples/ and targets/<language>/), and the top-1
     agreement there."""
     from transformers import AutoModel
 
     import student  # noqa: F401
-    dataset = DistillDataset(folder / "samples", {language: folder / "targets" / language}, "train", verify=False)
     model = AutoModel.from_pretrained(str(student_dir), dtype=torch.float32).eval()
+    dataset = DistillDataset(folder / "samples", {language: folder / "targets" / language}, "train",
+                             transform=image_transform(image_size), verify=False)
     pad = dataset.targets[language]["producer"].get("eos_id") or 0
     kl = agree = count = 0.0
     for lo in range(0, len(dataset), batch_size):

@@ -79,7 +79,8 @@ class DistillRecipe:
         # mixed-in shards carry language targets only, so the vision teachers' are not read with them
         teachers = [cfg.teachers.language] if cfg.train.mix_shards else teacher_configs(cfg)
         target_dirs = {t.name: shards_path(cfg, "targets", t.name) for t in teachers}
-        self.dataset = DistillDataset(shards_path(cfg, "samples"), target_dirs, "train", cfg.student.image_size)
+        self.dataset = DistillDataset(shards_path(cfg, "samples"), target_dirs, "train",
+                                      transform=student_pkg.image_transform(cfg.student.image_size))
         if self.dataset.language is None:
             raise ValueError("training needs a language teacher's shards (teachers.language)")
         expected = {t.name: t.weights_digest for t in teachers}
@@ -87,7 +88,7 @@ class DistillRecipe:
                         expected_digests=expected, where={"samples": shards_path(cfg, "samples"), **target_dirs})
         if cfg.train.mix_shards:
             self.dataset = mixed_dataset(self.dataset, cfg.train.mix_shards, cfg.train.mix_fraction,
-                                         cfg.student.image_size, cfg.student.vocab_size, expected)
+                                         cfg.student.vocab_size, expected)
         self.vision = self.dataset.vision if cfg.loss.vision else []
         self.stages = resolve_stages(cfg, bool(self.vision))
         heads = {n: {"summary_dim": len(self.dataset.targets[n]["feature_stats"]["summary_mean"]),

@@ -20,6 +20,7 @@ from data.targets import (
     language_table,
 )
 from distill.losses import SparseTargets, language_kd_loss
+from student.pixels import image_transform
 
 V, K, TAUS = 3000, 16, (2.0, 4.0)
 
@@ -140,7 +141,7 @@ def test_collected_tempered_tails_reach_the_training_batch(prefect_harness, tiny
     run_collect(cfg)
     names = [t.name for t in teacher_configs(cfg)]
     ds = DistillDataset(shards_path(cfg, "samples"), {n: shards_path(cfg, "targets", n) for n in names}, "train",
-                        cfg.student.image_size)
+                        transform=image_transform(cfg.student.image_size))
     lang = collate([ds[i] for i in range(4)])["lang"]
     assert lang["tail_temperatures"] == (2.0,) and lang["tempered_tail"].shape[:2] == lang["mask"].shape
     assert ds.targets[ds.language]["producer"]["tail_temperatures"] == [2.0]

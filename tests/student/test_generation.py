@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import student
-from data.dataset import image_tensor
+from student.pixels import image_tensor
 from teachers.tiny import make_tiny_tokenizer
 
 BOS, EOS = 2, 3

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import student
-from data.dataset import image_tensor
+from student.pixels import image_tensor
 from student.portable import load_base_student, make_portable, saved_image_size
 from teachers.tiny import make_tiny_tokenizer
 

@@ -11,6 +11,7 @@ from data.dataset import DistillDataset, ManifestMismatchError
 from data.images import decode_image
 from data.shards import load_manifest, read_shard
 from data.targets import decode_vision
+from student.pixels import image_transform
 from teachers import Modality, teacher_config
 from teachers.contract import check_teacher
 from teachers.registry import teacher_class
@@ -70,13 +71,13 @@ def test_a_teacher_kind_is_one_class_and_one_config_line(tiny_cfg, prefect_harne
         np.testing.assert_array_equal(got_summary, np.stack([x.mean((0, 1)) for x in want]).astype(np.float16))
         np.testing.assert_array_equal(got_features, np.stack([quadrants(x) for x in want]).astype(np.float16))
 
-    ds = DistillDataset(summary["samples_dir"], summary["targets"], image_size=28)
+    ds = DistillDataset(summary["samples_dir"], summary["targets"], transform=image_transform(28))
     assert ds.language is None and ds.vision == ["means"]
 
     path = Path(folder) / "manifest.json"  # made a manifest from before the contract
     path.write_text(json.dumps({k: v for k, v in manifest.items() if k != "modality"}))
     with pytest.raises(ManifestMismatchError, match="no teacher modality recorded.*re-run `mmtp collect`"):
-        DistillDataset(summary["samples_dir"], summary["targets"], image_size=28)
+        DistillDataset(summary["samples_dir"], summary["targets"], transform=image_transform(28))
 
 
 def test_dotted_kinds_resolve_and_must_declare_a_modality(cache_dir):

@@ -23,7 +23,8 @@ XTOKEN = PROJECT_ROOT / "configs" / "tiny_xtoken.yaml"
 def test_items_move_into_the_student_tokens_and_collate_carries_both_masks(tiny_collected):
     cfg, collected = tiny_collected
     target_dirs = {n: Path(d) for n, d in collected["targets"].items()}
-    dataset = DistillDataset(shards_path(cfg, "samples"), target_dirs, "train", cfg.student.image_size)
+    dataset = DistillDataset(shards_path(cfg, "samples"), target_dirs, "train",
+                             transform=student.image_transform(cfg.student.image_size))
     captions = split_captions(dataset)
     assert len(captions) == len(dataset) and captions[0] == dataset[0]["caption"]
     student_tok = build_tokenizer("captions", captions, 300)
