@@ -43,33 +43,24 @@ import json
 import logging
 import os
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data.dataset import DistillDataset, collate
-from data.devices import model_on, resolve_device, to_device
+from data.dataset import DistillDataset
+from data.devices import model_on, resolve_device
 from data.quality import GroundedSplit
-from data.standardize import standardize_batch, standardizers
+from data.standardize import standardizers
 from data.student_tokenizer import CrossTokenizer
 from data.vocab import TokenMap
+from distill.eval.batches import eval_batches
 from distill.eval.mtp_eval import mtp_figures_in_child, mtp_prompts, speculative_figures
 from distill.losses.language import SparseTargets, language_kd_loss, shift_targets
 from student.pixels import image_transform
 
 log = logging.getLogger(__name__)
-
-
-def _batches(dataset: DistillDataset, batch_size: int, pad_id: int, stds: dict, device: torch.device, cross=None):
-    """(items, batch): collated and standardised on the CPU, then moved to `device` once; with `cross`, the
-    items are first moved into the student tokenizer's positions."""
-    for lo in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))]
-        items = [cross(it) for it in items] if cross is not None else items
-        yield items, to_device(standardize_batch(collate(items, pad_id), stds), device)
 
 
 def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> list[int]:
@@ -102,89 +93,118 @@ def evaluate_student(model, dataset: DistillDataset, train_dataset: DistillDatas
         tokenizer, pad_id = cross.student, cross.pad_id
     model.eval()
     device = model_on(model, device)
-    depth = model.config.mtp_depth
-    heads = ["main"] + [f"mtp{k}" for k in range(1, depth + 1)]
-    sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in heads}
-    nll, n_tokens, unknown, aligned, reachable, teacher_nll = 0.0, 0, [0, 0], [0, 0], 0, 0.0
-    split = GroundedSplit()  # the student's perplexity at the grounded tokens and at the others
-    token_map = TokenMap.from_config(model.config)  # a trimmed vocabulary: batches move to the student's ids
-    grounded = {"image": [0, 0], "blank": [0, 0]}
-    cos = {}
+    sums = _Sums(model.config, cross is not None)
     feats, labels = [], []
-    for items, batch in _batches(dataset, batch_size, pad_id, stds, device, cross):
-        if cross is None:  # in the teacher's ids, before a trimmed vocabulary moves them
-            teacher_nll += teacher_caption_nll(batch["lang"], batch["input_ids"])
-        if token_map is not None:
-            unknown = [a + b for a, b in zip(unknown, token_map.unknown_fraction(batch), strict=True)]
-            batch = token_map.batch(batch)
+    for items, batch in eval_batches(dataset, batch_size, pad_id, stds, device, cross):
+        batch = sums.teacher_ids(batch)
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], text_logits_only=True)
-        lang = batch["lang"]
-        if cross is not None:  # exact positions (the KL and agreement below) and all with a teacher target
-            aligned = [aligned[0] + int(lang["mask"].sum()), aligned[1] + int((lang["mask"] | lang["approx"]).sum())]
-        # a student token can agree only where the teacher's top-1 is one (always, on the teacher's vocabulary)
-        reachable += int((lang["mask"] & (lang["topk_ids"][..., 0] >= 0)).sum())
-        for k, (name, logits) in enumerate(zip(heads, [out.logits, *out.mtp_logits], strict=True)):
-            agree, kl, n = agreement_and_kl(logits, SparseTargets.from_mapping(lang), k)
-            sums[f"agree/{name}"] += agree
-            sums[f"kl/{name}"] += kl
-            sums[f"count/{name}"] += n
-        # next-token CE over caption tokens 1..L-1 (token 0 is BOS)
-        labels_next = batch["labels"][:, 1:]
-        ce = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels_next, ignore_index=-100,
-                             reduction="none").cpu().double().numpy()  # [b, t - 1]: -log p(caption token t)
-        nll += float(ce.sum())  # in float64, as the grounded split's sums
-        n_tokens += int((labels_next != -100).sum())
+        ce = sums.language(batch, out)
         blank = model(torch.zeros_like(batch["pixel_values"]), batch["input_ids"], batch["attention_mask"],
                       text_logits_only=True).logits
-        preds = {"image": out.logits.argmax(-1).cpu(), "blank": blank.argmax(-1).cpu()}  # one copy per batch
-        if token_map is not None:  # compared with the caption's teacher ids
-            preds = {key: token_map.teacher_ids_of(pred) for key, pred in preds.items()}
+        sums.grounded(items, ce, {"image": out.logits, "blank": blank}, tokenizer)
+        sums.vision(items, batch, out)
+        feats.append(model.image_features(batch["pixel_values"]).float().cpu().numpy())
+        labels += [f"{it['id'].rsplit('-', 1)[0]}:{it['label']}" for it in items]
+    metrics = sums.metrics()
+    if train_dataset is not None:
+        from distill.eval.probes import probes
+        metrics.update(probes(model, train_dataset, dataset, np.concatenate(feats), labels, stds, pad_id, batch_size,
+                              device))
+    return metrics
+
+
+class _Sums:
+    """The running sums behind `evaluate_student`'s metrics, batch by batch."""
+
+    def __init__(self, config, cross: bool):
+        self.cross = cross
+        self.heads = ["main"] + [f"mtp{k}" for k in range(1, config.mtp_depth + 1)]
+        self.sums = {f"{m}/{h}": 0.0 for m in ("agree", "kl", "count") for h in self.heads}
+        self.nll, self.n_tokens, self.teacher_nll, self.reachable = 0.0, 0, 0.0, 0
+        self.unknown, self.aligned = [0, 0], [0, 0]
+        self.split = GroundedSplit()  # the student's perplexity at the grounded tokens and at the others
+        self.token_map = TokenMap.from_config(config)  # a trimmed vocabulary: batches move to the student's ids
+        self.hits = {"image": [0, 0], "blank": [0, 0]}
+        self.cos = {}
+
+    def teacher_ids(self, batch: dict) -> dict:
+        """The teacher's bound, in the teacher's ids; then the batch in the student's ids."""
+        if not self.cross:  # in the teacher's ids, before a trimmed vocabulary moves them
+            self.teacher_nll += teacher_caption_nll(batch["lang"], batch["input_ids"])
+        if self.token_map is None:
+            return batch
+        self.unknown = [a + b for a, b in zip(self.unknown, self.token_map.unknown_fraction(batch), strict=True)]
+        return self.token_map.batch(batch)
+
+    def language(self, batch: dict, out) -> np.ndarray:
+        """Agreement and KL of every head, and the caption NLL; returns -log p(caption token t) [b, t - 1]."""
+        lang = batch["lang"]
+        if self.cross:  # exact positions (the KL and agreement below) and all with a teacher target
+            self.aligned[0] += int(lang["mask"].sum())
+            self.aligned[1] += int((lang["mask"] | lang["approx"]).sum())
+        # a student token can agree only where the teacher's top-1 is one (always, on the teacher's vocabulary)
+        self.reachable += int((lang["mask"] & (lang["topk_ids"][..., 0] >= 0)).sum())
+        for k, (name, logits) in enumerate(zip(self.heads, [out.logits, *out.mtp_logits], strict=True)):
+            agree, kl, n = agreement_and_kl(logits, SparseTargets.from_mapping(lang), k)
+            self.sums[f"agree/{name}"] += agree
+            self.sums[f"kl/{name}"] += kl
+            self.sums[f"count/{name}"] += n
+        labels_next = batch["labels"][:, 1:]  # next-token CE over caption tokens 1..L-1 (token 0 is BOS)
+        ce = F.cross_entropy(out.logits[:, :-1].transpose(1, 2).float(), labels_next, ignore_index=-100,
+                             reduction="none").cpu().double().numpy()
+        self.nll += float(ce.sum())  # in float64, as the grounded split's sums
+        self.n_tokens += int((labels_next != -100).sum())
+        return ce
+
+    def grounded(self, items: list[dict], ce: np.ndarray, logits: dict, tokenizer) -> None:
+        """Top-1 accuracy at the grounded words with the image and with a blank one, and the split NLL."""
+        preds = {key: value.argmax(-1).cpu() for key, value in logits.items()}  # one copy per batch
+        if self.token_map is not None:  # compared with the caption's teacher ids
+            preds = {key: self.token_map.teacher_ids_of(pred) for key, pred in preds.items()}
         for b, it in enumerate(items):
             ids = it["input_ids"].tolist()
             positions = grounded_positions(ids, it["grounded"], tokenizer)
-            split.add(ce[b, : len(ids) - 1], positions)
+            self.split.add(ce[b, : len(ids) - 1], positions)
             for t in positions:
                 for key, pred in preds.items():
-                    grounded[key][0] += int(pred[b, t - 1] == ids[t])
-                    grounded[key][1] += 1
+                    self.hits[key][0] += int(pred[b, t - 1] == ids[t])
+                    self.hits[key][1] += 1
+
+    def vision(self, items: list[dict], batch: dict, out) -> None:
         for name, v in batch["vision"].items():
             if name not in out.teacher_outputs:  # a student trained without this teacher (baseline)
                 continue
             s = out.teacher_outputs[name]
-            c = cos.setdefault(name, [0.0, 0.0, 0])
+            c = self.cos.setdefault(name, [0.0, 0.0, 0])
             c[0] += float(F.cosine_similarity(s["summary"], v["summary"], dim=-1).sum())
             c[1] += float(F.cosine_similarity(s["features"], v["features"], dim=-1).mean(-1).sum())
             c[2] += len(items)
-        feats.append(model.image_features(batch["pixel_values"]).float().cpu().numpy())
-        labels += [f"{it['id'].rsplit('-', 1)[0]}:{it['label']}" for it in items]
 
-    metrics = {}
-    for h in heads:
-        count = max(sums[f"count/{h}"], 1)
-        metrics[f"eval/agreement/{h}"] = sums[f"agree/{h}"] / count
-        metrics[f"eval/kl/{h}"] = sums[f"kl/{h}"] / count
-    metrics["eval/perplexity"] = float(np.exp(nll / max(n_tokens, 1)))
-    if cross is None:
-        metrics["eval/teacher_perplexity_bound"] = float(np.exp(teacher_nll / max(n_tokens, 1)))
-    if token_map is not None or cross is not None:
-        metrics["eval/teacher_top1_in_vocab"] = reachable / max(sums["count/main"], 1)
-    if token_map is not None:  # caption tokens the trimmed vocabulary lacks (they count as its unknown token)
-        metrics["eval/unknown_token_rate"] = unknown[0] / max(unknown[1], 1)
-    if cross is not None:
-        metrics["eval/aligned_fraction"] = aligned[0] / max(aligned[1], 1)
-    if grounded["image"][1]:
-        metrics["eval/grounded_acc"] = grounded["image"][0] / grounded["image"][1]
-        metrics["eval/grounded_acc_blank"] = grounded["blank"][0] / grounded["blank"][1]
-        metrics["eval/grounding_gap"] = metrics["eval/grounded_acc"] - metrics["eval/grounded_acc_blank"]
-        metrics["eval/grounded_tokens"] = grounded["image"][1]
-    metrics.update(split.metrics("eval/perplexity"))
-    for name, (sc, pc, n) in cos.items():
-        metrics[f"eval/vision/{name}/summary_cos"] = sc / n
-        metrics[f"eval/vision/{name}/patch_cos"] = pc / n
-    if train_dataset is not None:
-        metrics.update(probes(model, train_dataset, dataset, np.concatenate(feats), labels, stds, pad_id, batch_size,
-                              device))
-    return metrics
+    def metrics(self) -> dict[str, float]:
+        metrics = {}
+        for h in self.heads:
+            count = max(self.sums[f"count/{h}"], 1)
+            metrics[f"eval/agreement/{h}"] = self.sums[f"agree/{h}"] / count
+            metrics[f"eval/kl/{h}"] = self.sums[f"kl/{h}"] / count
+        metrics["eval/perplexity"] = float(np.exp(self.nll / max(self.n_tokens, 1)))
+        if not self.cross:
+            metrics["eval/teacher_perplexity_bound"] = float(np.exp(self.teacher_nll / max(self.n_tokens, 1)))
+        if self.token_map is not None or self.cross:
+            metrics["eval/teacher_top1_in_vocab"] = self.reachable / max(self.sums["count/main"], 1)
+        if self.token_map is not None:  # caption tokens the trimmed vocabulary lacks (they count as its unknown)
+            metrics["eval/unknown_token_rate"] = self.unknown[0] / max(self.unknown[1], 1)
+        if self.cross:
+            metrics["eval/aligned_fraction"] = self.aligned[0] / max(self.aligned[1], 1)
+        (hit, n), (blank_hit, _) = self.hits["image"], self.hits["blank"]
+        if n:
+            metrics["eval/grounded_acc"], metrics["eval/grounded_acc_blank"] = hit / n, blank_hit / n
+            metrics["eval/grounding_gap"] = metrics["eval/grounded_acc"] - metrics["eval/grounded_acc_blank"]
+            metrics["eval/grounded_tokens"] = n
+        metrics.update(self.split.metrics("eval/perplexity"))
+        for name, (sc, pc, n) in self.cos.items():
+            metrics[f"eval/vision/{name}/summary_cos"] = sc / n
+            metrics[f"eval/vision/{name}/patch_cos"] = pc / n
+        return metrics
 
 
 def teacher_caption_nll(lang: dict, input_ids) -> float:
@@ -203,44 +223,6 @@ def agreement_and_kl(logits, targets: SparseTargets, depth: int = 0) -> tuple[fl
     agree = (logits.argmax(-1) == t.topk_ids[..., 0]) & t.mask
     kl = language_kd_loss(logits, t, "forward_kl", 1.0, reduction="none")
     return float(agree.sum()), float(kl.sum()), int(t.mask.sum())
-
-
-@torch.no_grad()
-def _features(model, dataset, stds, pad_id, batch_size, device=None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Student pooled features, each teacher's summary and raw pixels (16×16 grey) of every row."""
-    device = model_on(model, device)
-    out: dict[str, list] = {}
-    labels = []
-    for items, batch in _batches(dataset, batch_size, pad_id, stds, device):
-        px = batch["pixel_values"]
-        out.setdefault("student", []).append(model.image_features(px).float().cpu().numpy())
-        grey = F.adaptive_avg_pool2d(px.mean(1, keepdim=True), 16).flatten(1)
-        out.setdefault("pixels", []).append(grey.float().cpu().numpy())
-        for name, v in batch["vision"].items():
-            out.setdefault(name, []).append(v["summary"].cpu().numpy())
-        labels += [f"{it['id'].rsplit('-', 1)[0]}:{it['label']}" for it in items]
-    return {k: np.concatenate(v) for k, v in out.items()}, labels
-
-
-def probes(model, train_ds, test_ds, test_student, test_labels, stds, pad_id, batch_size,
-           device=None) -> dict[str, float]:
-    """Linear-probe accuracy of each feature set (logistic regression, standardised inputs)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    train, y_train = _features(model, train_ds, stds, pad_id, batch_size, device)
-    test, y_test = _features(model, test_ds, stds, pad_id, batch_size, device)
-    result = {}
-    for name in train:
-        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            clf.fit(train[name], y_train)
-        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-            log.info("probe %s: lbfgs stopped at its 300-iteration cap (accuracy is a lower bound)", name)
-        result[f"eval/probe/{name}"] = float(clf.score(test[name], y_test))
-    return result
 
 
 def load_eval_data(samples_dir: Path, target_dirs: dict[str, Path], image_size: int, with_train: bool,
@@ -294,79 +276,88 @@ def exported_dtype(folder: str | Path) -> str | None:
 
 def evaluate_run(cfg, target_dirs: dict[str, Path]) -> dict:
     """Evaluate `evaluate.student` (and `evaluate.baseline`); write eval_report.md and plots."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    import student  # noqa: F401  (registers the Auto classes)
     from data.quality import eval_metrics
     from data.shards import atomic_write_bytes
     from distill.config.load import output_path, shards_path
-    from distill.eval.report import eval_plots, report, teacher_note
-    from student.portable import saved_image_size
+    from distill.eval.report import eval_plots, report
     ev = cfg.evaluate
     test, train, stds = load_eval_data(shards_path(cfg, "samples"), target_dirs, cfg.student.image_size,
                                        ev.probe, cfg.loss.standardize)
     tokenizer = AutoTokenizer.from_pretrained(str(target_dirs[test.language] / "tokenizer"))
     producer = test.targets[test.language]["producer"]
-    pad_id = producer.get("eos_id") or 0
     # the teacher's own figures: data alone, the same for the student and the baseline
     teacher = eval_metrics(shards_path(cfg, "samples"), target_dirs[test.language], producer["vocab_size"],
                            positions=lambda ids, words: grounded_positions(ids, words, tokenizer))
-
     try:
         device = resolve_device(ev.device)
     except ValueError as err:
         raise ValueError(f"evaluate.device: {err}") from None
-
     in_child = device.type == "cpu" and bool(os.environ.get("MKL_CBWR"))  # time MTP in MKL's default mode
-
-    def measure(ref):
-        folder = resolve_student(ref, cfg)
-        size = saved_image_size(folder)  # the student's own preprocessing must be the one evaluated
-        if size is not None and size != cfg.student.image_size:
-            raise ValueError(f"{folder}: its image processor resizes to {size} px but student.image_size="
-                             f"{cfg.student.image_size}; evaluate it at the size it was trained at")
-        # fp32 weights on disk; without dtype= transformers would load them as the config's dtype
-        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
-        bf16 = device.type == "cuda" and exported_dtype(folder) == "bfloat16"
-        cross = folder_cross(folder, tokenizer, producer["vocab_size"])  # a student with its own tokenizer
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=pad_id,
-                                       batch_size=ev.batch_size, device=device, cross=cross)
-        metrics.update(teacher)
-        if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
-            prompts = mtp_prompts(model.config, test, ev.mtp_prompts, ev.mtp_prompt_tokens, cross)
-            if in_child:
-                metrics.update(mtp_figures_in_child(folder, prompts, ev.mtp_new_tokens))
-            else:
-                metrics.update(speculative_figures(model, prompts, ev.mtp_new_tokens, device))
-        return folder, metrics, "bf16 autocast" if bf16 else "fp32"
-
-    folder, metrics, precision = measure(ev.student)
+    data = (test, train, stds, tokenizer, producer, teacher)
+    folder, metrics, precision = _measure(cfg, ev.student, data, device, in_child)
     baseline_ref = ev.baseline
     if baseline_ref and "/" in baseline_ref and not Path(baseline_ref).expanduser().is_dir():
         log.warning("baseline %s does not exist yet (make baseline trains it); evaluating without", baseline_ref)
         baseline_ref = None
-    baseline = measure(baseline_ref)[1] if baseline_ref else None
+    baseline = _measure(cfg, baseline_ref, data, device, in_child)[1] if baseline_ref else None
     out = output_path(cfg, "eval")
     out.mkdir(parents=True, exist_ok=True)
-    notes = [f"student: {folder}", f"test rows: {len(test)}; teachers: {', '.join(test.targets)}",
-             f"device: {device}; precision: {precision}",
+    timing = None  # where mtp/speedup was timed
+    if "mtp/speedup" in metrics:
+        timing = "fresh process, MKL default mode" if in_child else "this process"
+    notes = _notes(folder, test, f"device: {device}; precision: {precision}", metrics, baseline_ref, timing)
+    path = out / "eval_report.md"
+    atomic_write_bytes(path, report(metrics, baseline, "Evaluation report", notes).encode())
+    return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out),
+            "mtp_timing": timing}
+
+
+def _measure(cfg, ref, data: tuple, device, in_child: bool) -> tuple[Path, dict, str]:
+    """One student's folder, metrics (the teacher's beside them) and precision."""
+    from transformers import AutoModel
+
+    import student  # noqa: F401  (registers the Auto classes)
+    from student.portable import saved_image_size
+    test, train, stds, tokenizer, producer, teacher = data
+    ev = cfg.evaluate
+    folder = resolve_student(ref, cfg)
+    size = saved_image_size(folder)  # the student's own preprocessing must be the one evaluated
+    if size is not None and size != cfg.student.image_size:
+        raise ValueError(f"{folder}: its image processor resizes to {size} px but student.image_size="
+                         f"{cfg.student.image_size}; evaluate it at the size it was trained at")
+    # fp32 weights on disk; without dtype= transformers would load them as the config's dtype
+    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    bf16 = device.type == "cuda" and exported_dtype(folder) == "bfloat16"
+    cross = folder_cross(folder, tokenizer, producer["vocab_size"])  # a student with its own tokenizer
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        metrics = evaluate_student(model, test, train, tokenizer, stds=stds, pad_id=producer.get("eos_id") or 0,
+                                   batch_size=ev.batch_size, device=device, cross=cross)
+    metrics.update(teacher)
+    if model.config.mtp_depth > 0 and ev.mtp_prompts > 0:
+        prompts = mtp_prompts(model.config, test, ev.mtp_prompts, ev.mtp_prompt_tokens, cross)
+        if in_child:
+            metrics.update(mtp_figures_in_child(folder, prompts, ev.mtp_new_tokens))
+        else:
+            metrics.update(speculative_figures(model, prompts, ev.mtp_new_tokens, device))
+    return folder, metrics, "bf16 autocast" if bf16 else "fp32"
+
+
+def _notes(folder: Path, test, where: str, metrics: dict, baseline_ref, timing) -> list[str]:
+    """The report's notes: what was evaluated, where, and how each figure was measured."""
+    from distill.eval.report import teacher_note
+    notes = [f"student: {folder}", f"test rows: {len(test)}; teachers: {', '.join(test.targets)}", where,
              "agreement/KL: teacher-forced on test captions, sparse top-k + tail KL(teacher‖student) at T=1 "
              "(a student with its own tokenizer: on its 1:1-aligned positions, eval/aligned_fraction; its "
              "perplexity is per student token, not comparable across tokenizers)",
              "grounded accuracy: tokens of the words only the image tells; 'blank' = the same with a grey image; "
              "perplexity_grounded / _other: at those tokens and at the others (teacher_perplexity_*: the teacher's)",
              teacher_note(metrics)]
-    if baseline:
+    if baseline_ref:
         notes.append(f"baseline: {baseline_ref}")
-    timing = None  # where mtp/speedup was timed
-    if "mtp/speedup" in metrics:
-        timing = "fresh process, MKL default mode" if in_child else "this process"
-    if timing and in_child:
+    if timing == "fresh process, MKL default mode":
         notes.append(f"mtp/speedup: timed in a fresh process in MKL's default mode; this one runs "
                      f"MKL_CBWR={os.environ['MKL_CBWR']} (reproducible teacher shards), which slows batch-1 "
                      "decoding and would flatter the ratio (docs/evaluation.md)")
-    path = out / "eval_report.md"
-    atomic_write_bytes(path, report(metrics, baseline, "Evaluation report", notes).encode())
-    return {"metrics": metrics, "baseline": baseline, "report": path, "plots": eval_plots(metrics, baseline, out),
-            "mtp_timing": timing}
+    return notes

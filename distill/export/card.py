@@ -90,21 +90,7 @@ def model_card(cfg, folder: Path, metrics: dict | None = None, baseline: dict | 
     if config.get("use_lora"):
         lines.append(f"| LoRA | r={config['lora_r']}, alpha={config['lora_alpha']} on the decoder; adapter in "
                      f"`{ADAPTER_DIR}/` |")
-    lines += ["", "## Teachers", "", "| teacher | role | kind | source | weights sha256 |", "|---|---|---|---|---|"]
-    for t in teacher_configs(cfg):
-        producer = (_manifest(shards_path(cfg, "targets", t.name)) or {}).get("producer", {})
-        role = "language" if cfg.teachers.language is not None and t.name == cfg.teachers.language.name else "vision"
-        digest = producer.get("weights_digest")
-        lines.append(f"| {t.name} | {role} | {producer.get('kind', t.kind)} | {producer.get('source', '')} | "
-                     f"{f'`{digest}`' if digest else 'n/a'} |")
-    samples = _manifest(shards_path(cfg, "samples")) or {}
-    sources = ", ".join(s["kind"] for s in samples.get("config", {}).get("sources", [])) or "n/a"
-    splits = samples.get("splits") or {}
-    lines += ["", "## Data", "",
-              f"Sources: {sources}; {samples.get('rows', 'n/a')} samples "
-              f"(manifest digest `{samples.get('config_digest', 'n/a')}`).",
-              "Splits: " + (", ".join(f"{k} {v}" for k, v in sorted(splits.items())) or "n/a") + ". "
-              "The student trains on `train`; the evaluation below is on `test`.", ""]
+    lines += _teachers_and_data(cfg)
     lines += ["## Evaluation", ""] + _eval_table(metrics, baseline) + [""]
     lines += ["## Intended use and limits", "",
               "A research artefact: image captioning and image features at the scale of its training data, and a "
@@ -132,6 +118,26 @@ def model_card(cfg, folder: Path, metrics: dict | None = None, baseline: dict | 
                   "                                 key_mapping={r\"\\.base_layer\\.\": \".\"})",
                   f"model = PeftModel.from_pretrained(base, f\"{{path}}/{ADAPTER_DIR}\")", "```"]
     return "\n".join(lines) + "\n"
+
+
+def _teachers_and_data(cfg) -> list[str]:
+    """The card's teacher table (from the target manifests) and its data section (from the samples manifest)."""
+    lines = ["", "## Teachers", "", "| teacher | role | kind | source | weights sha256 |", "|---|---|---|---|---|"]
+    for t in teacher_configs(cfg):
+        producer = (_manifest(shards_path(cfg, "targets", t.name)) or {}).get("producer", {})
+        role = "language" if cfg.teachers.language is not None and t.name == cfg.teachers.language.name else "vision"
+        digest = producer.get("weights_digest")
+        lines.append(f"| {t.name} | {role} | {producer.get('kind', t.kind)} | {producer.get('source', '')} | "
+                     f"{f'`{digest}`' if digest else 'n/a'} |")
+    samples = _manifest(shards_path(cfg, "samples")) or {}
+    sources = ", ".join(s["kind"] for s in samples.get("config", {}).get("sources", [])) or "n/a"
+    splits = samples.get("splits") or {}
+    lines += ["", "## Data", "",
+              f"Sources: {sources}; {samples.get('rows', 'n/a')} samples "
+              f"(manifest digest `{samples.get('config_digest', 'n/a')}`).",
+              "Splits: " + (", ".join(f"{k} {v}" for k, v in sorted(splits.items())) or "n/a") + ". "
+              "The student trains on `train`; the evaluation below is on `test`.", ""]
+    return lines
 
 
 def _image_tokens(cfg, config) -> int:

@@ -48,32 +48,44 @@ def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tens
     if temperature != 1.0:
         z = z / temperature
     V = z.shape[-1]
-    k = t.topk_ids.shape[-1]
     mask = t.mask.bool()
     raw = t.topk_ids.long()
     col = mask[..., None] & (raw >= 0)  # top-k columns that are student tokens
     top = torch.where(mask[..., None], t.topk_logprobs.detach().float(), 0.0)
     tail = torch.where(mask, t.tail_logprob.detach().float(), 0.0)
+    _check_buckets(raw, mask, col, top, tail, V)
+    ids = torch.where(col, raw, 0)
+    has_tail = V - col.sum(-1) > 0  # student tokens left for the tail bucket
+    s_top, s_tail = _student_buckets(z, ids, col, has_tail)
+    log_p = _teacher_buckets(t, top, tail, mask, col, has_tail, temperature, V)
+    valid = torch.cat([col, has_tail[..., None]], -1)
+    log_p = log_p.masked_fill(~valid, 0.0)
+    log_q = torch.cat([s_top, s_tail[..., None]], -1)
+    return log_p, log_q, valid
 
+
+def _check_buckets(raw: Tensor, mask: Tensor, col: Tensor, top: Tensor, tail: Tensor, V: int) -> None:
+    """Ids inside the student vocab and distinct per position; no NaN at valid positions."""
     bad_ids = mask[..., None] & ((raw < -1) | (raw >= V))
     if bad_ids.any():
         raise ValueError(f"teacher top-k ids outside the student vocab [0, {V}): "
                          f"{raw[bad_ids].unique()[:8].tolist()}")
     # Distinct ids among the student tokens; padding and folded columns get distinct negatives.
-    ordered = torch.where(col, raw, -1 - torch.arange(k, device=z.device)).sort(-1).values
+    ordered = torch.where(col, raw, -1 - torch.arange(raw.shape[-1], device=raw.device)).sort(-1).values
     checks = torch.stack([(ordered[..., 1:] == ordered[..., :-1]).any(),
                           (mask[..., None] & top.isnan()).any() | (mask & tail.isnan()).any()]).tolist()
     if checks[0]:
         raise ValueError("teacher top-k ids repeat within a position; each position needs k distinct ids")
     if checks[1]:
         raise ValueError("teacher top-k or tail log-probs contain NaN at valid positions")
-    ids = torch.where(col, raw, 0)
-    n_out = V - col.sum(-1)  # student tokens in the tail bucket
-    has_tail = n_out > 0
 
-    # Student: exact, at temperature. The tail's log-mass is lse_all + log1p(-p_K) from the top-k
-    # mass p_K, which needs no pass over the vocab; where p_K > 1/2 that subtraction would lose
-    # precision, so those positions take the exact logsumexp over the outside tokens instead.
+
+def _student_buckets(z: Tensor, ids: Tensor, col: Tensor, has_tail: Tensor) -> tuple[Tensor, Tensor]:
+    """The student's log-probs of the top-k columns and of the tail, exact, at temperature.
+
+    The tail's log-mass is lse_all + log1p(-p_K) from the top-k mass p_K, which needs no pass over the
+    vocab; where p_K > 1/2 that subtraction would lose precision, so those positions take the exact
+    logsumexp over the outside tokens instead."""
     lse_all = torch.logsumexp(z, -1)
     z_top = z.gather(-1, ids)
     s_top = z_top - lse_all[..., None]
@@ -84,12 +96,17 @@ def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tens
         rows = z[exact]
         hit = torch.zeros_like(rows).scatter_add(-1, ids[exact], col[exact].float()) > 0
         lse_out = lse_out.masked_scatter(exact, torch.logsumexp(rows.masked_fill(hit, -math.inf), -1))
-    s_tail = torch.where(has_tail, lse_out - lse_all, 0.0)
+    return s_top, torch.where(has_tail, lse_out - lse_all, 0.0)
 
-    # Teacher: top-k tempered exactly (t_i / tau, renormalised with the tail). At a stored temperature
-    # the tempered tail is log A_tau + log(U_tau / A_tau), exact. Otherwise treat the tail mass m as
-    # spread uniformly over the n outside tokens: n * (m / n)^(1/tau). Renormalising also absorbs fp16
-    # rounding. Folded columns then join the tail exactly.
+
+def _teacher_buckets(t: SparseTargets, top: Tensor, tail: Tensor, mask: Tensor, col: Tensor, has_tail: Tensor,
+                     temperature: float, V: int) -> Tensor:
+    """The teacher's log-probs of the k+1 buckets at temperature.
+
+    The top-k tempered exactly (t_i / tau, renormalised with the tail). At a stored temperature the tempered
+    tail is log A_tau + log(U_tau / A_tau), exact. Otherwise treat the tail mass m as spread uniformly over
+    the n outside tokens: n * (m / n)^(1/tau). Renormalising also absorbs fp16 rounding. Folded columns
+    then join the tail exactly."""
     top = top.clamp_min(LOGPROB_FLOOR)
     stored = [i for i, s in enumerate(t.tail_temperatures) if math.isclose(s, temperature, rel_tol=1e-6)]
     if temperature != 1.0 and stored and t.tempered_tail is not None:
@@ -102,18 +119,13 @@ def _buckets(logits: Tensor, t: SparseTargets, temperature: float) -> tuple[Tens
         tail = torch.logsumexp(top / temperature, -1) + ratio.clamp_min(LOGPROB_FLOOR)
     else:
         tail = tail.clamp_min(LOGPROB_FLOOR)
-        log_n = torch.full_like(tail, float(max((t.teacher_vocab_size or V) - k, 1))).log()
+        log_n = torch.full_like(tail, float(max((t.teacher_vocab_size or V) - top.shape[-1], 1))).log()
         tail = (1.0 - 1.0 / temperature) * log_n + tail / temperature
     folded = mask[..., None] & ~col
     if folded.any():
         tail = torch.logaddexp(tail, torch.logsumexp((top / temperature).masked_fill(~folded, -math.inf), -1))
     tail = torch.where(has_tail, tail, -math.inf)
-    log_p = torch.cat([(top / temperature).masked_fill(~col, -math.inf), tail[..., None]], -1).log_softmax(-1)
-
-    valid = torch.cat([col, has_tail[..., None]], -1)
-    log_p = log_p.masked_fill(~valid, 0.0)
-    log_q = torch.cat([s_top, s_tail[..., None]], -1)
-    return log_p, log_q, valid
+    return torch.cat([(top / temperature).masked_fill(~col, -math.inf), tail[..., None]], -1).log_softmax(-1)
 
 
 def _forward_kl(log_p: Tensor, log_q: Tensor) -> Tensor:  # KL(teacher || student)
