@@ -145,16 +145,23 @@ def complete_tags(ckpt_dir: str | Path) -> list[str]:
     return sorted(p.parent.name for p in ckpt_dir.glob(f"step-*/{MARKER}"))
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int) -> str:
-    """Save a checkpoint, mark it complete (rank 0), and drop all but the newest `keep` tags. The marker
-    holds the step and the recipe stage, so a resume knows which stage's engine to build before loading."""
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep: int, scheduled: bool = True) -> str:
+    """Save a checkpoint, mark it complete (rank 0), and drop all but the newest `keep` scheduled tags. The
+    marker holds the step and the recipe stage, so a resume knows which stage's engine to build before loading.
+
+    A checkpoint written off the schedule (`scheduled=False`: a stop by a signal) exists only to resume from:
+    it does not count against `keep`, and the next checkpoint removes it. Otherwise a run stopped and resumed
+    would keep one scheduled checkpoint fewer than one that ran through."""
     ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     if dist.is_initialized():
         dist.barrier()
     if engine.global_rank == 0:
-        atomic_write_json(ckpt_dir / tag / MARKER, {"step": step, "stage": client_state.get("stage")})
-        for old in complete_tags(ckpt_dir)[:-keep]:
+        atomic_write_json(ckpt_dir / tag / MARKER,
+                          {"step": step, "stage": client_state.get("stage"), "scheduled": scheduled})
+        tags = complete_tags(ckpt_dir)
+        on_schedule = [t for t in tags if json.loads((ckpt_dir / t / MARKER).read_text()).get("scheduled", True)]
+        for old in [t for t in tags[:-1] if t not in on_schedule] + on_schedule[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()

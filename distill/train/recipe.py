@@ -221,8 +221,9 @@ class DistillRecipe:
                         bar.set_postfix(loss=f"{self.history[-1]['loss/total']:.4f}", samples_s=f"{rate:.1f}")
                 bar.update(1)
                 stopping = self._any_rank(stop is not None and stop.is_set())
-                if (self.step - stage.start) % tr.checkpoint_every == 0 or self.step == stage.end or stopping:
-                    self._checkpoint()
+                scheduled = (self.step - stage.start) % tr.checkpoint_every == 0 or self.step == stage.end
+                if scheduled or stopping:
+                    self._checkpoint(scheduled)
                 if stopping:
                     raise TrainingStopped(getattr(stop, "signum", signal.SIGTERM), f"stopped by a signal after step "
                                           f"{self.step}, checkpoint in {self.ckpt_dir}; resume with train.resume=true")
@@ -290,10 +291,10 @@ class DistillRecipe:
             raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses, first in {term} at step "
                                      f"{self.step}; lower train.lr or check the data (train.max_bad_steps)")
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, scheduled: bool = True) -> None:
         state = {"step": self.step, "epoch": self.epoch, "position": self.position, "stage": self.stage.name,
                  "skipped_steps": self.skipped_steps, "mlflow_run_ids": self.run_ids}
-        ds.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        ds.save(self.engine, self.ckpt_dir, self.step, state, self.cfg.train.keep_checkpoints, scheduled)
 
     # --------------------------------------------------------------- tracking
     @contextlib.contextmanager
