@@ -252,7 +252,7 @@ class TrainConfig:
     grad_clip: float = ranged(1.0, ">= 0")  # global gradient-norm clip
     log_every: int = ranged(1, ">= 1")  # steps between MLflow metric logs
     checkpoint_every: int = ranged(50, ">= 1")  # steps; the last step is always checkpointed
-    keep_checkpoints: int = ranged(2, ">= 1")  # older complete checkpoints are deleted
+    keep_checkpoints: int = ranged(2, ">= 1")  # older scheduled ones are deleted (a stop's extra one goes at the next)
     offload_optimizer: bool = False  # ZeRO optimizer state on the CPU (stage >= 1)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass
     max_bad_steps: int = ranged(5, ">= 1")  # abort after this many consecutive non-finite losses
