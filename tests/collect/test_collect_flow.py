@@ -121,7 +121,7 @@ def test_collection_warns_only_for_a_teacher_worse_than_the_unigram(monkeypatch,
     """The decision (data.quality.worse_than_unigram) and the one warning line it gives at collection."""
     import logging
 
-    from teachers import quality
+    from data import quality
     figures = {"teacher_perplexity": 412.3, "teacher_top1_acc": 0.1, "tokens": 10, "1gram_perplexity": 35.1}
     monkeypatch.setattr(quality, "teacher_report", lambda *a, **k: dict(figures))
     with caplog.at_level(logging.WARNING, logger="data.quality"):

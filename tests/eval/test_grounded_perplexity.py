@@ -10,7 +10,7 @@ import torch
 
 from data.quality import GroundedSplit
 from distill.eval import evaluate_student, grounded_positions, teacher_note, verdict
-from teachers import quality
+from data import quality
 
 NAN = float("nan")
 VOCAB = ["<s>", "a", "red", "ball", "blue", "cube"]  # id 0 is BOS (and the padding)

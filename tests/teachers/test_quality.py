@@ -18,7 +18,7 @@ from data.quality import (
     teacher_report,
     worse_than_unigram,
 )
-from teachers import quality
+from data import quality
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 NAN = float("nan")
