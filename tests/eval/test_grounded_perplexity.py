@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from data import quality
 from data.quality import GroundedSplit
 from distill.eval import evaluate_student, grounded_positions, teacher_note, verdict
-from data import quality
 
 NAN = float("nan")
 VOCAB = ["<s>", "a", "red", "ball", "blue", "cube"]  # id 0 is BOS (and the padding)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from data import quality
 from data.quality import (
     MIN_WEIGHT,
     NGram,
@@ -18,7 +19,6 @@ from data.quality import (
     teacher_report,
     worse_than_unigram,
 )
-from data import quality
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 NAN = float("nan")
