@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -76,7 +77,7 @@ class GroundedSplit:
     `add(token_nll, positions)`: `token_nll[t - 1]` is -log p(token t | the tokens before it) for t = 1..L-1 (a
     stored target row's position t-1 predicts token t, as do a student's logits at t-1; a teacher row's
     -token_logprob[:-1], its last position predicting nothing), `positions` the grounded t
-    (distill.eval.evaluate.grounded_positions). Token-weighted in log space the two give back the perplexity over all
+    (grounded_positions). Token-weighted in log space the two give back the perplexity over all
     the tokens: n_g·log(ppl_grounded) + n_o·log(ppl_other) = (n_g + n_o)·log(ppl)."""
 
     def __init__(self):
@@ -102,9 +103,26 @@ class GroundedSplit:
                 for k, part in enumerate(("grounded", "other")) if self.n[k]}
 
 
+def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> list[int]:
+    """Positions t (t ≥ 1) whose token overlaps one of `words` in the decoded caption."""
+    if not words:
+        return []
+    ends, text = [], ""
+    for t in range(len(token_ids)):
+        text = tokenizer.decode(token_ids[: t + 1], skip_special_tokens=True)
+        ends.append(len(text))
+    spans = [m.span() for w in words for m in re.finditer(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)]
+    out = []
+    for t in range(1, len(token_ids)):
+        start, end = ends[t - 1], ends[t]
+        if end > start and any(s < end and start < e for s, e in spans):
+            out.append(t)
+    return out
+
+
 def teacher_grounded_split(rows: list[dict], positions) -> GroundedSplit:
     """The teacher's exact figures (`token_logprob`) split at the grounded tokens; `positions(token_ids, words)`
-    gives a row's grounded positions (distill.eval.evaluate.grounded_positions with the teacher's tokenizer)."""
+    gives a row's grounded positions (grounded_positions with the teacher's tokenizer)."""
     split = GroundedSplit()
     for r in rows:
         words = r.get("grounded") or []

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 
 from data.dataset import DistillDataset
 from data.devices import model_on, resolve_device
-from data.quality import GroundedSplit
+from data.quality import GroundedSplit, grounded_positions
 from data.standardize import standardizers
 from data.student_tokenizer import CrossTokenizer
 from data.vocab import TokenMap
@@ -61,23 +60,6 @@ from distill.losses.language import SparseTargets, language_kd_loss, shift_targe
 from student.pixels import image_transform
 
 log = logging.getLogger(__name__)
-
-
-def grounded_positions(token_ids: list[int], words: list[str], tokenizer) -> list[int]:
-    """Positions t (t ≥ 1) whose token overlaps one of `words` in the decoded caption."""
-    if not words:
-        return []
-    ends, text = [], ""
-    for t in range(len(token_ids)):
-        text = tokenizer.decode(token_ids[: t + 1], skip_special_tokens=True)
-        ends.append(len(text))
-    spans = [m.span() for w in words for m in re.finditer(rf"\b{re.escape(w)}\b", text, re.IGNORECASE)]
-    out = []
-    for t in range(1, len(token_ids)):
-        start, end = ends[t - 1], ends[t]
-        if end > start and any(s < end and start < e for s, e in spans):
-            out.append(t)
-    return out
 
 
 @torch.no_grad()
