@@ -65,9 +65,22 @@ class AdaptConfig:
     # val rows (the first, in shard order) of the early-stopping perplexity
     val_rows: int = field(default=64, metadata={"range": ">= 1"})
     seed: int = field(default=0, metadata={"range": ">= 0"})  # adapter init and batch order (fold k uses seed + k)
+    # grafted teacher: the name of a vision teacher in teachers.vision whose stored features a projector turns
+    # into image tokens before the caption (LLaVA's recipe; docs/teachers.md); null: text-only correction
+    vision: str | None = None
+    # grafted teacher: image tokens the projector makes from the vision teacher's features (its patch groups)
+    image_tokens: int = field(default=4, metadata={"range": ">= 1"})
 
 
 ADAPT_FIELDS = tuple(f.name for f in dataclasses.fields(AdaptConfig))
+GRAFT_FIELDS = ("vision", "image_tokens")  # a text-only correction (vision: null) leaves them out of its cache key
+
+
+def adapt_settings(adapt: AdaptConfig) -> dict:
+    """The settings that make a correction (its cache key, adapters.json): without the graft's keys when it has no
+    vision teacher, so a text-only correction keeps the key and the record it had before grafting existed."""
+    out = dataclasses.asdict(adapt)
+    return out if adapt.vision is not None else {k: v for k, v in out.items() if k not in GRAFT_FIELDS}
 
 
 @dataclass

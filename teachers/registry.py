@@ -33,6 +33,7 @@ from data.teacher_config import (  # noqa: F401  (re-exported: the teachers' nam
     Dtype,
     PromptFormat,
     TeacherConfig,
+    adapt_settings,
     kind_class,
     known_kinds,
 )
@@ -148,7 +149,7 @@ def adapt_config(value, where: str) -> AdaptConfig:
         raise ValueError(f"{where}: unknown adapt key(s) {unknown}; known keys: {list(ADAPT_FIELDS)}")
     adapt = AdaptConfig(**{k: _plain(v) for k, v in value.items() if v is not None or k == "layers"})
     for key, low in (("folds", 2), ("rank", 1), ("batch_size", 1), ("max_steps", 1), ("eval_every", 1),
-                     ("patience", 1), ("val_rows", 1)):
+                     ("patience", 1), ("val_rows", 1), ("image_tokens", 1)):
         _check_int(adapt, key, low, f"{where}: adapt")
     if adapt.layers is not None:
         _check_int(adapt, "layers", 1, f"{where}: adapt")
@@ -157,6 +158,8 @@ def adapt_config(value, where: str) -> AdaptConfig:
             raise ValueError(f"{where}: adapt.{key} must be a positive number, got {getattr(adapt, key)!r}")
     if not 0 <= adapt.dropout < 1:
         raise ValueError(f"{where}: adapt.dropout must be in [0, 1), got {adapt.dropout!r}")
+    if adapt.vision is not None and (not isinstance(adapt.vision, str) or not adapt.vision):
+        raise ValueError(f"{where}: adapt.vision must be the name of a vision teacher or null, got {adapt.vision!r}")
     if not adapt.target_modules or not all(isinstance(m, str) for m in adapt.target_modules):
         raise ValueError(f"{where}: adapt.target_modules must be a non-empty list of module names")
     return adapt

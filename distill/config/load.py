@@ -191,6 +191,7 @@ def check(cfg: DictConfig) -> None:
     names = [t.name for t in teachers]
     if len(set(names)) != len(names):
         raise ConfigError(f"config key 'teachers': teacher names must be unique, got {names}")
+    check_graft(cfg)
     if not 0 <= cfg.data.val_fraction + cfg.data.test_fraction < 1:
         raise ConfigError("config keys 'data.val_fraction' + 'data.test_fraction' must be in [0, 1)")
     stages = [s.name for s in cfg.train.stages]
@@ -226,6 +227,18 @@ def check(cfg: DictConfig) -> None:
         known = sorted(p.stem for p in STUDENT_PRESETS.glob("*.yaml"))
         raise ConfigError(f"config key 'student.preset': {cfg.student.preset!r} is not a preset; expected one of "
                           f"{known} (files in {STUDENT_PRESETS.relative_to(PROJECT_ROOT)})")
+
+
+def check_graft(cfg: DictConfig) -> None:
+    """A grafted language teacher reads the stored features of a vision teacher of this config, which collection
+    runs first. Only the language teacher reads another teacher's rows and vision teachers read none, so the one
+    possible cycle is the language teacher naming itself, and that name is not a vision teacher's either."""
+    lang = cfg.teachers.language
+    vision = lang.adapt.vision if lang is not None and lang.adapt is not None else None
+    known = [t.name for t in cfg.teachers.vision]
+    if vision is not None and vision not in known:
+        raise ConfigError(f"config key 'teachers.language.adapt.vision' ({lang.name}): {vision!r} is not a vision "
+                          f"teacher of this config; expected one of {known} (the names in teachers.vision)")
 
 
 # The commands that train or correct the student's language side: each needs a language teacher.
