@@ -111,9 +111,9 @@ def fitted(llama_dir, cache_dir, samples_dir, tmp_path_factory):
     fits = []
     fit = adapt_mod.fit_fold
 
-    def spy(teacher_, train, val, adapt, fold, progress=True):
+    def spy(teacher_, train, val, adapt, fold, *rest):
         fits.append((fold, [tuple(r) for r in train]))
-        return fit(teacher_, train, val, adapt, fold, progress)
+        return fit(teacher_, train, val, adapt, fold, *rest)
 
     adapt_mod.fit_fold = spy
     try:
