@@ -27,6 +27,7 @@ from data.prefetch import Prefetch
 from data.shards import (
     ShardError,
     atomic_path,
+    digest,
     load_manifest,
     read_shard,
     sha256_file,
@@ -95,20 +96,63 @@ def prefetch_thread(teacher, prefetch: bool | None) -> bool:
     return split_rows(teacher) and (spare_capacity(teacher) if prefetch is None else prefetch)
 
 
+def input_shards(teacher, inputs: dict | None, shard_file: str, producer_digest: str) -> tuple[dict[str, Path], str]:
+    """The target shards named `shard_file` of the teachers whose stored rows `teacher` reads (its optional `inputs`:
+    a grafted language teacher's vision teacher, teachers/graft.py), once the teacher has checked their folders
+    (`check_inputs`: finished, and from the teacher it was fitted on); and the producer digest with their sha256,
+    so that re-collected input rows re-score the shard."""
+    names = tuple(getattr(teacher, "inputs", ()))
+    if not names:
+        return {}, producer_digest
+    missing = [n for n in names if n not in (inputs or {})]
+    if missing:
+        raise ValueError(f"teacher {teacher.identity()['name']!r} reads the stored rows of teacher(s) {missing} (a "
+                         "grafted teacher); collect them first and pass their target folders (inputs=)")
+    teacher.check_inputs({n: Path(inputs[n]) for n in names})
+    paths = {n: Path(inputs[n]) / shard_file for n in names}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ShardError(f"{path}: missing; teacher {name!r}'s shards are read by teacher "
+                             f"{teacher.identity()['name']!r}: re-run `mmtp collect`")
+    return paths, digest([producer_digest, {n: sha256_file(p) for n, p in paths.items()}])
+
+
+def read_inputs(paths: dict[str, Path], ids: list[str]) -> dict[str, tuple]:
+    """(summary, features) of each input teacher's shard, checked to hold the samples shard's rows in order."""
+    out = {}
+    for name, path in paths.items():
+        table = read_shard(path)
+        if table.column("id").to_pylist() != ids:
+            raise ShardError(f"{path}: rows do not line up with the samples shard; re-run `mmtp collect`")
+        out[name] = decode_vision(table)
+    return out
+
+
+def shard_batches(samples, batch_size: int, stored: dict[str, tuple]):
+    """The samples shard's rows as dicts, `batch_size` at a time, each with its input teachers' stored rows under
+    `vision` (name -> summary, features) when there are any."""
+    for lo in range(0, samples.num_rows, batch_size):
+        batch = samples.slice(lo, batch_size).to_pylist()
+        for j, row in enumerate(batch if stored else ()):
+            row["vision"] = {n: {"summary": s[lo + j], "features": f[lo + j]} for n, (s, f) in stored.items()}
+        yield batch
+
+
 def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, producer_digest: str,
                   batch_size: int = 32, compression: str | None = "zstd", progress: bool = True,
-                  prefetch: bool | None = None) -> dict:
+                  prefetch: bool | None = None, inputs: dict | None = None) -> dict:
     """Write the target shard for `samples_path`; returns its manifest entry plus run figures.
 
     `forwards` in the result counts teacher forward passes (0 when the shard was already done). `prefetch`:
     prepare (decode, resize) the next batch in a thread during the forward, for teachers that split `rows`
     into `prepare` and `rows_from`; None = only with `spare_capacity` (on a CPU whose cores the forward
-    fills, the thread just contends with it: docs/collection.md).
+    fills, the thread just contends with it: docs/collection.md). `inputs`: see `input_shards`.
     """
     samples_path, out_dir = Path(samples_path), Path(out_dir)
     compression = getattr(compression, "value", compression)  # the config's Compression enum -> pyarrow's str
     out_path = out_dir / samples_path.name
     samples_sha = sha256_file(samples_path)
+    paths, producer_digest = input_shards(teacher, inputs, samples_path.name, producer_digest)
     done = finished_entry(out_path, samples_sha, producer_digest)
     if done is not None:
         return {**done, "skipped": True, "forwards": 0, "seconds": 0.0}
@@ -121,7 +165,7 @@ def collect_shard(teacher, samples_path: str | Path, out_dir: str | Path, *, pro
     start, forwards, rows = time.perf_counter(), 0, []
     bar = tqdm(total=len(ids), desc=f"{ident['name']} {samples_path.name}", disable=not progress,
                unit="row", leave=False)
-    batches = (samples.slice(lo, batch_size).to_pylist() for lo in range(0, len(ids), batch_size))
+    batches = shard_batches(samples, batch_size, read_inputs(paths, ids))
     # A teacher that splits `rows` into `prepare` (decode, preprocess) and `rows_from` can get the next
     # batch prepared in a thread while the current one runs forward.
     split, threaded = split_rows(teacher), prefetch_thread(teacher, prefetch)

@@ -34,6 +34,7 @@ from data.stop import check_stop
 
 from .adapt import attach_adapters, fold_of
 from .contract import Modality
+from .graft import check_vision_targets, image_prefix, load_projectors
 from .prompt import rows_after_prompt, run_prompt
 from .registry import TeacherSourceError, offline_error, resolve_source, teacher_config, torch_dtype
 
@@ -152,8 +153,12 @@ class HFCausalLMTeacher:
         self.location = location
         self.tokenizer, self.model = load_pretrained(tc, location, local, kwargs, AutoTokenizer, AutoModelForCausalLM)
         self.adapters = None  # adapters.json of the fitted correction adapters (teachers/adapt.py), when given
+        self.projectors, self.inputs = {}, ()  # a graft's projectors by fold, and the vision teacher it reads
         if tc.adapters:
             self.model, self.adapters = attach_adapters(self.model, Path(tc.adapters).expanduser())
+            if self.adapters.get("graft") is not None:  # teachers/graft.py
+                self.projectors = load_projectors(Path(tc.adapters).expanduser(), self.adapters, self.device)
+                self.inputs = (self.adapters["graft"]["vision"],)
         self.model.to(self.device).eval().requires_grad_(False)
         self.vocab_size, self.bos_id, self.eos_id = vocab_and_specials(tc, self.model, self.tokenizer)
         self.prompt_format, self.prompt_ids = prompt_ids(tc, self.tokenizer, self.bos_id)
@@ -181,8 +186,17 @@ class HFCausalLMTeacher:
                     "folds": self.adapters["folds"], "config": self.adapters["adapt"],
                     "data_digest": self.adapters["data_digest"],
                     "adapters": [{k: a[k] for k in ("fold", "digest", "steps", "val_perplexity_before",
-                                                    "val_perplexity_after")} for a in self.adapters["adapters"]]}
+                                                    "val_perplexity_after", "projector_digest") if k in a}
+                                 for a in self.adapters["adapters"]]}
+                if self.inputs:  # grafted: the vision teacher whose features the projectors read
+                    self._identity["adapt"]["graft"] = self.adapters["graft"]
         return dict(self._identity)
+
+    def check_inputs(self, folders: dict) -> None:
+        """Refuse the target folders of the teachers in `inputs` (a graft's vision teacher) when they are missing or
+        come from another teacher than the graft was fitted on (teachers.graft.GraftMismatchError)."""
+        for name in self.inputs:
+            check_vision_targets(self.adapters["graft"], folders[name])
 
     @classmethod
     def peek_vocab_size(cls, cfg, cache_dir) -> int:
@@ -199,7 +213,10 @@ class HFCausalLMTeacher:
             for k in sorted(set(folds)):
                 check_stop()  # a stop request is honoured between the folds' forwards too (teachers/collect.py)
                 picked = [i for i, f in enumerate(folds) if f == k]
-                for i, row in zip(picked, self.soft_targets([token_ids[i] for i in picked], adapter=k), strict=True):
+                image = (image_prefix(self.projectors[k], [samples[i] for i in picked], self.inputs[0], self.device)
+                         if self.inputs else None)
+                out = self.soft_targets([token_ids[i] for i in picked], adapter=k, prefix=image)
+                for i, row in zip(picked, out, strict=True):
                     rows[i] = row
         for row, was_cut in zip(rows, cut, strict=True):
             row["truncated"] = was_cut
@@ -249,23 +266,24 @@ class HFCausalLMTeacher:
         return self._prompt_state[key]
 
     @torch.inference_mode()
-    def forward_logits(self, token_ids: list[list[int]], adapter=None) -> torch.Tensor:
+    def forward_logits(self, token_ids: list[list[int]], adapter=None, prefix=None) -> torch.Tensor:
         """The teacher forward: float32 logits [B, L, V] at the stored rows' positions, right-padded to the
-        longest row. The prompt's cache is copied for the batch; the rows run after it."""
+        longest row. The prompt's cache is copied for the batch; the rows run after it (after `prefix` [B, T, H],
+        a graft's image tokens, when given)."""
         input_ids, mask = self._batch(token_ids)
         if adapter is not None:
             self.model.set_adapter(f"fold-{adapter}")
         cache, first = self._prompt(adapter)
-        return rows_after_prompt(self.model, copy.deepcopy(cache), first, input_ids, mask)
+        return rows_after_prompt(self.model, copy.deepcopy(cache), first, input_ids, mask, prefix)
 
     @torch.inference_mode()
-    def soft_targets(self, token_ids: list[list[int]], adapter=None) -> list[dict]:
+    def soft_targets(self, token_ids: list[list[int]], adapter=None, prefix=None) -> list[dict]:
         """Per row: token_ids int32 [L], topk_ids int32 [L,k], topk_logprobs float32 [L,k] (descending,
         log-softmax at T=1), tail_logprob float32 [L] = log of the mass outside the top-k (-inf when
         k == vocab) and token_logprob float32 [L] = the log-prob of the actual next token (NaN at the
         last position, which has none); with `tail_temperatures`, also tempered_tail float32 [L, n_τ] =
         log(U_τ / A_τ), U_τ = Σ_{j∉K} e^{l_j/τ} and A_τ = Σ_{i∈K} e^{l_i/τ} (docs/losses.md)."""
-        all_logits = self.forward_logits(token_ids, adapter)
+        all_logits = self.forward_logits(token_ids, adapter, prefix)
         # row by row: the masked copy in row_targets is one row's size
         return [row_targets(all_logits[i, : len(row)], row, self.cfg.top_k, self.cfg.tail_temperatures)
                 for i, row in enumerate(token_ids)]
