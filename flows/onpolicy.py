@@ -24,12 +24,12 @@ from prefect.runtime import flow_run
 
 from data.shards import atomic_write_json, load_manifest, run_lock
 from distill import tracking
-from distill.config import Vocab, from_dict, output_path, shards_path, teacher_configs, to_container
+from distill.config import ConfigError, Vocab, from_dict, output_path, shards_path, teacher_configs, to_container
 from distill.eval import evaluate_run
 from distill.train.onpolicy import ORIGIN, generations, onpolicy_kl, round_config
 from flows.adapt import with_adapters
 from flows.artifacts import link_mlflow_run
-from flows.collect import collect_options, collect_teacher
+from flows.targets import collect_options, collect_teacher, graft_of
 from flows.train import distill_student
 from teachers.collect import collect_shard, finalize_targets
 
@@ -81,6 +81,10 @@ def evaluate_task(config: dict) -> dict:
 
 @flow(name="onpolicy-distill", log_prints=True)
 def onpolicy_distill(config: dict) -> dict:
+    if graft_of(config) is not None:
+        raise ConfigError("config key 'teachers.language.adapt.vision': on-policy rounds score the student's own "
+                          "continuations, which have no stored vision features, so a grafted teacher cannot score "
+                          "them; use a text-only correction or an hf_vlm teacher")
     config = with_adapters(config)  # a corrected teacher scores the continuations with its cached adapters
     cfg = from_dict(config)
     if cfg.teachers.language is None:

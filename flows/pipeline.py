@@ -1,6 +1,7 @@
 """Prefect flow `distill-pipeline`: [adapt-teacher →] collect-soft-targets → distill-student → evaluate-student as
-subflows, under one parent MLflow run whose children are the stage runs. Stages pass paths and run
-ids, never tensors. The parent run carries the headline metrics.
+subflows (a grafted teacher's adapt-teacher runs inside collection, after the vision teachers' shards), under one
+parent MLflow run whose children are the stage runs. Stages pass paths and run ids, never tensors. The parent run
+carries the headline metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flows.adapt import with_adapters
 from flows.artifacts import link_mlflow_run
 from flows.collect import collect_soft_targets
 from flows.evaluate import evaluate_student
+from flows.targets import graft_of
 from flows.train import distill_student
 
 HEADLINE = ("eval/agreement/main", "eval/kl/main", "eval/perplexity", "eval/grounded_acc", "eval/grounding_gap",
@@ -28,8 +30,10 @@ def distill_pipeline(config: dict) -> dict:
     cfg = from_dict(config)
     with run_lock(output_path(cfg)), tracking.stage_run(cfg, "pipeline", flow_run_id=flow_run.id) as parent:
         parent_id = parent.info.run_id
-        config = with_adapters(config, parent_id)  # teacher correction first, when teachers.language.adapt is set
-        collected = collect_soft_targets(config, parent_id)
+        if graft_of(config) is None:  # teacher correction first, when teachers.language.adapt is set
+            config = with_adapters(config, parent_id)
+        collected = collect_soft_targets(config, parent_id)  # a graft: vision shards -> adapt -> language shards
+        config = collected["config"]
         # The stages pass data through the output folder: wait_for draws those edges in Prefect's graph.
         summary = distill_student(config, parent_id, wait_for=[collected])
         evaluated = evaluate_student(config, parent_id, wait_for=[collected, summary])

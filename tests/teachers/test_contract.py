@@ -96,7 +96,7 @@ def test_dotted_kinds_resolve_and_must_declare_a_modality(cache_dir):
 
 def test_a_teacher_in_the_wrong_slot_is_refused(tiny_cfg, cache_dir):
     from distill.config import ConfigError
-    from flows.collect import collect_teacher
+    from flows.targets import collect_teacher
 
     cfg = tiny_cfg("teachers.language={name: means, kind: '" + KIND + "'}", "teachers.vision=[]")
     with pytest.raises(ConfigError, match="teachers.language.*a vision teacher, but teachers.language takes "

@@ -1,8 +1,9 @@
 """The grafted teacher (teachers/graft.py): the tiny Llama plus a projector over a vision teacher's stored features
 plus LoRA, fitted on a tiny data set whose captions name the picture's colour ("a red picture."), so that only the
-image tells the colour word."""
+image tells the colour word; and, slow, the real Prefect pipeline with a grafted language teacher."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -277,3 +278,53 @@ def test_a_tampered_projector_is_refused(grafted, llama_dir, cache_dir, tmp_path
         f.write(b"\0")
     with pytest.raises(ValueError, match="projector digest"):
         HFCausalLMTeacher(lm_config(llama_dir, adapters=str(copy)), cache_dir)
+
+
+def test_collection_runs_the_vision_teachers_before_a_grafted_language_teacher(tiny_cfg):
+    from distill.config import to_container
+    from flows.targets import phases
+    assert phases(to_container(tiny_cfg())) == [["lm", "vit", "clip"]]
+    assert phases(to_container(tiny_cfg("teachers.language.adapt={}"))) == [["lm", "vit", "clip"]]
+    assert phases(to_container(tiny_cfg("teachers.language.adapt={vision: clip}"))) == [["vit", "clip"], ["lm"]]
+
+
+@pytest.mark.slow
+def test_the_tiny_pipeline_with_a_grafted_language_teacher(prefect_harness, tiny_cfg):
+    """samples -> vision shards -> adapt (a child MLflow run) -> language shards -> train -> evaluate, for real."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from distill.config import shards_path
+    from flows.collect import run_collect
+    from flows.pipeline import run_pipeline
+    adapt = "teachers.language.adapt={vision: vit, folds: 2, rank: 4, layers: null, lr: 0.01, batch_size: 8, " \
+            "max_steps: 6, eval_every: 3, val_rows: 16, image_tokens: 2}"
+    cfg = tiny_cfg(adapt, "train.max_steps=4", "train.checkpoint_every=4", "train.progress=false",
+                   "evaluate.probe=false", "evaluate.mtp_prompts=1")
+    result = run_pipeline(cfg)
+
+    lang, vit = (load_manifest(shards_path(cfg, "targets", n)) for n in ("lm", "vit"))
+    graft = lang["producer"]["adapt"]["graft"]
+    assert graft["vision"] == "vit" and graft["vision_weights_digest"] == vit["producer"]["weights_digest"]
+    assert graft["vision_identity_digest"] == digest(vit["producer"])
+    vit_done = (shards_path(cfg, "targets", "vit") / MANIFEST).stat().st_mtime_ns  # the vision teacher finished first
+    assert all((shards_path(cfg, "targets", "lm") / s["file"]).stat().st_mtime_ns > vit_done for s in lang["shards"])
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    runs = {r.data.tags["mmtp.stage"]: r for r in client.search_runs([experiment])}
+    assert {"pipeline", "adapt", "collect", "train", "evaluate"} <= set(runs)
+    adapt_run = runs["adapt"]
+    assert adapt_run.data.tags["mlflow.parentRunId"] == result["mlflow_run_id"]
+    assert adapt_run.data.tags["adapt.graft.vision"] == "vit"
+    m = adapt_run.data.metrics
+    for key in ("val_perplexity_before", "val_perplexity_after", "val_perplexity_grounded_before",
+                "val_perplexity_grounded_after", "val_perplexity_other_after", "val_perplexity_start"):
+        assert math.isfinite(m[f"adapt/{key}"]) and m[f"adapt/{key}"] > 1, key
+    assert adapt_run.info.start_time < runs["collect"].info.end_time  # adapt ran inside collection
+    assert result["steps"] == 4 and math.isfinite(result["final_loss"])
+    evaluated = client.get_run(result["evaluate_run_id"]).data.metrics
+    assert math.isfinite(evaluated["eval/teacher_perplexity"])
+    again = run_collect(cfg)  # nothing refitted, every shard reused
+    assert again["shards_reused"] == {n: len(lang["shards"]) for n in ("lm", "vit", "clip")}
+    cached = [r.data.tags["adapt.cached"] for r in client.search_runs([experiment], "tags.`mmtp.stage` = 'adapt'")]
+    assert sorted(cached) == ["False", "True"]
