@@ -328,3 +328,10 @@ def test_the_tiny_pipeline_with_a_grafted_language_teacher(prefect_harness, tiny
     assert again["shards_reused"] == {n: len(lang["shards"]) for n in ("lm", "vit", "clip")}
     cached = [r.data.tags["adapt.cached"] for r in client.search_runs([experiment], "tags.`mmtp.stage` = 'adapt'")]
     assert sorted(cached) == ["False", "True"]
+
+
+def test_on_policy_rounds_refuse_a_grafted_teacher(tiny_cfg):
+    from distill.config import to_container
+    from flows.onpolicy import onpolicy_distill
+    with pytest.raises(ConfigError, match="a grafted teacher cannot score them"):
+        onpolicy_distill.fn(to_container(tiny_cfg("teachers.language.adapt={vision: vit}")))
