@@ -289,6 +289,24 @@ def test_collection_runs_the_vision_teachers_before_a_grafted_language_teacher(t
 
 
 @pytest.mark.slow
+def test_mmtp_adapt_alone_collects_the_vision_teacher_it_reads_first(prefect_harness, tiny_cfg):
+    from distill.config import shards_path
+    from flows.adapt import run_adapt
+    cfg = tiny_cfg("teachers.language.adapt={vision: clip, folds: 2, rank: 4, max_steps: 3, eval_every: 3, "
+                   "val_rows: 8}")
+    first = run_adapt(cfg)
+    clip = shards_path(cfg, "targets", "clip")
+    assert not first["cached"] and load_manifest(clip)["modality"] == "vision"
+    assert not shards_path(cfg, "targets", "vit").exists()  # only the vision teacher the graft reads
+    info = json.loads((Path(first["adapters"]) / "adapters.json").read_text())
+    assert info["graft"]["vision_identity_digest"] == digest(load_manifest(clip)["producer"])
+    written = (clip / MANIFEST).stat().st_mtime_ns
+    again = run_adapt(cfg)
+    assert again["cached"] and again["adapters"] == first["adapters"]
+    assert (clip / MANIFEST).stat().st_mtime_ns == written  # finished vision shards are not collected again
+
+
+@pytest.mark.slow
 def test_the_tiny_pipeline_with_a_grafted_language_teacher(prefect_harness, tiny_cfg):
     """samples -> vision shards -> adapt (a child MLflow run) -> language shards -> train -> evaluate, for real."""
     import mlflow
