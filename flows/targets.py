@@ -24,7 +24,7 @@ from distill.config import (
     to_container,
 )
 from teachers.collect import collect_shard, finalize_targets, targets_complete
-from teachers.contract import Modality, check_teacher
+from teachers.contract import Modality, check_teacher, reads
 from teachers.graft import graft_vision
 from teachers.registry import load_teacher
 
@@ -68,7 +68,7 @@ def collect_teacher(cfg, name: str):
         raise ConfigError(f"config key '{where}' ({name}.kind={tcfg.kind}): a {got.value} "
                           f"teacher, but {where} takes {slot.value} teachers")
     known = [t.name for t in cfg.teachers.vision]
-    for vision in getattr(teacher, "inputs", ()):  # a grafted teacher reads a vision teacher's shards
+    for vision in reads(teacher):  # a grafted teacher reads a vision teacher's shards
         if vision not in known:
             raise ConfigError(f"config key 'teachers.language.adapters' ({name}): its graft reads vision teacher "
                               f"{vision!r}, which is not in teachers.vision ({known})")
@@ -99,7 +99,7 @@ def build_samples_task(config: dict) -> dict:
 def teacher_shard_task(config: dict, teacher_name: str, shard_file: str) -> dict:
     cfg = from_dict(config)
     tcfg, teacher, producer = collect_teacher(cfg, teacher_name)
-    inputs = {n: shards_path(cfg, "targets", n) for n in getattr(teacher, "inputs", ())}
+    inputs = {n: shards_path(cfg, "targets", n) for n in reads(teacher)}
     return collect_shard(teacher, shards_path(cfg, "samples", shard_file), shards_path(cfg, "targets", teacher_name),
                          producer_digest=producer, batch_size=cfg.collect.batch_size,
                          compression=cfg.collect.compression, progress=cfg.collect.progress,

@@ -38,7 +38,7 @@ from data.stop import check_stop
 from data.targets import decode_vision, language_bytes_per_token, language_table, vision_table
 
 from . import peek_vocab_size
-from .contract import Modality, check_teacher
+from .contract import Modality, check_teacher, reads
 
 STATS_FILE = "feature_stats.safetensors"
 
@@ -97,18 +97,18 @@ def prefetch_thread(teacher, prefetch: bool | None) -> bool:
 
 
 def input_shards(teacher, inputs: dict | None, shard_file: str, producer_digest: str) -> tuple[dict[str, Path], str]:
-    """The target shards named `shard_file` of the teachers whose stored rows `teacher` reads (its optional `inputs`:
-    a grafted language teacher's vision teacher, teachers/graft.py), once the teacher has checked their folders
-    (`check_inputs`: finished, and from the teacher it was fitted on); and the producer digest with their sha256,
-    so that re-collected input rows re-score the shard."""
-    names = tuple(getattr(teacher, "inputs", ()))
+    """The target shards named `shard_file` of the teachers whose stored rows `teacher` reads (`contract.reads`: a
+    grafted language teacher's vision teacher, teachers/graft.py), once the teacher has checked their folders
+    (`check_reads`: finished, and from the teacher it was fitted on); and the producer digest with their sha256,
+    so that re-collected input rows re-score the shard. `inputs`: those teachers' target folders by name."""
+    names = reads(teacher)
     if not names:
         return {}, producer_digest
     missing = [n for n in names if n not in (inputs or {})]
     if missing:
         raise ValueError(f"teacher {teacher.identity()['name']!r} reads the stored rows of teacher(s) {missing} (a "
                          "grafted teacher); collect them first and pass their target folders (inputs=)")
-    teacher.check_inputs({n: Path(inputs[n]) for n in names})
+    teacher.check_reads({n: Path(inputs[n]) for n in names})
     paths = {n: Path(inputs[n]) / shard_file for n in names}
     for name, path in paths.items():
         if not path.is_file():

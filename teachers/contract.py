@@ -61,3 +61,14 @@ def check_teacher(teacher: Any) -> Modality:
         raise TypeError(f"teacher {type(teacher).__qualname__} declares modality {modality.value!r} but does not "
                         f"implement {PROTOCOLS[modality].__name__} (docs/teachers.md)")
     return modality
+
+
+def reads(teacher: Any) -> tuple[str, ...]:
+    """The names of the teachers whose stored target rows `teacher` reads (its optional `reads`: a grafted language
+    teacher's vision teacher, teachers/graft.py); () for any other teacher. Such a teacher also has
+    `check_reads(folders)`, which refuses their target folders when it cannot read them."""
+    value = getattr(teacher, "reads", ())
+    if not isinstance(value, tuple | list) or not all(isinstance(n, str) for n in value):
+        raise TypeError(f"teacher class {type(teacher).__qualname__}: `reads` must be a tuple of teacher names, "
+                        f"got {value!r}")
+    return tuple(value)

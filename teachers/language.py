@@ -133,6 +133,7 @@ def vocab_and_specials(tc, model, tok) -> tuple[int, int, int | None]:
 class HFCausalLMTeacher:
     """A `LanguageTeacher` (teachers/contract.py) over any AutoModelForCausalLM."""
     modality = Modality.language
+    reads: tuple[str, ...] = ()  # a grafted teacher: the vision teacher whose stored rows it reads (teachers/graft.py)
 
     def __init__(self, cfg, cache_dir):
         self.cfg = tc = teacher_config(cfg)
@@ -153,12 +154,12 @@ class HFCausalLMTeacher:
         self.location = location
         self.tokenizer, self.model = load_pretrained(tc, location, local, kwargs, AutoTokenizer, AutoModelForCausalLM)
         self.adapters = None  # adapters.json of the fitted correction adapters (teachers/adapt.py), when given
-        self.projectors, self.inputs = {}, ()  # a graft's projectors by fold, and the vision teacher it reads
+        self.projectors = {}  # a graft's projectors by fold
         if tc.adapters:
             self.model, self.adapters = attach_adapters(self.model, Path(tc.adapters).expanduser())
             if self.adapters.get("graft") is not None:  # teachers/graft.py
                 self.projectors = load_projectors(Path(tc.adapters).expanduser(), self.adapters, self.device)
-                self.inputs = (self.adapters["graft"]["vision"],)
+                self.reads = (self.adapters["graft"]["vision"],)
         self.model.to(self.device).eval().requires_grad_(False)
         self.vocab_size, self.bos_id, self.eos_id = vocab_and_specials(tc, self.model, self.tokenizer)
         self.prompt_format, self.prompt_ids = prompt_ids(tc, self.tokenizer, self.bos_id)
@@ -188,14 +189,14 @@ class HFCausalLMTeacher:
                     "adapters": [{k: a[k] for k in ("fold", "digest", "steps", "val_perplexity_before",
                                                     "val_perplexity_after", "projector_digest") if k in a}
                                  for a in self.adapters["adapters"]]}
-                if self.inputs:  # grafted: the vision teacher whose features the projectors read
+                if self.reads:  # grafted: the vision teacher whose features the projectors read
                     self._identity["adapt"]["graft"] = self.adapters["graft"]
         return dict(self._identity)
 
-    def check_inputs(self, folders: dict) -> None:
-        """Refuse the target folders of the teachers in `inputs` (a graft's vision teacher) when they are missing or
+    def check_reads(self, folders: dict) -> None:
+        """Refuse the target folders of the teachers in `reads` (a graft's vision teacher) when they are missing or
         come from another teacher than the graft was fitted on (teachers.graft.GraftMismatchError)."""
-        for name in self.inputs:
+        for name in self.reads:
             check_vision_targets(self.adapters["graft"], folders[name])
 
     @classmethod
@@ -213,8 +214,8 @@ class HFCausalLMTeacher:
             for k in sorted(set(folds)):
                 check_stop()  # a stop request is honoured between the folds' forwards too (teachers/collect.py)
                 picked = [i for i, f in enumerate(folds) if f == k]
-                image = (image_prefix(self.projectors[k], [samples[i] for i in picked], self.inputs[0], self.device)
-                         if self.inputs else None)
+                image = (image_prefix(self.projectors[k], [samples[i] for i in picked], self.reads[0], self.device)
+                         if self.reads else None)
                 out = self.soft_targets([token_ids[i] for i in picked], adapter=k, prefix=image)
                 for i, row in zip(picked, out, strict=True):
                     rows[i] = row

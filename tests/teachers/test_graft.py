@@ -161,6 +161,25 @@ def test_the_projector_pools_patch_groups_and_makes_image_tokens_of_the_lm_width
     assert pool_patches(torch.randn(1, 7, 3), [2, 3], 2).shape == (1, 2, 3)  # not a grid: contiguous groups
 
 
+def test_only_a_teacher_that_names_the_rows_it_reads_gets_them():
+    from teachers.contract import reads
+
+    class Plain:
+        def inputs(self):  # a method of another meaning (hf_vlm has one) is not a declaration
+            return None
+
+    class Grafted:
+        reads = ("vit",)
+
+    class Bad:
+        def reads(self):
+            return ("vit",)
+
+    assert reads(Plain()) == () and reads(Cells()) == () and reads(Grafted()) == ("vit",)
+    with pytest.raises(TypeError, match="`reads` must be a tuple of teacher names"):
+        reads(Bad())
+
+
 def test_the_graft_lowers_val_perplexity_by_reading_the_image(grafted, llama_dir, cache_dir, data, tmp_path):
     teacher, info, _, _ = grafted
     root, _ = data
@@ -248,7 +267,7 @@ def test_the_identity_names_the_graft_and_a_changed_vision_teacher_is_refused(gr
     root, samples = data
     scorer = HFCausalLMTeacher(lm_config(llama_dir, adapters=info["folder"]), cache_dir)
     ident = scorer.identity()["adapt"]
-    assert ident["graft"]["vision"] == "cells" and scorer.inputs == ("cells",)
+    assert ident["graft"]["vision"] == "cells" and scorer.reads == ("cells",)
     assert [a["projector_digest"] for a in ident["adapters"]] == [a["projector_digest"] for a in info["adapters"]]
     shard = root / "samples" / samples["shards"][0]["file"]
     out = collect_shard(scorer, shard, tmp_path / "lm", producer_digest="p", progress=False,
@@ -257,7 +276,7 @@ def test_the_identity_names_the_graft_and_a_changed_vision_teacher_is_refused(gr
     with pytest.raises(ValueError, match=r"reads the stored rows of teacher\(s\) \['cells'\]"):
         collect_shard(scorer, shard, tmp_path / "lm2", producer_digest="p", progress=False)
     with pytest.raises(ShardError, match="missing or unfinished"):
-        scorer.check_inputs({"cells": tmp_path / "nothing"})
+        scorer.check_reads({"cells": tmp_path / "nothing"})
     other = collect_vision(Cells(digest_="cells-v2"), samples, root, tmp_path / "cells-v2")  # other weights
     with pytest.raises(GraftMismatchError, match=r"weights_digest cells-v2.*fitted on cells-v1"):
         collect_shard(scorer, shard, tmp_path / "lm3", producer_digest="p", progress=False,
@@ -267,7 +286,7 @@ def test_the_identity_names_the_graft_and_a_changed_vision_teacher_is_refused(gr
     manifest["producer"]["grid"] = [9, 1]
     (other / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(GraftMismatchError, match="identity_digest"):
-        scorer.check_inputs({"cells": other})
+        scorer.check_reads({"cells": other})
 
 
 def test_a_tampered_projector_is_refused(grafted, llama_dir, cache_dir, tmp_path):
