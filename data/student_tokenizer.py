@@ -17,6 +17,7 @@ import torch
 from data.align import encode_row, student_targets, vocab_map
 
 CAPTIONS = "captions"  # student.tokenizer: a byte-level BPE trained on the training split's captions
+STUDENT_TOKENIZER = "student_tokenizer"  # output_dir/<this>: a student tokenizer, saved with every export
 MIN_BPE_VOCAB = 261  # the 256 byte tokens, 4 specials and at least one merge
 
 

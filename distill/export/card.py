@@ -11,9 +11,9 @@ from pathlib import Path
 from safetensors import safe_open
 
 from data.shards import MANIFEST
+from data.student_tokenizer import STUDENT_TOKENIZER
 from distill.config.load import output_path, shards_path, teacher_configs
 from distill.eval.report import REFERENCE, verdict
-from distill.train.student_vocab import STUDENT_TOKENIZER
 from student.portable import ADAPTER_DIR, make_portable
 
 CARD = "README.md"

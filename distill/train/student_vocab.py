@@ -10,12 +10,16 @@ from pathlib import Path
 import torch
 
 from data.dataset import collate
-from data.student_tokenizer import CrossTokenizer, build_tokenizer, save_tokenizer, split_captions
+from data.student_tokenizer import (
+    STUDENT_TOKENIZER,
+    CrossTokenizer,
+    build_tokenizer,
+    save_tokenizer,
+    split_captions,
+)
 from data.vocab import TokenMap, caption_token_ids, trimmed_vocab
 from distill.config.load import output_path
 from distill.config.schema import Vocab
-
-STUDENT_TOKENIZER = "student_tokenizer"  # output_dir/<this>: a student tokenizer, saved with every export
 
 
 @dataclass
