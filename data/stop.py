@@ -17,10 +17,12 @@ SIGINT): Prefect marks the task or flow run Crashed, does not retry it, and prin
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import threading
 
+log = logging.getLogger(__name__)
 _requested = threading.Event()
 _signum = signal.SIGTERM
 _wakeup = -1  # the read end of the pipe of signal numbers (watch_signals)
@@ -96,3 +98,22 @@ def clear_stop() -> None:
     """Forget a stop request, and a SIGTERM not yet looked at (tests; a process that goes on after one)."""
     stop_requested()
     _requested.clear()
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """An Event set by SIGINT/SIGTERM while a training loop runs (main thread only; elsewhere never set): the
+    trainer finishes its step, checkpoints it and stops, so no half-written checkpoint is left behind."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        log.warning("%s received: stopping after this step", signal_name(signum))
+        stop.signum = signum  # TrainingStopped's exit code is 128 + signum
+        stop.set()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -31,7 +31,7 @@ from data.mix import mixed_dataset
 from data.prefetch import Prefetch
 from data.shards import atomic_write_json
 from data.standardize import standardize_batch, standardizers
-from data.stop import Stopped
+from data.stop import Stopped, stop_signals
 from distill.config.load import load_config, output_path, shards_path, teacher_configs
 from distill.losses.balance import distributed_mean, gradnorm_ratios
 from distill.train import engine as ds
@@ -368,25 +368,6 @@ class DistillRecipe:
             summary["mlflow_run_id"] = self.run_ids["train"]
             atomic_write_json(output_path(self.cfg, "train_summary.json"), summary)
         return summary
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """An Event set by SIGINT/SIGTERM while training runs (main thread only; elsewhere never set): the
-    loop finishes its step, checkpoints it and stops, so no half-written checkpoint is left behind."""
-    stop = threading.Event()
-
-    def handler(signum, frame):
-        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
-        stop.signum = signum  # TrainingStopped's exit code is 128 + signum
-        stop.set()
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def main() -> None:
