@@ -30,6 +30,8 @@ SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
 mkdir -p "$(dirname "$OUT")"
-chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1600,1400 \
-  --virtual-time-budget=20000 --screenshot="$OUT" "$URL" 2>/dev/null
+# the training view, the differing params only, the charts folded: the run details, the params that differ
+# and the headline metrics in one window
+.venv/bin/python docs/cdp_screenshot.py "$URL" "$OUT" --wait "Run details" --height ${HEIGHT:-1500} \
+  --click "Model training" --click "Visualizations" --click "Show diff only" --click "label:close" ${CLICKS:-}
 echo "wrote $OUT ($URL)"
