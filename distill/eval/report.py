@@ -81,10 +81,7 @@ def eval_plots(metrics: dict[str, float], baseline: dict[str, float] | None, out
             ax.legend()
         ax.set_ylabel("linear-probe accuracy (test)")
         ax.set_ylim(0, 1)
-        fig.tight_layout()
-        paths.append(out_dir / "probe.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "probe.png"))
     accept = sorted(k for k in metrics if k.startswith("mtp/acceptance_at_"))
     if accept:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -92,8 +89,12 @@ def eval_plots(metrics: dict[str, float], baseline: dict[str, float] | None, out
         ax.set_xlabel("MTP depth")
         ax.set_ylabel("draft acceptance rate")
         ax.set_ylim(0, 1)
-        fig.tight_layout()
-        paths.append(out_dir / "acceptance.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / "acceptance.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
